@@ -323,3 +323,12 @@ def node_vhost(broker_node: BrokerNode) -> Iterator[str]:
     if not broker_node.running:
         broker_node.start()
     rabbitmqctl("delete_vhost", name, node=broker_node)
+
+
+def assert_one_line_error(proc: Proc, reason: str, secret: str, code: int = 1) -> None:
+    """The process failed as users are promised: one line naming the broker, no secret, no traceback."""
+    assert proc.popen.returncode == code, proc.output
+    assert len(proc.stderr_lines) == 1, proc.stderr
+    assert reason in proc.stderr
+    assert "127.0.0.1" in proc.stderr
+    assert secret not in proc.output

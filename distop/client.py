@@ -1,0 +1,115 @@
+"""Run one distop job from the command line and print its result as JSON.
+
+Needs servers offering the op (distop/callee.py); they may start later.
+
+    python distop/client.py                                   # pow over range(30), 3 chunks
+    python distop/client.py --op pow --param esp=3 --size 1000 --chunks 8
+    python distop/client.py rabbit.example --op plusone --timeout 10
+
+A progress bar shows partial results arriving when stderr is a terminal.
+Exit status: 0 with the result, 1 when the job fails (a server's op raised,
+a poison chunk, the broker, the timeout), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from distop.errors import DistOpError
+from distop.ops import DistOp
+
+
+class ConcatOp(DistOp):
+    """Any op whose partial results are lists: gather concatenates them in order."""
+
+    OP_NAME = "nop"
+
+    def gather(self, partials: dict[int, Any]) -> list[Any]:
+        result: list[Any] = []
+        for part in partials.values():
+            result.extend(part if isinstance(part, list) else [part])
+        return result
+
+
+def make_op(name: str) -> type[ConcatOp]:
+    """A ConcatOp subclass for the op called ``name``."""
+    return type(f"{name.title()}Op", (ConcatOp,), {"OP_NAME": name})
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``esp=2`` -> ("esp", 2); values are JSON when they parse as JSON, else strings."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rabbit_host", nargs="?", help="host name or amqp(s):// URL (default: AMQP_URL)")
+    parser.add_argument("--op", default="pow", help="the op to run (default: pow)")
+    parser.add_argument("--size", type=positive, default=30, help="data is range(SIZE) (default: 30)")
+    parser.add_argument(
+        "--chunks", type=positive, default=3, help="number of chunks, one per server (default: 3)"
+    )
+    parser.add_argument(
+        "--param",
+        type=parse_param,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="keyword argument for the op, e.g. esp=2 (repeatable)",
+    )
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help="seconds to wait (default: 60)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+
+    op_class = make_op(args.op)
+    try:
+        with op_class(list(range(args.size)), args.chunks, args.rabbit_host) as op:
+            op.call(**dict(args.param))
+            # disable=None: a bar only when stderr is a terminal.
+            with tqdm(total=op.group_size, unit="chunk", disable=True if args.quiet else None) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                result = op.get_result(timeout=args.timeout, progress=progress)
+    except (DistOpError, TimeoutError) as exc:
+        print(f"client: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("client: interrupted", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

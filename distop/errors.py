@@ -1,0 +1,25 @@
+"""The exceptions distop raises; all derive from DistOpError."""
+
+from __future__ import annotations
+
+
+class DistOpError(Exception):
+    """Base class of every error raised by distop."""
+
+
+class BrokerError(DistOpError):
+    """The broker is unreachable, refused us, went away, or its URL is invalid."""
+
+
+class RemoteError(DistOpError):
+    """A server's op raised; carries the remote exception's type, message and host."""
+
+    def __init__(self, exc_type: str, message: str, host: str) -> None:
+        super().__init__(f"{exc_type} on {host}: {message}")
+        self.exc_type = exc_type
+        self.message = message
+        self.host = host
+
+
+class PoisonChunkError(DistOpError):
+    """A chunk was dead-lettered instead of processed (delivery limit reached, or rejected)."""

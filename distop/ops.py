@@ -1,0 +1,734 @@
+"""Scatter/gather RPC over RabbitMQ: ``DistOp`` on the client, ``OpExecutor`` on the servers.
+
+A client splits a list into one chunk per server and publishes each chunk to
+the durable work queue. Each server takes one chunk at a time, runs the op on
+it and sends the partial result back to the client's private reply queue,
+named in the chunk's ``reply_to``; the ``correlation_id`` (job id and the
+chunk's start index) tells the client where the partial belongs. When every
+partial is in, ``get_result()`` hands them, in order, to ``gather()``.
+
+Client side::
+
+    class FooOp(DistOp):
+        OP_NAME = "foo"
+
+        def gather(self, partials):
+            return [x for part in partials.values() for x in part]
+
+    op = FooOp(data=list(range(30)), group_size=3)
+    job = op.call()                    # returns at once
+    print(op.get_result(timeout=60))   # blocks
+
+Server side::
+
+    class FooExecutor(OpExecutor):
+        def foo(self, chunk):
+            return chunk
+
+    FooExecutor().run()                # until Ctrl-C or SIGTERM
+
+What holds when things go wrong:
+
+- Servers ack a chunk only after its reply is published, and take one at a
+  time, so a server that dies loses nothing: the broker gives the chunk to
+  another server. The client ignores duplicate replies.
+- The work queue is a quorum queue with a delivery limit: a chunk that kills
+  every server that takes it is dead-lettered after DELIVERY_LIMIT returns,
+  and the dead letter reaches its client, which raises PoisonChunkError.
+- Ops run on a worker thread, so a long op does not starve the connection's
+  heartbeats.
+- If the broker goes away, the client and the servers reconnect; the client
+  publishes again every chunk whose result has not arrived.
+- Only JSON crosses the wire; nothing received is unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.select_connection import IOLoop
+from pika.channel import Channel
+from pika.frame import Method
+from pika.spec import Basic, BasicProperties
+
+from distop.broker import connect, explain, parameters, redact, resolve
+from distop.errors import BrokerError, DistOpError, PoisonChunkError, RemoteError
+
+__all__ = [
+    "BrokerError",
+    "DistOp",
+    "DistOpError",
+    "OpExecutor",
+    "PoisonChunkError",
+    "RemoteError",
+    "split",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+# Names that clients and servers must agree on.
+WORK_QUEUE = "distop.chunks"
+DEAD_LETTER_EXCHANGE = "distop.dead"
+DEAD_LETTER_QUEUE = "distop.dead"
+CLIENT_HEADER = "distop-client"
+# A chunk returned to the queue this many times (its server died, or gave it
+# back) is dead-lettered instead of delivered again. Ordinary crashes and
+# restarts stay well below it; a chunk that crashes every server reaches it.
+DELIVERY_LIMIT = 4
+WORK_QUEUE_ARGUMENTS = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": DELIVERY_LIMIT,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+}
+# The dead-letter queue keeps rejected and poison chunks for inspection, bounded.
+DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 10_000}
+JSON = "application/json"
+# Chunks published but not yet confirmed by the broker, at most.
+PUBLISH_WINDOW = 1000
+# After losing the broker, keep trying this long before giving up.
+RECONNECT_FOR = 60.0
+MAX_BACKOFF = 5.0
+CONNECT_TIMEOUT = 60.0
+
+
+def split(data: list[Any], group_size: int) -> list[tuple[int, list[Any]]]:
+    """Split ``data`` into ``min(group_size, len(data))`` contiguous chunks.
+
+    Returns ``(start_index, chunk)`` pairs; chunk sizes differ by at most one.
+    """
+    count = min(group_size, len(data))
+    size, extra = divmod(len(data), count)
+    chunks, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append((start, data[start:end]))
+        start = end
+    return chunks
+
+
+# --------------------------------------------------------------------------
+# Client
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One call(): its encoded chunk requests and what has come back so far."""
+
+    id: str
+    requests: dict[int, bytes]  # start index -> request body
+    partials: dict[int, Any] = field(default_factory=dict)
+    error: DistOpError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.partials) == len(self.requests)
+
+
+class DistOp:
+    """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
+
+    ``data`` is a non-empty list of JSON-serialisable items, split into
+    ``group_size`` chunks (one per server). ``rabbit_host`` is a host name or
+    an amqp(s):// URL; without it, ``AMQP_URL``, then localhost. Nothing
+    connects until the first ``call()``. Use it as a context manager, or call
+    ``close()``, to release the connection.
+    """
+
+    OP_NAME: ClassVar[str] = ""
+    QUEUE: ClassVar[str] = WORK_QUEUE
+
+    def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
+        if not self.OP_NAME:
+            raise TypeError(f"{type(self).__name__} must set OP_NAME to the name of the server's op")
+        data = list(data)
+        if not data:
+            raise ValueError("data must be a non-empty list")
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, not {type(group_size).__name__}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, not {group_size}")
+        _check_json(data, "data")
+        self.data = data
+        self.group_size = group_size
+        self._url = resolve(rabbit_host)
+        parameters(self._url)  # a malformed URL fails here, not at the first call
+        self._cond = threading.Condition()
+        self._jobs: dict[str, _Job] = {}
+        self._link: _ClientLink | None = None
+
+    def gather(self, partials: dict[int, Any]) -> Any:
+        """Combine the partial results, given as ``{start_index: partial}`` in order.
+
+        The default returns the partials as a list, in order.
+        """
+        return list(partials.values())
+
+    def call(self, **params: Any) -> str:
+        """Publish one chunk per server and return the job id at once.
+
+        ``params`` reach the server's op as keyword arguments. Raises
+        BrokerError if the broker cannot be reached, TypeError if ``params``
+        are not JSON-serialisable.
+        """
+        _check_json(params, "params")
+        job_id = uuid.uuid4().hex
+        requests = {
+            start: json.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params}).encode()
+            for start, chunk in split(self.data, self.group_size)
+        }
+        if self._link is None or self._link.failed:
+            self._link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
+            self._link.start_and_wait(CONNECT_TIMEOUT)
+        self._link.submit(_Job(job_id, requests))
+        return job_id
+
+    def get_result(
+        self,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Block until every partial of the job is in; return ``gather(partials)``.
+
+        ``job_id`` may be left out when exactly one job is pending (else
+        ValueError). ``progress(done, total)`` is called, in this thread, as
+        partials arrive. Raises TimeoutError once ``timeout`` seconds pass (the
+        job stays pending: you may wait again), RemoteError if a server's op
+        raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
+        the broker was lost for good.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            job = self._pending_job(job_id)
+            reported = -1
+            while not job.done:
+                if progress is not None and len(job.partials) != reported:
+                    reported = len(job.partials)
+                    progress(reported, len(job.requests))
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"job {job.id}: {len(job.partials)} of {len(job.requests)} partial results "
+                        f"within {timeout} s (is a server serving {self.OP_NAME!r}?)"
+                    )
+                self._cond.wait(remaining)
+            del self._jobs[job.id]
+        if job.error is not None:
+            raise job.error
+        if progress is not None:
+            progress(len(job.partials), len(job.requests))
+        return self.gather(dict(sorted(job.partials.items())))
+
+    def pending(self) -> list[str]:
+        """The ids of the jobs called but not yet collected."""
+        with self._cond:
+            return list(self._jobs)
+
+    def close(self) -> None:
+        """Close the connection; pending jobs are abandoned."""
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def __enter__(self) -> DistOp:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _pending_job(self, job_id: str | None) -> _Job:
+        if job_id is None:
+            if len(self._jobs) != 1:
+                raise ValueError(f"{len(self._jobs)} jobs are pending: say which one with job_id")
+            return next(iter(self._jobs.values()))
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise ValueError(f"no pending job {job_id!r}") from None
+
+
+def _check_json(value: object, name: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be JSON-serialisable: {exc}") from None
+
+
+class _ClientLink(threading.Thread):
+    """The client's connection, owned by this thread; other threads only submit jobs.
+
+    It runs one pika IOLoop for its whole life; connections come and go inside
+    it. On every (re)connection it declares the queues and publishes every
+    chunk whose result has not arrived, with pipelined publisher confirms.
+    """
+
+    def __init__(self, url: str, queue: str, cond: threading.Condition, jobs: dict[str, _Job]) -> None:
+        super().__init__(name="distop-client", daemon=True)
+        self._url = url
+        self._queue = queue
+        self._cond = cond  # guards jobs and _new; notified when a job changes
+        self._jobs = jobs
+        self._new: list[str] = []  # job ids submitted since the last (re)connection
+        self._client_id = uuid.uuid4().hex
+        self._ioloop = IOLoop()
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._reply_queue = ""
+        self._outbox: collections.deque[tuple[str, int]] = collections.deque()
+        self._unconfirmed: dict[int, tuple[str, int]] = {}
+        self._next_tag = 1
+        self._ready = threading.Event()
+        self._error: BrokerError | None = None
+        self._ever_connected = False
+        self._lost_since: float | None = None
+        self._backoff = 0.5
+        self._closing = False
+        self.failed = False
+
+    # Called from the caller's thread ---------------------------------------
+
+    def start_and_wait(self, timeout: float) -> None:
+        self.start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise BrokerError(f"cannot connect to {redact(self._url)}: timed out")
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: _Job) -> None:
+        with self._cond:
+            self._jobs[job.id] = job
+            self._new.append(job.id)
+        self._ioloop.add_callback_threadsafe(self._publish_new)
+
+    def close(self) -> None:
+        self._closing = True
+        self._ioloop.add_callback_threadsafe(self._shutdown)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(10)
+
+    # The I/O thread ---------------------------------------------------------
+
+    def run(self) -> None:
+        self._connect()
+        self._ioloop.start()
+        self._ioloop.close()
+
+    def _shutdown(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()  # _on_closed stops the loop
+        else:
+            self._ioloop.stop()
+
+    def _connect(self) -> None:
+        self._connection = pika.SelectConnection(
+            parameters(self._url),
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def _on_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
+        if self._ever_connected:
+            self._reconnect_later()
+        else:
+            # Never reached the broker: say why at once rather than retry.
+            self._give_up(explain(self._url, error))
+
+    def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
+        self._channel = None
+        if self._closing or self.failed:
+            self._ioloop.stop()
+            return
+        LOGGER.warning("lost the broker (%s); reconnecting", reason)
+        self._reconnect_later()
+
+    def _reconnect_later(self) -> None:
+        now = time.monotonic()
+        if self._lost_since is None:
+            self._lost_since = now
+        if now - self._lost_since > RECONNECT_FOR:
+            self._give_up(
+                BrokerError(f"lost {redact(self._url)} and could not reconnect within {RECONNECT_FOR:.0f} s")
+            )
+            return
+        self._ioloop.call_later(self._backoff, self._connect)
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _give_up(self, error: BrokerError) -> None:
+        """Fail every pending job with ``error`` and end the thread."""
+        self.failed = True
+        self._error = error
+        with self._cond:
+            for job in self._jobs.values():
+                if not job.done:
+                    job.error = error
+            self._cond.notify_all()
+        self._ready.set()
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        else:
+            self._ioloop.stop()
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        self._next_tag = 1
+        self._unconfirmed.clear()
+        channel.add_on_close_callback(self._on_channel_closed)
+        # Set-up runs as a chain: each step's callback starts the next one.
+        channel.confirm_delivery(self._on_confirm, callback=self._declare_exchange)
+
+    def _declare_exchange(self, _frame: Method) -> None:
+        assert self._channel is not None
+        self._channel.exchange_declare(
+            DEAD_LETTER_EXCHANGE, "headers", durable=True, callback=self._declare_work_queue
+        )
+
+    def _declare_work_queue(self, _frame: Method) -> None:
+        assert self._channel is not None
+        self._channel.queue_declare(
+            self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._declare_reply_queue
+        )
+
+    def _declare_reply_queue(self, _frame: Method) -> None:
+        assert self._channel is not None
+        # Exclusive and server-named: it lives and dies with this connection.
+        self._channel.queue_declare("", exclusive=True, callback=self._bind_reply_queue)
+
+    def _bind_reply_queue(self, frame: Method) -> None:
+        assert self._channel is not None
+        self._reply_queue = frame.method.queue
+        # Chunks carry our client id; when one is dead-lettered, this binding
+        # brings the dead letter back to us.
+        self._channel.queue_bind(
+            self._reply_queue,
+            DEAD_LETTER_EXCHANGE,
+            arguments={"x-match": "all", CLIENT_HEADER: self._client_id},
+            callback=self._consume_replies,
+        )
+
+    def _consume_replies(self, _frame: Method) -> None:
+        assert self._channel is not None
+        # auto_ack: a reply's only destination is this process's memory.
+        self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+        self._on_ready()
+
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and not self._closing:
+            # E.g. the work queue exists with other arguments: retrying won't help.
+            self._give_up(BrokerError(f"the broker closed the channel: {reason}"))
+
+    def _on_ready(self) -> None:
+        self._ever_connected = True
+        self._lost_since, self._backoff = None, 0.5
+        # Whatever was in flight on a lost connection goes out again: replies
+        # to the old reply queue are gone, duplicates are ignored.
+        with self._cond:
+            self._new.clear()
+            self._outbox = collections.deque(
+                (job.id, start)
+                for job in self._jobs.values()
+                if not job.done
+                for start in job.requests
+                if start not in job.partials
+            )
+        self._ready.set()
+        self._publish()
+
+    def _publish_new(self) -> None:
+        with self._cond:
+            for job_id in self._new:
+                self._outbox.extend((job_id, start) for start in self._jobs[job_id].requests)
+            self._new.clear()
+        self._publish()
+
+    def _publish(self) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open or not self._reply_queue:
+            return
+        while self._outbox and len(self._unconfirmed) < PUBLISH_WINDOW:
+            job_id, start = self._outbox.popleft()
+            with self._cond:
+                job = self._jobs.get(job_id)
+                if job is None or job.done or start in job.partials:
+                    continue
+                body = job.requests[start]
+            properties = BasicProperties(
+                content_type=JSON,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                reply_to=self._reply_queue,
+                correlation_id=f"{job_id}:{start}",
+                headers={CLIENT_HEADER: self._client_id},
+            )
+            channel.basic_publish("", self._queue, body, properties)
+            self._unconfirmed[self._next_tag] = (job_id, start)
+            self._next_tag += 1
+
+    def _on_confirm(self, frame: Method) -> None:
+        method = frame.method
+        if method.multiple:
+            tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        chunks = [self._unconfirmed.pop(tag) for tag in tags if tag in self._unconfirmed]
+        if isinstance(method, Basic.Nack):
+            LOGGER.warning("the broker refused %d chunk(s); publishing them again", len(chunks))
+            self._outbox.extend(chunks)
+        self._publish()
+
+    def _on_reply(
+        self, _channel: Channel, _method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        job_id, _, start_text = (props.correlation_id or "").partition(":")
+        with self._cond:
+            job = self._jobs.get(job_id)
+            start = int(start_text) if start_text.isdigit() else -1
+            if job is None or job.done or start not in job.requests or start in job.partials:
+                LOGGER.debug("ignoring a reply for %r: unknown, late or duplicate", props.correlation_id)
+                return
+            headers = props.headers or {}
+            if "x-death" in headers:
+                job.error = _dead_letter_error(job_id, start, headers)
+            else:
+                try:
+                    reply = json.loads(body)
+                    if "error" in reply:
+                        error = reply["error"]
+                        job.error = RemoteError(str(error["type"]), str(error["message"]), str(error["host"]))
+                    else:
+                        job.partials[start] = reply["result"]
+                except (ValueError, TypeError, KeyError) as exc:
+                    LOGGER.warning("ignoring a malformed reply for %r: %s", props.correlation_id, exc)
+                    return
+            self._cond.notify_all()
+
+
+def _dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> PoisonChunkError:
+    reason = headers.get("x-first-death-reason", "dead-lettered")
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    if reason == "delivery_limit":
+        return PoisonChunkError(
+            f"job {job_id}: the chunk at index {start} was delivered {DELIVERY_LIMIT + 1} times and "
+            "never finished; it probably crashes the servers that take it"
+        )
+    if reason == "rejected":
+        return PoisonChunkError(f"job {job_id}: a server rejected the chunk at index {start} as malformed")
+    return PoisonChunkError(f"job {job_id}: the chunk at index {start} was dead-lettered ({reason})")
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+
+class UnknownOpError(Exception):
+    """Raised on the server, and sent back, when a chunk names an op it does not have."""
+
+
+class OpExecutor:
+    """The server side: subclass it with one method per op, ``def op(self, chunk, **params)``.
+
+    ``run()`` serves chunks from the work queue until Ctrl-C or SIGTERM (or
+    ``stop()`` from another thread). All servers on one queue must offer the
+    same ops; give another set of ops its own QUEUE, on both sides.
+    """
+
+    QUEUE: ClassVar[str] = WORK_QUEUE
+
+    def __init__(self, rabbit_host: str | None = None) -> None:
+        self._url = resolve(rabbit_host)
+        parameters(self._url)
+        self.host = socket.gethostname()
+        self._ops = self.ops()
+        self._stopping = threading.Event()
+        self._aborting = threading.Event()
+        self._in_hand: int | None = None  # delivery tag of the chunk being worked on
+
+    @classmethod
+    def ops(cls) -> list[str]:
+        """The names of the ops this executor offers: its public methods."""
+        base = set(dir(OpExecutor))
+        return sorted(
+            name
+            for name in dir(cls)
+            if not name.startswith("_") and name not in base and callable(getattr(cls, name))
+        )
+
+    def stop(self) -> None:
+        """Stop taking chunks; ``run()`` returns after the chunk in hand is finished."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Serve until stopped. Raises BrokerError if the broker cannot be reached
+        at first, stays away for RECONNECT_FOR seconds, or refuses our queues."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+        lost_since: float | None = None
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                connection = connect(self._url)
+            except BrokerError:
+                if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            lost_since, backoff = None, 0.5
+            try:
+                self._serve(connection)
+            except pika.exceptions.AMQPConnectionError as exc:
+                LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
+                lost_since = time.monotonic()
+            except pika.exceptions.AMQPChannelError as exc:
+                raise BrokerError(f"the broker refused: {exc}") from exc
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        if self._stopping.is_set():
+            self._aborting.set()  # a second Ctrl-C: give the chunk back now
+        else:
+            LOGGER.info("stopping after the chunk in hand (again to stop at once)")
+            self._stopping.set()
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        self._in_hand = None
+        channel = connection.channel()
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+        # No binding arguments: this queue gets every dead letter.
+        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+        channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        # One chunk at a time: fair dispatch, and a crash strands only one.
+        channel.basic_qos(prefetch_count=1)
+        on_message = functools.partial(self._on_message, connection)
+        consumer = channel.basic_consume(self.QUEUE, on_message)
+        LOGGER.info(
+            "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
+        )
+        # Short waits, so that a signal is noticed promptly.
+        while not self._stopping.is_set():
+            connection.process_data_events(time_limit=0.5)
+        channel.basic_cancel(consumer)
+        while self._in_hand is not None and not self._aborting.is_set():
+            connection.process_data_events(time_limit=0.5)
+        connection.close()  # anything still unacked goes back to the queue
+        LOGGER.info("stopped")
+
+    def _on_message(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            request = _parse_request(props, body)
+        except ValueError as exc:
+            # Requeueing it would only bring it back; the dead-letter queue keeps it.
+            LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            return
+        self._in_hand = method.delivery_tag
+        # The op runs off this thread so that heartbeats keep flowing.
+        worker = threading.Thread(
+            target=self._work,
+            args=(connection, channel, method.delivery_tag, props, request),
+            name="distop-op",
+            daemon=True,
+        )
+        worker.start()
+
+    def _work(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        request: dict[str, Any],
+    ) -> None:
+        reply = self._execute(request, props.correlation_id)
+        try:
+            body = json.dumps(reply, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            body = json.dumps(
+                self._error_reply(TypeError(f"the result is not JSON-serialisable: {exc}"))
+            ).encode()
+        finish = functools.partial(self._finish, channel, tag, props, body)
+        try:
+            connection.add_callback_threadsafe(finish)
+        except pika.exceptions.AMQPError:
+            LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
+
+    def _execute(self, request: dict[str, Any], chunk_id: str) -> dict[str, Any]:
+        name = request["op"]
+        if name not in self._ops:
+            error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
+            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            return self._error_reply(error)
+        op = getattr(self, name)
+        started = time.perf_counter()
+        try:
+            result = op(request["chunk"], **request["params"])
+        except Exception as exc:
+            LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, exc)
+            return self._error_reply(exc)
+        LOGGER.info(
+            "chunk %s: %s on %d items in %.3f s",
+            chunk_id,
+            name,
+            len(request["chunk"]),
+            time.perf_counter() - started,
+        )
+        return {"result": result}
+
+    def _error_reply(self, exc: Exception) -> dict[str, Any]:
+        return {"error": {"type": type(exc).__name__, "message": str(exc), "host": self.host}}
+
+    def _finish(self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes) -> None:
+        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered."""
+        if channel.is_open:
+            reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
+            channel.basic_publish("", props.reply_to, body, reply_props)
+            channel.basic_ack(tag)
+        self._in_hand = None
+
+
+def _parse_request(props: BasicProperties, body: bytes) -> dict[str, Any]:
+    """Return the chunk request in ``body``; raise ValueError saying what is wrong."""
+    if not props.reply_to:
+        raise ValueError("no reply_to")
+    if not props.correlation_id:
+        raise ValueError("no correlation_id")
+    request = json.loads(body)  # ValueError (or UnicodeDecodeError, a ValueError) if not JSON
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(request.get("op"), str):
+        raise ValueError('"op" is not a string')
+    if not isinstance(request.get("chunk"), list):
+        raise ValueError('"chunk" is not a list')
+    if not isinstance(request.get("params", {}), dict):
+        raise ValueError('"params" is not an object')
+    request.setdefault("params", {})
+    return request

@@ -1,0 +1,37 @@
+"""A distop server for the tests: the sample ops plus ops that misbehave on purpose."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distop.callee import SampleExecutor, serve
+
+
+class MisbehavingExecutor(SampleExecutor):
+    def fail(self, chunk: list[Any]) -> None:
+        raise ValueError(f"cannot handle {chunk[0]!r}")
+
+    def sleep(self, chunk: list[Any], seconds: float, log: str = "") -> list[Any]:
+        """Sleep, noting each run in ``log`` (to count how often a chunk ran)."""
+        if log:
+            with Path(log).open("a") as f:
+                f.write(f"start {chunk[0]}\n")
+        time.sleep(seconds)
+        return chunk
+
+    def die_on(self, chunk: list[Any], value: Any) -> list[Any]:
+        """Crash the whole server, as a segfault would, on a poison value."""
+        if value in chunk:
+            os._exit(3)
+        return chunk
+
+    def unserialisable(self, chunk: list[Any]) -> set[Any]:
+        return set(chunk)
+
+
+if __name__ == "__main__":
+    sys.exit(serve(MisbehavingExecutor, __doc__))

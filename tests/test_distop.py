@@ -1,0 +1,423 @@
+"""distop against the real broker: the client library in the test, real server processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+
+from distop.ops import (
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    WORK_QUEUE,
+    BrokerError,
+    DistOp,
+    PoisonChunkError,
+    RemoteError,
+    split,
+)
+from tests.conftest import (
+    ROOT,
+    BrokerNode,
+    Proc,
+    Spawn,
+    assert_one_line_error,
+    free_port,
+    queue_depth,
+    run_to_end,
+    wait_until,
+)
+
+SERVER = "tests/distop_server.py"
+
+
+class ListOp(DistOp):
+    OP_NAME = "nop"
+
+    def gather(self, partials: dict[int, Any]) -> list[Any]:
+        return [x for part in partials.values() for x in part]
+
+
+def op_class(name: str) -> type[ListOp]:
+    return type(f"{name}Op", (ListOp,), {"OP_NAME": name})
+
+
+def start_server(spawn: Spawn, *args: str, **kwargs: Any) -> Proc:
+    server = spawn(SERVER, *args, **kwargs)
+    server.wait_for("serving")
+    return server
+
+
+def test_readme_example_runs_as_written(spawn: Spawn, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    client = next(b for b in blocks if "class FooOp(DistOp)" in b)
+    server = next(b for b in blocks if "class FooExecutor(OpExecutor)" in b)
+    (tmp_path / "foo_caller.py").write_text(client)
+    (tmp_path / "foo_callee.py").write_text(server)
+
+    callee = spawn(str(tmp_path / "foo_callee.py"))
+    caller = run_to_end(spawn, str(tmp_path / "foo_caller.py"))
+    assert caller.popen.returncode == 0, caller.output
+    assert caller.stdout_lines == [str(list(range(30)))]
+    assert "Traceback" not in callee.output
+
+
+def test_results_come_back_in_order(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    start_server(spawn)
+    with op_class("pow")(list(range(100)), group_size=7, rabbit_host=amqp_url) as op:
+        op.call(esp=2)
+        assert op.get_result(timeout=30) == [x**2 for x in range(100)]
+
+
+def test_default_gather_returns_the_partials_in_order(spawn: Spawn, amqp_url: str) -> None:
+    class PlusOne(DistOp):
+        OP_NAME = "plusone"
+
+    start_server(spawn)
+    with PlusOne(list(range(10)), group_size=3, rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10]]
+
+
+def test_uneven_split_gives_partials_keyed_by_start_index(spawn: Spawn, amqp_url: str) -> None:
+    seen: dict[int, Any] = {}
+
+    class Recording(DistOp):
+        OP_NAME = "nop"
+
+        def gather(self, partials: dict[int, Any]) -> None:
+            seen.update(partials)
+
+    start_server(spawn)
+    with Recording(list("abcdefghij"), group_size=3, rabbit_host=amqp_url) as op:
+        op.call()
+        op.get_result(timeout=30)
+    assert list(seen.items()) == [(0, list("abcd")), (4, list("efg")), (7, list("hij"))]
+
+
+@pytest.mark.parametrize(
+    ("length", "group_size", "sizes"),
+    [(10, 3, [4, 3, 3]), (9, 3, [3, 3, 3]), (2, 5, [1, 1]), (7, 1, [7]), (5, 4, [2, 1, 1, 1])],
+)
+def test_split_sizes_differ_by_at_most_one(length: int, group_size: int, sizes: list[int]) -> None:
+    chunks = split(list(range(length)), group_size)
+    assert [len(chunk) for _, chunk in chunks] == sizes
+    assert [x for _, chunk in chunks for x in chunk] == list(range(length))
+    assert [start for start, _ in chunks] == [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def test_group_size_larger_than_data(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    with ListOp([1, 2], group_size=5, rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"data": []}, ValueError, "non-empty"),
+        ({"data": [1], "group_size": 0}, ValueError, "at least 1"),
+        ({"data": [1], "group_size": -3}, ValueError, "at least 1"),
+        ({"data": [1], "group_size": 1.5}, TypeError, "int"),
+        ({"data": [object()]}, TypeError, "JSON"),
+        ({"data": [1], "rabbit_host": "http://nowhere"}, BrokerError, "amqp://"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        ListOp(**kwargs)
+
+
+def test_op_name_is_required() -> None:
+    class Nameless(DistOp):
+        pass
+
+    with pytest.raises(TypeError, match="OP_NAME"):
+        Nameless([1])
+
+
+def test_params_must_be_json(amqp_url: str) -> None:
+    with ListOp([1], rabbit_host=amqp_url) as op, pytest.raises(TypeError, match="JSON"):
+        op.call(when=object())
+
+
+def test_concurrent_jobs_on_one_object(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    start_server(spawn)
+    with op_class("pow")(list(range(20)), group_size=4, rabbit_host=amqp_url) as op:
+        jobs = {esp: op.call(esp=esp) for esp in (1, 2, 3)}
+        assert len(set(jobs.values())) == 3
+        for esp in (3, 1, 2):  # collected in any order
+            assert op.get_result(jobs[esp], timeout=30) == [x**esp for x in range(20)]
+        assert op.pending() == []
+
+
+def test_job_id_may_be_left_out_only_with_one_job_pending(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    with ListOp([1, 2, 3], rabbit_host=amqp_url) as op:
+        with pytest.raises(ValueError, match="0 jobs"):
+            op.get_result()
+        first = op.call()
+        second = op.call()
+        with pytest.raises(ValueError, match="2 jobs"):
+            op.get_result()
+        with pytest.raises(ValueError, match="no pending job"):
+            op.get_result("not-a-job")
+        assert op.get_result(first, timeout=30) == [1, 2, 3]
+        assert op.get_result(timeout=30) == [1, 2, 3]  # only `second` is left
+        assert second not in op.pending()
+
+
+def test_timeout_then_a_late_server_finishes_the_job(spawn: Spawn, amqp_url: str) -> None:
+    with op_class("plusone")(list(range(6)), group_size=2, rabbit_host=amqp_url) as op:
+        op.call()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="0 of 2 partial results"):
+            op.get_result(timeout=1)
+        assert 1 <= time.monotonic() - started < 3
+        # The client started before any server: its chunks waited in the queue.
+        start_server(spawn)
+        assert op.get_result(timeout=30) == [1, 2, 3, 4, 5, 6]
+
+
+def test_remote_error_is_raised_with_type_message_and_host(spawn: Spawn, amqp_url: str) -> None:
+    server = start_server(spawn)
+    with op_class("fail")(["bad"], rabbit_host=amqp_url) as op:
+        op.call()
+        with pytest.raises(RemoteError) as caught:
+            op.get_result(timeout=30)
+    assert caught.value.exc_type == "ValueError"
+    assert caught.value.message == "cannot handle 'bad'"
+    assert caught.value.host == socket.gethostname()
+    assert str(caught.value) == f"ValueError on {socket.gethostname()}: cannot handle 'bad'"
+    # ...and the server is still serving.
+    with ListOp([7], rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [7]
+    assert server.popen.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("op_call", "exc_type", "text"),
+    [
+        (("nosuchop", {}), "UnknownOpError", "no op 'nosuchop' here; this server offers: "),
+        (("pow", {"bogus": 1}), "TypeError", "bogus"),
+        (("unserialisable", {}), "TypeError", "not JSON-serialisable"),
+    ],
+)
+def test_bad_requests_become_remote_errors(
+    spawn: Spawn, amqp_url: str, op_call: tuple[str, dict[str, Any]], exc_type: str, text: str
+) -> None:
+    name, params = op_call
+    start_server(spawn)
+    with op_class(name)([1, 2], rabbit_host=amqp_url) as op:
+        op.call(**params)
+        with pytest.raises(RemoteError, match=text) as caught:
+            op.get_result(timeout=30)
+    assert caught.value.exc_type == exc_type
+
+
+def test_a_server_killed_mid_chunk_loses_nothing(spawn: Spawn, amqp_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    victim = start_server(spawn)
+    with op_class("sleep")(list(range(4)), group_size=4, rabbit_host=amqp_url) as op:
+        op.call(seconds=0.5, log=str(log))
+        wait_until(lambda: log.exists() and log.read_text(), 15, "the victim to start a chunk")
+        victim.signal(signal.SIGKILL)
+        victim.wait()
+        start_server(spawn)
+        assert op.get_result(timeout=30) == [0, 1, 2, 3]
+    runs = log.read_text().split("\n")
+    assert set(runs) - {""} == {f"start {i}" for i in range(4)}
+
+
+def test_malformed_messages_are_rejected_and_the_server_keeps_serving(
+    spawn: Spawn, amqp_url: str, vhost: str
+) -> None:
+    server = start_server(spawn)
+    garbage = [
+        (b"\x00\xff binary", {"reply_to": "nowhere", "correlation_id": "x:0"}),
+        (b'{"op": "nop", "chunk": [1', {"reply_to": "nowhere", "correlation_id": "x:0"}),
+        (json.dumps({"op": 5, "chunk": [1]}).encode(), {"reply_to": "nowhere", "correlation_id": "x:0"}),
+        (json.dumps({"op": "nop", "chunk": "1"}).encode(), {"reply_to": "nowhere", "correlation_id": "x:0"}),
+        (
+            json.dumps({"op": "nop", "chunk": [1], "params": []}).encode(),
+            {"reply_to": "q", "correlation_id": "x:0"},
+        ),
+        (json.dumps({"op": "nop", "chunk": [1]}).encode(), {"correlation_id": "x:0"}),
+        (json.dumps({"op": "nop", "chunk": [1]}).encode(), {"reply_to": "nowhere"}),
+        (json.dumps(["op", "nop"]).encode(), {"reply_to": "nowhere", "correlation_id": "x:0"}),
+    ]
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        for body, props in garbage:
+            channel.basic_publish("", WORK_QUEUE, body, pika.BasicProperties(**props))
+
+    wait_until(lambda: server.count("rejected a malformed message") == len(garbage), 15, "every rejection")
+    with ListOp([1, 2], rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [1, 2]
+    # Rejected, not requeued: they wait in the dead-letter queue for inspection.
+    wait_until(lambda: queue_depth(vhost, DEAD_LETTER_QUEUE) == len(garbage), 10, "dead letters")
+    assert queue_depth(vhost, WORK_QUEUE) == 0
+    assert "Traceback" not in server.output
+
+
+def test_a_long_chunk_under_a_short_heartbeat_runs_once(spawn: Spawn, amqp_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    server = start_server(spawn, url=amqp_url + "?heartbeat=2")
+    with op_class("sleep")(["long"], rabbit_host=amqp_url) as op:
+        op.call(seconds=12, log=str(log))
+        assert op.get_result(timeout=60) == ["long"]
+    assert log.read_text() == "start long\n"
+    assert "lost the broker" not in server.output
+
+
+def test_a_poison_chunk_becomes_an_error_not_a_hang(spawn: Spawn, amqp_url: str) -> None:
+    deaths = 0
+    with op_class("die_on")([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
+        op.call(value=3)
+        server = start_server(spawn)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                op.get_result(timeout=0.2)
+                pytest.fail("the job should have failed")
+            except PoisonChunkError as exc:
+                assert "index 2" in str(exc)
+                assert f"delivered {DELIVERY_LIMIT + 1} times" in str(exc)
+                break
+            except TimeoutError:
+                pass
+            # Play the supervisor that restarts crashed servers.
+            if server.popen.poll() is not None:
+                assert server.popen.returncode == 3
+                deaths += 1
+                server = start_server(spawn)
+            assert time.monotonic() < deadline, "no PoisonChunkError within 60 s"
+    assert server.wait() == 3  # the last one to take it died too
+    assert deaths + 1 == DELIVERY_LIMIT + 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_stops_cleanly_when_idle(spawn: Spawn, signum: int) -> None:
+    server = start_server(spawn)
+    server.signal(signum)
+    assert server.wait() == 0
+    assert server.stderr_lines[-1].endswith("stopped")
+    assert "Traceback" not in server.output
+
+
+def test_server_finishes_the_chunk_in_hand_on_sigterm(spawn: Spawn, amqp_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    server = start_server(spawn)
+    with op_class("sleep")(["in hand"], rabbit_host=amqp_url) as op:
+        op.call(seconds=2, log=str(log))
+        wait_until(lambda: log.exists() and log.read_text(), 15, "the chunk to start")
+        server.signal(signal.SIGTERM)
+        assert op.get_result(timeout=30) == ["in hand"]
+    assert server.wait() == 0
+    assert "Traceback" not in server.output
+
+
+def test_client_cli_prints_the_result(spawn: Spawn) -> None:
+    start_server(spawn)
+    start_server(spawn)
+    client = run_to_end(
+        spawn, "distop/client.py", "--op", "pow", "--param", "esp=3", "--size", "10", "--chunks", "4"
+    )
+    assert client.popen.returncode == 0, client.output
+    assert json.loads(client.stdout) == [x**3 for x in range(10)]
+
+
+def test_client_cli_reports_a_remote_error(spawn: Spawn) -> None:
+    start_server(spawn)
+    client = run_to_end(spawn, "distop/client.py", "--op", "fail")
+    assert client.popen.returncode == 1
+    assert client.stderr_lines == [f"client: ValueError on {socket.gethostname()}: cannot handle 0"]
+
+
+def test_client_cli_times_out(spawn: Spawn) -> None:
+    client = run_to_end(spawn, "distop/client.py", "--timeout", "1")
+    assert client.popen.returncode == 1
+    assert len(client.stderr_lines) == 1 and "0 of 3 partial results within 1.0 s" in client.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--size", "0"], ["--chunks", "x"], ["--param", "esp"], ["--timeout", "-1"], ["--nope"]]
+)
+def test_client_cli_bad_arguments_exit_2(spawn: Spawn, args: list[str]) -> None:
+    client = run_to_end(spawn, "distop/client.py", *args)
+    assert client.popen.returncode == 2
+    assert "error:" in client.stderr and "Traceback" not in client.stderr
+
+
+@pytest.mark.parametrize("script", ["distop/client.py", "distop/callee.py", "distop/caller.py"])
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("amqp://guest:s3cret-pw@127.0.0.1:{closed}/", "connection refused"),
+        ("amqp://guest:s3cret-pw@127.0.0.1:5672/%2F", "login refused"),
+    ],
+)
+def test_bad_broker_gives_one_line_and_exit_1(spawn: Spawn, script: str, url: str, reason: str) -> None:
+    proc = run_to_end(spawn, script, url=url.format(closed=free_port()))
+    assert_one_line_error(proc, reason, secret="s3cret-pw")
+
+
+def test_rabbit_host_argument_wins_over_amqp_url(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    client = run_to_end(spawn, "distop/client.py", amqp_url, "--op", "plusone", url="amqp://x:y@127.0.0.1:1/")
+    assert client.popen.returncode == 0, client.output
+    assert json.loads(client.stdout) == list(range(1, 31))
+
+
+def test_caller_sample_collects_both_jobs(spawn: Spawn) -> None:
+    start_server(spawn)
+    caller = run_to_end(spawn, "distop/caller.py")
+    assert caller.popen.returncode == 0, caller.output
+    assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in caller.stdout_lines
+    assert "cubes:   [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in caller.stdout_lines
+
+
+def test_import_does_not_connect() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import distop.ops, distop.callee, distop.caller, distop.client"],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "AMQP_URL": "amqp://x:y@127.0.0.1:1/"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_jobs_in_flight_survive_a_broker_restart(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str, tmp_path: Path
+) -> None:
+    url = broker_node.url(node_vhost)
+    log = tmp_path / "runs.log"
+    servers = [start_server(spawn, url=url) for _ in range(2)]
+    data = list(range(16))
+    with op_class("sleep")(data, group_size=8, rabbit_host=url) as op:
+        jobs = [op.call(seconds=0.3, log=str(log)) for _ in range(3)]
+        wait_until(lambda: log.exists() and log.read_text(), 15, "the first chunk to start")
+        broker_node.restart()
+        late = op.call(seconds=0.3)  # submitted while the client may still be reconnecting
+        for server in servers:
+            server.wait_for("lost the broker")
+        for job in [*jobs, late]:
+            assert op.get_result(job, timeout=60) == data
