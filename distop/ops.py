@@ -48,6 +48,7 @@ import collections
 import functools
 import json
 import logging
+import queue
 import signal
 import socket
 import threading
@@ -563,6 +564,7 @@ class OpExecutor:
         self._stopping = threading.Event()
         self._aborting = threading.Event()
         self._in_hand: int | None = None  # delivery tag of the chunk being worked on
+        self._worker_inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
 
     @classmethod
     def ops(cls) -> list[str]:
@@ -584,6 +586,9 @@ class OpExecutor:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGTERM, self._on_signal)
+        # One worker thread for the executor's life (daemon: a second Ctrl-C
+        # must not wait for an op to finish).
+        threading.Thread(target=self._work_forever, name="distop-op", daemon=True).start()
         lost_since: float | None = None
         backoff = 0.5
         while not self._stopping.is_set():
@@ -652,13 +657,12 @@ class OpExecutor:
             return
         self._in_hand = method.delivery_tag
         # The op runs off this thread so that heartbeats keep flowing.
-        worker = threading.Thread(
-            target=self._work,
-            args=(connection, channel, method.delivery_tag, props, request),
-            name="distop-op",
-            daemon=True,
-        )
-        worker.start()
+        self._worker_inbox.put((connection, channel, method.delivery_tag, props, request))
+
+    def _work_forever(self) -> None:
+        """The worker thread: run each op handed over by _on_message."""
+        while True:
+            self._work(*self._worker_inbox.get())
 
     def _work(
         self,
