@@ -332,3 +332,24 @@ def assert_one_line_error(proc: Proc, reason: str, secret: str, code: int = 1) -
     assert reason in proc.stderr
     assert "127.0.0.1" in proc.stderr
     assert secret not in proc.output
+
+
+# A test may report figures (messages sent, delivered, lost...) with
+# ``record_property("figures", line)``; they are printed at the end of the run.
+# Under xdist the reports carry them from the workers to this process.
+FIGURES: dict[str, list[str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        lines = [str(value) for name, value in report.user_properties if name == "figures"]
+        if lines:
+            FIGURES[report.nodeid] = lines
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("figures")
+        for nodeid in sorted(FIGURES):
+            for line in FIGURES[nodeid]:
+                terminalreporter.write_line(line)
