@@ -57,7 +57,7 @@ def make_handler(quiet: bool, work: float):
     ) -> None:
         try:
             text = decode(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             # Requeueing a message we can never read would loop forever.
             LOGGER.warning("#%d rejected (%d bytes): %s", method.delivery_tag, len(body), exc)
             channel.basic_reject(method.delivery_tag, requeue=False)
