@@ -517,7 +517,7 @@ class _ClientLink(threading.Thread):
                         job.error = RemoteError(str(error["type"]), str(error["message"]), str(error["host"]))
                     else:
                         job.partials[start] = reply["result"]
-                except (ValueError, TypeError, KeyError) as exc:
+                except (ValueError, TypeError, KeyError, RecursionError) as exc:
                     LOGGER.warning("ignoring a malformed reply for %r: %s", props.correlation_id, exc)
                     return
             self._cond.notify_all()
@@ -650,7 +650,7 @@ class OpExecutor:
     ) -> None:
         try:
             request = _parse_request(props, body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             # Requeueing it would only bring it back; the dead-letter queue keeps it.
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
             channel.basic_reject(method.delivery_tag, requeue=False)
