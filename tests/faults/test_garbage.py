@@ -1,0 +1,161 @@
+"""Garbage: 200 malformed deliveries to each consumer, which must reject them and keep serving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+import pika
+import pytest
+
+from distop.ops import DEAD_LETTER_QUEUE, WORK_QUEUE, DistOp
+from tests.conftest import Spawn, queue_depth, rabbitmqctl, run_to_end, wait_until
+from tests.faults.conftest import Report
+from tests.faults.garbage import NOT_AN_OBJECT, malformed
+
+COUNT = 200
+
+
+def publish(amqp_url: str, exchange: str, routing_key: str, deliveries: list) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        for _label, body, props in deliveries:
+            channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(**props))
+
+
+@pytest.mark.timeout(180)
+def test_pc_consumer_rejects_200_malformed_messages_and_keeps_serving(
+    spawn: Spawn, amqp_url: str, vhost: str, report: Report
+) -> None:
+    garbage = malformed(
+        COUNT,
+        valid=json.dumps({"text": "good"}).encode(),
+        wrong_types=[*NOT_AN_OBJECT, {}, {"text": 5}, {"text": None}, {"text": ["x"]}, {"txt": "x"}],
+    )
+    started = time.monotonic()
+    consumer = spawn("pc/consumer.py")
+    consumer.wait_for("waiting for messages")
+    publish(amqp_url, "", "pc", garbage)
+    producer = run_to_end(spawn, "pc/producer.py", "still", "here")
+    assert producer.popen.returncode == 0, producer.output
+
+    consumer.wait_for("received 'still here'", timeout=60)
+    wait_until(lambda: queue_depth(vhost, "pc") == 0, 30, "nothing left in the queue")
+    rejected = consumer.count(r"#\d+ rejected \(\d+ bytes\)")
+    tags = re.findall(r"#(\d+) (?:rejected|received)", consumer.stderr)
+    line = report(
+        "garbage pc",
+        sent=COUNT + 1,
+        delivered=len(tags),
+        duplicates=len(tags) - len(set(tags)),
+        lost=COUNT + 1 - len(set(tags)),
+        seconds=time.monotonic() - started,
+        note=f"{rejected} rejected, queue empty",
+    )
+    print(line)
+    assert rejected == COUNT
+    assert consumer.popen.poll() is None and "Traceback" not in consumer.output
+
+
+@pytest.mark.timeout(180)
+def test_distop_server_dead_letters_200_malformed_chunks_and_keeps_serving(
+    spawn: Spawn, amqp_url: str, vhost: str, report: Report
+) -> None:
+    routing = {"reply_to": "nowhere", "correlation_id": "job:0"}
+    good = json.dumps({"op": "nop", "chunk": [1], "params": {}}).encode()
+    garbage = malformed(
+        COUNT - 3,
+        valid=good,
+        wrong_types=[
+            *NOT_AN_OBJECT,
+            {},
+            {"op": 5, "chunk": [1]},
+            {"op": "nop", "chunk": "1"},
+            {"op": "nop", "chunk": None},
+            {"op": "nop", "chunk": [1], "params": []},
+            {"op": ["nop"], "chunk": [1]},
+        ],
+        props=routing,
+    )
+    garbage += [
+        ("no reply_to", good, {"correlation_id": "job:0", "content_type": "application/json"}),
+        ("no correlation_id", good, {"reply_to": "nowhere", "content_type": "application/json"}),
+        ("no properties", good, {}),
+    ]
+    started = time.monotonic()
+    server = spawn("tests/distop_server.py")
+    server.wait_for("serving")
+    publish(amqp_url, "", WORK_QUEUE, garbage)
+
+    wait_until(
+        lambda: server.count("rejected a malformed message") >= COUNT or server.popen.poll() is not None,
+        90,
+        "every rejection",
+    )
+    with NopOp([1, 2, 3], group_size=2, rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [1, 2, 3]
+    wait_until(lambda: queue_depth(vhost, DEAD_LETTER_QUEUE) == COUNT, 30, "every reject dead-lettered")
+    dead = queue_depth(vhost, DEAD_LETTER_QUEUE)
+    line = report(
+        "garbage distop server",
+        sent=COUNT + 2,
+        delivered=server.count("rejected a malformed message") + server.count(r"chunk \S+: nop"),
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - started,
+        note=f"{dead} in {DEAD_LETTER_QUEUE}, work queue empty",
+    )
+    print(line)
+    assert server.count("rejected a malformed message") == COUNT
+    assert queue_depth(vhost, WORK_QUEUE) == 0
+    assert server.popen.poll() is None and "Traceback" not in server.output
+
+
+class NopOp(DistOp):
+    OP_NAME = "nop"
+
+    def gather(self, partials: dict) -> list:
+        return [x for part in partials.values() for x in part]
+
+
+@pytest.mark.timeout(120)
+def test_distop_client_ignores_200_malformed_replies(
+    spawn: Spawn, amqp_url: str, vhost: str, report: Report, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="distop.ops")
+    started = time.monotonic()
+    with NopOp([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
+        job = op.call()  # no server yet: the job waits
+        queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
+        (reply_queue,) = [name for name in queues.split() if name.startswith("amq.gen-")]
+        # Replies that name the job's own chunks, and strangers.
+        ids = [f"{job}:0", f"{job}:2", f"{job}:1", f"{job}:x", "nope", f"{job}"]
+        garbage = [
+            (label, body, {**props, "correlation_id": ids[i % len(ids)]})
+            for i, (label, body, props) in enumerate(
+                malformed(
+                    COUNT,
+                    valid=json.dumps({"result": [1, 2]}).encode(),
+                    wrong_types=[*NOT_AN_OBJECT, {}, {"error": "x"}, {"error": None}, {"error": {"type": 1}}],
+                )
+            )
+        ]
+        publish(amqp_url, "", reply_queue, garbage)
+        wait_until(lambda: queue_depth(vhost, reply_queue) == 0, 30, "the client to read every reply")
+        spawn("tests/distop_server.py").wait_for("serving")
+        assert op.get_result(job, timeout=30) == [1, 2, 3, 4]
+    ignored = sum(1 for r in caplog.records if "malformed reply" in r.getMessage())
+    line = report(
+        "garbage distop client",
+        sent=COUNT + 2,
+        delivered=COUNT + 2,
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - started,
+        note=f"{ignored} malformed replies to its chunks ignored, the rest unknown ids",
+    )
+    print(line)
+    assert ignored == sum(1 for i in range(COUNT) if i % len(ids) < 2)
