@@ -1,0 +1,367 @@
+"""The pikachat example, run as real processes against a real broker."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import pika
+import pytest
+
+from tests.conftest import (
+    BrokerNode,
+    Proc,
+    Spawn,
+    assert_one_line_error,
+    free_port,
+    run_to_end,
+    wait_until,
+)
+
+EXCHANGE = "pikachat"
+READY = r"listening on exchange 'pikachat' at "
+CLOCK = re.compile(r"^((?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d) (.*)$")
+
+
+def shown(proc: Proc) -> list[str]:
+    """What a receiver printed, without the clock; every line must start with HH:MM:SS."""
+    lines = []
+    for line in proc.stdout_lines:
+        match = CLOCK.match(line)
+        assert match, f"not 'HH:MM:SS ...': {line!r}"
+        lines.append(match.group(2))
+    return lines
+
+
+def listen(spawn: Spawn, *args: str, **kwargs) -> Proc:
+    """Start a receiver and wait until its queue is bound."""
+    proc = spawn("pikachat/receive.py", *args, **kwargs)
+    proc.wait_for(READY, stream="stderr")
+    return proc
+
+
+def say(
+    spawn: Spawn, *lines: str, name: str = "ash", args: tuple[str, ...] = (), code: int = 0, **kwargs
+) -> Proc:
+    """Pipe ``lines`` into send.py and wait for it to exit with ``code``."""
+    proc = spawn("pikachat/send.py", *args, "--name", name, stdin=True, **kwargs)
+    for line in lines:
+        proc.send(line)
+    proc.close_stdin()
+    assert proc.wait() == code, proc.output
+    return proc
+
+
+def chat(spawn: Spawn, name: str, *args: str, **kwargs) -> Proc:
+    """Start chat.py with an open stdin and wait until it has joined."""
+    proc = spawn("pikachat/chat.py", *args, "--name", name, stdin=True, **kwargs)
+    proc.wait_for(r"joined 'pikachat' at .* as " + name, stream="stderr")
+    return proc
+
+
+def publish_raw(url: str, *bodies: bytes) -> None:
+    """Publish bodies straight to the exchange, as any client of the broker could."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        for body in bodies:
+            channel.basic_publish(EXCHANGE, "", body)
+
+
+def envelope(**fields: object) -> bytes:
+    message = {"kind": "say", "sender": "mallory", "sender_id": "x" * 32, "text": "hi", "time": time.time()}
+    return json.dumps({**message, **fields}).encode()
+
+
+def test_every_receiver_gets_every_line_in_order(spawn: Spawn) -> None:
+    started = time.time()
+    receivers = [listen(spawn), listen(spawn)]
+    lines = [f"line {i}" for i in range(1, 31)]
+    say(spawn, *lines, name="ash")
+    clocks = {time.strftime("%H:%M:%S", time.localtime(t)) for t in range(int(started), int(time.time()) + 2)}
+
+    for receiver in receivers:
+        receiver.wait_for(r"ash: line 30$")
+        assert shown(receiver) == [f"ash: {line}" for line in lines]
+        for line in receiver.stdout_lines:
+            assert re.fullmatch(r"\d\d:\d\d:\d\d ash: line \d+", line)
+            assert line[:8] in clocks, "the clock shown is the time the line was said"
+
+
+def test_a_late_receiver_hears_nothing_said_before_it_came(spawn: Spawn) -> None:
+    early = listen(spawn)
+    say(spawn, "before", name="ash")
+    early.wait_for(r"ash: before$")
+
+    late = listen(spawn)
+    say(spawn, "after", name="brock")
+    late.wait_for(r"brock: after$")
+    early.wait_for(r"brock: after$")
+    assert shown(late) == ["brock: after"]
+    assert shown(early) == ["ash: before", "brock: after"]
+
+
+def test_a_line_nobody_hears_is_reported_and_the_sender_exits_0(spawn: Spawn) -> None:
+    sender = say(spawn, "into the void", name="ash")
+    assert "'into the void' reached no one: nobody is listening" in sender.stderr
+    assert "Traceback" not in sender.output
+
+
+def test_without_a_name_the_sender_is_a_pokemon_with_a_number(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    sender = spawn("pikachat/send.py", stdin=True)
+    sender.send("hi")
+    sender.close_stdin()
+    assert sender.wait() == 0, sender.output
+
+    match = receiver.wait_for(r"^\d\d:\d\d:\d\d ([a-z]+\d{1,2}): hi$")
+    assert f" as {match.group(1)};" in sender.stderr
+
+
+def test_chat_shows_others_lines_not_its_own_and_who_comes_and_goes(spawn: Spawn) -> None:
+    ash = chat(spawn, "ash")
+    brock = chat(spawn, "brock")
+    ash.wait_for(r"\* brock joined$")
+
+    ash.send("hello from ash")
+    brock.wait_for(r"ash: hello from ash$")
+    brock.send("hi ash")
+    ash.wait_for(r"brock: hi ash$")  # after its own line, had it been echoed
+
+    brock.close_stdin()
+    assert brock.wait() == 0, brock.output
+    ash.wait_for(r"\* brock left$")
+    ash.close_stdin()
+    assert ash.wait() == 0, ash.output
+
+    assert shown(ash) == ["* brock joined", "brock: hi ash", "* brock left"]
+    assert shown(brock) == ["ash: hello from ash"]
+
+
+def test_piped_chat_says_its_lines_then_leaves(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    misty = spawn("pikachat/chat.py", "--name", "misty", stdin=True)
+    for line in ["one", "", "two"]:
+        misty.send(line)
+    misty.close_stdin()
+    assert misty.wait() == 0, misty.output
+
+    receiver.wait_for(r"\* misty left$")
+    assert shown(receiver) == ["* misty joined", "misty: one", "misty: two", "* misty left"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_chat_leaves_on_signal(spawn: Spawn, signum: int) -> None:
+    receiver = listen(spawn)
+    misty = chat(spawn, "misty")
+    receiver.wait_for(r"\* misty joined$")
+    misty.signal(signum)
+    assert misty.wait() == 0, misty.output
+    assert "Traceback" not in misty.output
+    receiver.wait_for(r"\* misty left$")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_receive_and_send_stop_cleanly_on_signal(spawn: Spawn, signum: int) -> None:
+    receiver = listen(spawn)
+    sender = spawn("pikachat/send.py", stdin=True)
+    sender.wait_for("sending to exchange 'pikachat'")
+    for proc in (receiver, sender):
+        proc.signal(signum)
+        assert proc.wait() == 0, proc.output
+        assert "Traceback" not in proc.output
+    assert receiver.stderr_lines[-1].endswith("stopped")
+
+
+def test_escape_sequences_from_the_network_are_shown_harmless(spawn: Spawn, amqp_url: str) -> None:
+    receiver = listen(spawn)
+    nasty = "\x1b[31mred\x1b[0m \x1b]0;pwned\x07 del\x7f csi\x9b2J \u202eevil cr\rhere tab\tend"
+    say(spawn, nasty, name="ash")
+    publish_raw(
+        amqp_url,
+        envelope(sender="\x1b[2Jmallory\x00", text="\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\"),
+        envelope(sender="m" * 100, text="x" * 5000),
+        json.dumps({**json.loads(envelope()), "text": "lone \ud800 surrogate"}).encode(),
+        envelope(kind="join", sender="\x1b[5mblink", text="\x1b[31mignored"),
+    )
+    receiver.wait_for(r"blink joined$")
+
+    for control in "\x1b\x07\x7f\x9b\x00\u202e\ud800":
+        assert control not in receiver.stdout
+    assert shown(receiver) == [
+        r"ash: \x1b[31mred\x1b[0m \x1b]0;pwned\x07 del\x7f csi\x9b2J \u202eevil cr\x0dhere tab\x09end",
+        r"\x1b[2Jmallory\x00: \x1b]8;;http://evil\x1b\link\x1b]8;;\x1b" + "\\",
+        "m" * 31 + "…: " + "x" * 1999 + "…",
+        r"mallory: lone \ud800 surrogate",
+        r"* \x1b[5mblink joined",
+    ]
+
+
+def test_malformed_messages_are_skipped_and_the_receiver_keeps_listening(spawn: Spawn, amqp_url: str) -> None:
+    receiver = listen(spawn)
+    misty = chat(spawn, "misty")
+    bodies = [
+        b"\xff\xfe not utf-8",
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        b"[" * 10_000,  # nested too deeply for the parser
+        b" " * 100_000,  # too big to look at
+        envelope(text=5),
+        envelope(sender=""),
+        envelope(sender_id=None),
+        envelope(kind="shout"),
+        envelope(time="noon"),
+        envelope(time=True),
+        envelope(time=1e300),
+        envelope().replace(b'"time": ', b'"time": NaN, "was": '),
+    ]
+    publish_raw(amqp_url, *bodies)
+    say(spawn, "still here", name="ash")
+
+    for proc in (receiver, misty):
+        proc.wait_for(r"ash: still here$")
+        assert proc.count(r"WARNING skipped a malformed message \(\d+ bytes\): ") == len(bodies), proc.stderr
+        assert "Traceback" not in proc.output
+    assert shown(receiver) == ["* misty joined", "ash: still here"]
+    assert shown(misty) == ["ash: still here"]
+    assert receiver.count(r"\(100000 bytes\): too big") == 1
+    assert receiver.count(r"nested too deeply") == 1
+
+
+def test_receivers_survive_a_broker_restart(spawn: Spawn, broker_node: BrokerNode, node_vhost: str) -> None:
+    url = broker_node.url(node_vhost)
+    receiver = listen(spawn, url=url)
+    misty = chat(spawn, "misty", url=url)
+    say(spawn, "before the restart", url=url)
+    receiver.wait_for(r"ash: before the restart$")
+
+    broker_node.restart()
+    for proc in (receiver, misty):
+        proc.wait_for(r"WARNING lost the broker", stream="stderr")
+        wait_until(lambda p=proc: p.count(READY) == 2, 60, "the receiver to listen again")
+
+    say(spawn, "after the restart", url=url)
+    misty.send("misty is back")
+    receiver.wait_for(r"misty: misty is back$")
+    misty.wait_for(r"ash: after the restart$")
+    assert shown(receiver) == [
+        "* misty joined",
+        "ash: before the restart",
+        "ash: after the restart",
+        "misty: misty is back",
+    ]
+    assert shown(misty) == ["ash: before the restart", "ash: after the restart"]
+    assert "Traceback" not in receiver.output + misty.output
+
+
+def test_a_sender_reports_the_line_lost_with_the_broker_and_goes_on(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    url = broker_node.url(node_vhost)
+    receiver = listen(spawn, url=url)
+    sender = spawn("pikachat/send.py", "--name", "ash", url=url, stdin=True)
+    sender.send("one")
+    receiver.wait_for(r"ash: one$")
+
+    broker_node.stop()
+    sender.wait_for("lost the broker", stream="stderr")
+    sender.send("into the outage")
+    sender.wait_for(r"could not send 'into the outage': cannot connect to amqp://guest@127.0.0.1")
+
+    broker_node.start()
+    wait_until(lambda: receiver.count(READY) == 2, 60, "the receiver to listen again")
+    sender.send("two")
+    receiver.wait_for(r"ash: two$")
+    sender.close_stdin()
+    assert sender.wait() == 1, sender.output  # one line was not sent
+
+    assert shown(receiver) == ["ash: one", "ash: two"]
+    assert sender.count("into the outage") == 1
+    assert sender.stderr_lines[-1].endswith("1 line(s) could not be sent")
+    assert "Traceback" not in sender.output
+
+
+SCRIPTS = ["pikachat/receive.py", "pikachat/send.py", "pikachat/chat.py"]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason", "given"),
+    [
+        ("amqp://guest:s3cret-pw@127.0.0.1:{closed}/", "connection refused", "AMQP_URL"),
+        ("amqp://guest:s3cret-pw@127.0.0.1:{closed}/", "connection refused", "RABBIT_HOST"),
+        ("amqp://guest:s3cret-pw@127.0.0.1:5672/%2F", "login refused", "AMQP_URL"),
+        ("amqp://guest:s3cret-pw@127.0.0.1:5672/%2F", "login refused", "RABBIT_HOST"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "access refused", "AMQP_URL"),
+        ("http://guest:s3cret-pw@127.0.0.1:5672/", "must start with amqp://", "RABBIT_HOST"),
+        ("amqp://guest:s3cret-pw@127.0.0.1:5672/?heartbeat=soon", "invalid broker URL", "AMQP_URL"),
+    ],
+)
+def test_bad_broker_gives_one_line_and_exit_1(spawn: Spawn, url: str, reason: str, given: str) -> None:
+    url = url.format(closed=free_port())
+    password = re.search(r"guest:([^@]*)@", url).group(1)
+    for script in SCRIPTS:
+        if given == "AMQP_URL":
+            proc = run_to_end(spawn, script, url=url, stdin=True)
+        else:
+            proc = run_to_end(spawn, script, url, url=None, stdin=True)
+        assert_one_line_error(proc, reason, secret=f":{password}@")
+        assert proc.stderr.startswith(script.split("/")[1].removesuffix(".py") + ": ")
+
+
+def test_a_bad_rabbit_host_is_not_echoed(spawn: Spawn) -> None:
+    for script in SCRIPTS:
+        proc = run_to_end(spawn, script, "alice:s3cret-pw@rabbit", stdin=True)
+        assert proc.popen.returncode == 1
+        assert len(proc.stderr_lines) == 1, proc.stderr
+        assert "invalid broker host" in proc.stderr
+        assert "s3cret" not in proc.output
+
+
+def test_rabbit_host_may_be_a_host_name_or_a_url(
+    spawn: Spawn, broker_node: BrokerNode, amqp_url: str
+) -> None:
+    # AMQP_URL points nowhere: only the argument can make these work.
+    nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    host = f"localhost:{broker_node.port}"
+    by_name = spawn("pikachat/receive.py", host, url=nowhere)
+    by_name.wait_for(READY + re.escape(f"amqp://guest@localhost:{broker_node.port}/%2F"))
+    say(spawn, "by host name", args=(host,), url=nowhere)
+    by_name.wait_for(r"ash: by host name$")
+
+    by_url = spawn("pikachat/receive.py", amqp_url, url=nowhere)
+    by_url.wait_for(READY)
+    say(spawn, "by URL", args=(amqp_url,), url=nowhere)
+    by_url.wait_for(r"ash: by URL$")
+
+    assert shown(by_name) == ["ash: by host name"]
+    assert shown(by_url) == ["ash: by URL"]
+
+
+def test_a_long_line_is_cut(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    sender = say(spawn, "y" * 3000, name="ash")
+    assert "line of 3000 characters cut to 2000" in sender.stderr
+    receiver.wait_for(r"ash: y+$")
+    assert shown(receiver) == ["ash: " + "y" * 2000]
+
+
+BAD_NAME = "argument --name: a name is 1 to 32 letters, digits, '_', '.' or '-'"
+BAD_ARGUMENTS = [
+    (("pikachat/send.py", "--name", "ash ketchum"), BAD_NAME),
+    (("pikachat/send.py", "--name", ""), BAD_NAME),
+    (("pikachat/send.py", "--name", "a" * 33), BAD_NAME),
+    (("pikachat/chat.py", "--name", "ash:"), BAD_NAME),
+    (("pikachat/chat.py", "--name", "\x1b[31mash"), BAD_NAME),
+    (("pikachat/send.py", "host-a", "host-b"), "unrecognized arguments: host-b"),
+    (("pikachat/receive.py", "--name", "ash"), "unrecognized arguments: --name"),
+]
+
+
+def test_bad_arguments_exit_2(spawn: Spawn) -> None:
+    for args, error in BAD_ARGUMENTS:
+        proc = run_to_end(spawn, *args, stdin=True)
+        assert proc.popen.returncode == 2, (args, proc.output)
+        assert proc.stderr_lines[-1].endswith(f"error: {error}"), (args, proc.stderr)
+        assert "Traceback" not in proc.output
