@@ -6,12 +6,13 @@ import re
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from pc.consumer import PREFETCH
-from pc.producer import WINDOW
-from tests.conftest import BrokerNode, Proc, Spawn, queue_depth, wait_until
+from pc.producer import RECONNECT_FOR, WINDOW
+from tests.conftest import BrokerNode, Proc, Spawn, make_vhost, queue_depth, rabbitmqctl, wait_until
 from tests.faults.conftest import Report, Tally, blocked_connections, matches, memory_alarm
 
 PRODUCERS = 4
@@ -110,3 +111,33 @@ def test_10000_messages_survive_three_consumer_kills_and_a_broker_restart(
     # Each producer caught by the restart republishes at most its WINDOW of
     # unconfirmed messages.
     assert republished <= WINDOW * len(late)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pc/producer.py: Publisher.run() never resets lost_since after a successful reconnection",
+)
+@pytest.mark.timeout(180)
+def test_the_producer_survives_two_broker_restarts_far_apart(spawn: Spawn, tmp_path: Path) -> None:
+    # The node boots under a memory alarm (publishing blocked) on every
+    # start, so the producer is still mid-run at each restart; lifting the
+    # alarm at the end lets it finish.
+    node = BrokerNode(tmp_path, "vm_memory_high_watermark.relative = 0.0\n")
+    node.start()
+    try:
+        vhost = make_vhost(node)
+        producer = spawn("pc/producer.py", "--count", "100", "held", url=node.url(vhost))
+        wait_until(lambda: blocked_connections(node, vhost) == 1, 30, "the producer to be blocked")
+        first_loss = time.monotonic()
+        node.restart()
+        wait_until(lambda: blocked_connections(node, vhost) == 1, 60, "the producer to be back, blocked")
+        # Longer than the producer's RECONNECT_FOR since the first loss, though
+        # it has been connected for most of that time.
+        wait_until(lambda: time.monotonic() - first_loss > RECONNECT_FOR + 2, 60, "time to pass")
+        node.restart()
+        wait_until(lambda: producer.count("reconnecting") >= 2 or producer.popen.poll() is not None, 30, "")
+        rabbitmqctl("set_vm_memory_high_watermark", "0.4", node=node)
+        assert producer.wait(60) == 0, producer.output
+        assert queue_depth(vhost, "pc", node=node) == 100
+    finally:
+        node.kill()
