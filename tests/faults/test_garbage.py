@@ -159,3 +159,57 @@ def test_distop_client_ignores_200_malformed_replies(
     )
     print(line)
     assert ignored == sum(1 for i in range(COUNT) if i % len(ids) < 2)
+
+
+def envelope(**fields: object) -> dict:
+    return {"kind": "say", "sender": "mallory", "sender_id": "x" * 32, "text": "hi", "time": 1.7e9, **fields}
+
+
+@pytest.mark.timeout(120)
+def test_pikachat_receiver_skips_200_malformed_messages_and_keeps_listening(
+    spawn: Spawn, amqp_url: str, vhost: str, report: Report
+) -> None:
+    garbage = malformed(
+        COUNT,
+        valid=json.dumps(envelope()).encode(),
+        wrong_types=[
+            *NOT_AN_OBJECT,
+            {},
+            envelope(kind="shout"),
+            envelope(kind=None),
+            envelope(text=5),
+            envelope(sender=""),
+            envelope(sender=["ash"]),
+            envelope(sender_id="y" * 65),
+            envelope(time="noon"),
+            envelope(time=True),
+            envelope(time=-1),
+            envelope(time=1e300),
+        ],
+    )
+    started = time.monotonic()
+    receiver = spawn("pikachat/receive.py")
+    receiver.wait_for("listening on exchange 'pikachat'")
+    publish(amqp_url, "pikachat", "", garbage)
+    sender = spawn("pikachat/send.py", "--name", "ash", stdin=True)
+    sender.send("still here")
+    sender.close_stdin()
+    assert sender.wait() == 0, sender.output
+
+    receiver.wait_for(r"ash: still here$", timeout=60)
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "messages")
+    skipped = receiver.count(r"skipped a malformed message \(\d+ bytes\)")
+    line = report(
+        "garbage pikachat",
+        sent=COUNT + 1,
+        delivered=skipped + len(receiver.stdout_lines),
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - started,
+        note=f"{skipped} skipped, queue empty",
+    )
+    print(line)
+    assert skipped == COUNT
+    assert [row.split("\t")[1] for row in queues.splitlines()] == ["0"]
+    assert receiver.stdout_lines[-1].endswith("ash: still here") and len(receiver.stdout_lines) == 1
+    assert receiver.popen.poll() is None and "Traceback" not in receiver.output
