@@ -118,6 +118,35 @@ def test_distop_over_tls(spawn: Spawn, tls_broker: TLSBroker, tls_vhost: str, re
     assert chunks == 9
 
 
+def test_pikachat_over_tls(spawn: Spawn, tls_broker: TLSBroker, tls_vhost: str, report: Report) -> None:
+    url, trust = tls_broker.url(tls_vhost), {"SSL_CERT_FILE": str(tls_broker.ca)}
+    started = time.monotonic()
+    receiver = spawn("pikachat/receive.py", url=url, env=trust)
+    receiver.wait_for("listening on exchange 'pikachat' at amqps://guest@127.0.0.1")
+    misty = spawn("pikachat/chat.py", "--name", "misty", url=url, env=trust, stdin=True)
+    misty.wait_for("joined 'pikachat'")
+    sender = spawn("pikachat/send.py", "--name", "ash", url=url, env=trust, stdin=True)
+    lines = [f"line {i}" for i in range(1, 51)]
+    for line in lines:
+        sender.send(line)
+    sender.close_stdin()
+    assert sender.wait() == 0, sender.output
+    misty.send("over and out")
+    receiver.wait_for("misty: over and out$")
+    misty.wait_for("ash: line 50$")
+    heard = [line.split(" ", 1)[1] for line in receiver.stdout_lines]
+    assert heard == ["* misty joined", *(f"ash: {line}" for line in lines), "misty: over and out"]
+    wait_until(lambda: tls_broker.tls_connections(tls_vhost) == ["true"] * 3, 10, "3 TLS connections")
+    report(
+        "tls pikachat",
+        sent=len(lines) + 1,
+        delivered=len(heard) - 1,
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - started,
+    )
+
+
 # Every script that connects, with the arguments that make it connect at once.
 SCRIPTS = [
     ("pc/producer.py",),
@@ -125,6 +154,9 @@ SCRIPTS = [
     ("distop/callee.py",),
     ("distop/client.py", "--timeout", "5"),
     ("distop/caller.py",),
+    ("pikachat/receive.py",),
+    ("pikachat/send.py",),
+    ("pikachat/chat.py",),
 ]
 
 
