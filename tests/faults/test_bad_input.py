@@ -22,6 +22,9 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "distop/callee.py": (),
     "distop/client.py": ("--timeout", "5"),
     "distop/caller.py": (),
+    "pikachat/receive.py": (),
+    "pikachat/send.py": (),
+    "pikachat/chat.py": (),
 }
 
 BAD_ARGUMENTS: list[tuple[str, tuple[str, ...], str]] = [
@@ -40,6 +43,13 @@ BAD_ARGUMENTS: list[tuple[str, tuple[str, ...], str]] = [
     ("distop/client.py", ("--nope",), "unrecognized arguments: --nope"),
     ("distop/caller.py", ("rabbit", "extra"), "unrecognized arguments: extra"),
     ("distop/caller.py", ("--nope",), "unrecognized arguments: --nope"),
+    ("pikachat/receive.py", ("--name", "ash"), "unrecognized arguments: --name"),
+    ("pikachat/receive.py", ("rabbit", "extra"), "unrecognized arguments: extra"),
+    ("pikachat/send.py", ("--name", "ash ketchum"), "a name is 1 to 32 letters"),
+    ("pikachat/send.py", ("--name",), "expected one argument"),
+    ("pikachat/send.py", ("rabbit", "extra"), "unrecognized arguments: extra"),
+    ("pikachat/chat.py", ("--name", "a" * 33), "a name is 1 to 32 letters"),
+    ("pikachat/chat.py", ("--nope",), "unrecognized arguments: --nope"),
 ]
 
 # (case, URL, what the line must say, the address it must name)
