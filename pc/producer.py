@@ -60,6 +60,7 @@ class Publisher:
         self._channel: Channel | None = None
         self._failure: BrokerError | None = None
         self._ever_connected = False
+        self._opened = False  # did the latest connection attempt get through?
 
     @property
     def confirmed(self) -> int:
@@ -69,6 +70,7 @@ class Publisher:
         lost_since: float | None = None
         backoff = 0.5
         while self._confirmed < len(self._bodies):
+            self._opened = False
             self._connection = pika.SelectConnection(
                 parameters(self._url),
                 on_open_callback=self._on_connection_open,
@@ -84,6 +86,9 @@ class Publisher:
             self._todo.extend(sorted(self._in_flight.values(), reverse=True))
             self._in_flight.clear()
             now = time.monotonic()
+            if self._opened:
+                # It was up for a while: a new outage gets its own time budget.
+                lost_since, backoff = now, 0.5
             lost_since = lost_since if lost_since is not None else now
             if now - lost_since > RECONNECT_FOR:
                 raise BrokerError(
@@ -96,7 +101,7 @@ class Publisher:
     # Connection and channel set-up -----------------------------------------
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._ever_connected = True
+        self._ever_connected = self._opened = True
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:

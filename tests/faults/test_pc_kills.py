@@ -113,10 +113,6 @@ def test_10000_messages_survive_three_consumer_kills_and_a_broker_restart(
     assert republished <= WINDOW * len(late)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pc/producer.py: Publisher.run() never resets lost_since after a successful reconnection",
-)
 @pytest.mark.timeout(180)
 def test_the_producer_survives_two_broker_restarts_far_apart(spawn: Spawn, tmp_path: Path) -> None:
     # The node boots under a memory alarm (publishing blocked) on every
