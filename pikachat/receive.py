@@ -85,7 +85,7 @@ class Listener:
                 if not self._stopping.is_set():
                     LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             except pika.exceptions.AMQPChannelError as exc:
-                raise BrokerError(f"the broker refused: {exc}") from exc
+                raise BrokerError(f"the broker at {redact(self._url)} refused: {exc}") from exc
             finally:
                 self._connection = self._channel = None
                 close_quietly(connection)

@@ -103,7 +103,7 @@ class Sender:
             declare_exchange(channel)
         except pika.exceptions.AMQPChannelError as exc:
             close_quietly(connection)
-            raise BrokerError(f"{redact(self.url)} refused exchange {EXCHANGE!r}: {exc}") from exc
+            raise BrokerError(f"the broker at {redact(self.url)} refused: {exc}") from exc
         except pika.exceptions.AMQPConnectionError as exc:
             close_quietly(connection)
             raise explain(self.url, exc) from exc

@@ -310,6 +310,15 @@ def test_bad_broker_gives_one_line_and_exit_1(spawn: Spawn, url: str, reason: st
         assert proc.stderr.startswith(script.split("/")[1].removesuffix(".py") + ": ")
 
 
+def test_an_exchange_of_another_type_gives_one_line_and_exit_1(spawn: Spawn, amqp_url: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().exchange_declare(EXCHANGE, exchange_type="direct")
+    for script in SCRIPTS:
+        proc = run_to_end(spawn, script, stdin=True)
+        reason = "refused: (406, \"PRECONDITION_FAILED - inequivalent arg 'type'"
+        assert_one_line_error(proc, reason, secret=":guest@")
+
+
 def test_a_bad_rabbit_host_is_not_echoed(spawn: Spawn) -> None:
     for script in SCRIPTS:
         proc = run_to_end(spawn, script, "alice:s3cret-pw@rabbit", stdin=True)
@@ -337,6 +346,22 @@ def test_rabbit_host_may_be_a_host_name_or_a_url(
 
     assert shown(by_name) == ["ash: by host name"]
     assert shown(by_url) == ["ash: by URL"]
+
+
+def test_an_idle_sender_keeps_its_connection(spawn: Spawn, amqp_url: str) -> None:
+    url = amqp_url + "?heartbeat=1"
+    receiver = listen(spawn, url=url)
+    sender = spawn("pikachat/send.py", "--name", "ash", url=url, stdin=True)
+    sender.send("one")
+    receiver.wait_for(r"ash: one$")
+    # The idle time is what is tested: the broker drops a connection silent
+    # for two heartbeat intervals, unless the sender answers while it waits.
+    time.sleep(4)
+    sender.send("two")
+    receiver.wait_for(r"ash: two$")
+    sender.close_stdin()
+    assert sender.wait() == 0, sender.output
+    assert "lost the broker" not in sender.output
 
 
 def test_a_long_line_is_cut(spawn: Spawn) -> None:
