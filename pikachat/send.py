@@ -131,7 +131,12 @@ class Sender:
         except BrokerError as exc:
             LOGGER.error("could not send %s: %s", what, exc)
             return False
-        except pika.exceptions.AMQPError as exc:
+        except pika.exceptions.AMQPChannelError as exc:
+            # e.g. the exchange was deleted; a new channel declares it again.
+            self._drop()
+            LOGGER.error("could not send %s: the broker closed the channel: %s", what, exc)
+            return False
+        except pika.exceptions.AMQPConnectionError as exc:
             # It may or may not have gone out; sending it again could show
             # it twice, so it is reported instead.
             self._drop()
