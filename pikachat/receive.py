@@ -155,8 +155,10 @@ def main() -> int:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
-    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does.
+    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does. SIGINT
+    # too, explicitly: a shell starting us in the background ignores it.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
 
     try:
         Listener(resolve(args.rabbit_host), show).run()
