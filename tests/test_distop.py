@@ -30,8 +30,6 @@ from tests.conftest import (
     BrokerNode,
     Proc,
     Spawn,
-    assert_one_line_error,
-    free_port,
     queue_depth,
     run_to_end,
     wait_until,
@@ -353,28 +351,6 @@ def test_client_cli_times_out(spawn: Spawn) -> None:
     client = run_to_end(spawn, "distop/client.py", "--timeout", "1")
     assert client.popen.returncode == 1
     assert len(client.stderr_lines) == 1 and "0 of 3 partial results within 1.0 s" in client.stderr
-
-
-@pytest.mark.parametrize(
-    "args", [["--size", "0"], ["--chunks", "x"], ["--param", "esp"], ["--timeout", "-1"], ["--nope"]]
-)
-def test_client_cli_bad_arguments_exit_2(spawn: Spawn, args: list[str]) -> None:
-    client = run_to_end(spawn, "distop/client.py", *args)
-    assert client.popen.returncode == 2
-    assert "error:" in client.stderr and "Traceback" not in client.stderr
-
-
-@pytest.mark.parametrize("script", ["distop/client.py", "distop/callee.py", "distop/caller.py"])
-@pytest.mark.parametrize(
-    ("url", "reason"),
-    [
-        ("amqp://guest:s3cret-pw@127.0.0.1:{closed}/", "connection refused"),
-        ("amqp://guest:s3cret-pw@127.0.0.1:5672/%2F", "login refused"),
-    ],
-)
-def test_bad_broker_gives_one_line_and_exit_1(spawn: Spawn, script: str, url: str, reason: str) -> None:
-    proc = run_to_end(spawn, script, url=url.format(closed=free_port()))
-    assert_one_line_error(proc, reason, secret="s3cret-pw")
 
 
 def test_rabbit_host_argument_wins_over_amqp_url(spawn: Spawn, amqp_url: str) -> None:
