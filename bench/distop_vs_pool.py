@@ -27,7 +27,9 @@ already started, ``group().apply_async().get()`` on a Celery app already
 connected, with servers and workers that have already done work. Start-up
 costs are not part of the questions.
 
-Every question runs in alternating rounds (the side that goes first changes
+Other work on the machine slows down some rounds and not others, which is
+why the load average is printed before and after. Every question runs in
+alternating rounds (the side that goes first changes
 each round); short jobs are repeated within a round and the round keeps their
 median; the table shows the median over rounds, and the ratio distop /
 baseline (lower is better) against its goal. Everything runs in a virtual host
@@ -186,9 +188,11 @@ class Servers:
 # The Pool side ----------------------------------------------------------------
 
 
-def _ignore_sigint() -> None:
+def _pool_worker_signals() -> None:
     # Ctrl-C reaches the whole process group; the benchmark stops the Pool itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Pool.terminate() sends SIGTERM: die quietly, not with the benchmark's handler.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def pool_map(
@@ -496,6 +500,10 @@ def fresh_vhost(url: str) -> Iterator[str]:
         rabbitmqctl("delete_vhost", vhost)
 
 
+def load() -> str:
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def package_versions() -> str:
     return ", ".join(
         f"{name} {importlib.metadata.version(name)}" for name in ("celery", "kombu", "matplotlib")
@@ -637,8 +645,9 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
     }
     print(f"distop vs Pool({POOL_SIZE}), Celery and plain RPC: {rounds} rounds", flush=True)
     print(f"{versions()}, {package_versions()}", flush=True)
+    print(f"load average before: {load()}", flush=True)
     # The Pool forks before any thread (the DistOp clients') exists.
-    with multiprocessing.Pool(POOL_SIZE, initializer=_ignore_sigint) as pool, ExitStack() as stack:
+    with multiprocessing.Pool(POOL_SIZE, initializer=_pool_worker_signals) as pool, ExitStack() as stack:
         pool_map(pool, plus_one, list(range(TRIVIAL_ITEMS)), MANY_CHUNKS)  # up and warm
         connect(url).close()  # one line naming the broker if it is not there
         url = stack.enter_context(fresh_vhost(url))
@@ -664,6 +673,7 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
     )
     plot(plot_path, speed["serial"], speed["pool"], distop, title)
     print(f"\nplot: {plot_path}")
+    print(f"load average after: {load()}")
     met = sum(race.met for race in races.values())
     print(f"goals met: {met} of {len(races)}; total time {time.monotonic() - started:.0f} s")
     return 0
