@@ -38,6 +38,16 @@ demo: venv check-broker
 test: $(BIN)/.requirements-test check-broker
 	$(BIN)/python -m pytest -n 4
 
+$(BIN)/.requirements-bench: $(BIN)/.requirements bench/requirements.txt
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	@touch $@
+
+# Every benchmark script in bench/ (not the private _modules), one after the other.
+bench: $(BIN)/.requirements-bench check-broker
+	@for script in bench/[!_]*.py; do \
+		echo "=== $$script"; $(BIN)/python $$script || exit 1; \
+	done
+
 lint: $(BIN)/.requirements-test
 	$(BIN)/ruff check .
 
