@@ -72,7 +72,7 @@ import pika.exceptions
 from bench._distop_server import plus_one, sum_squares
 from bench._table import rabbitmqctl, versions
 from distop.broker import connect, redact
-from distop.errors import DistOpError
+from distop.errors import BrokerError, DistOpError
 from distop.ops import DistOp, split
 
 try:
@@ -462,7 +462,12 @@ def plot(path: Path, serial: float, pool: float, distop: dict[int, float], title
     cores = os.cpu_count() or 1
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     axes.plot(counts, [min(n, cores) for n in counts], "--", color="grey", label=f"ideal on {cores} cores")
-    axes.plot(counts, [serial / distop[n] for n in counts], "o-", color="tab:blue", label="distop")
+    speedups = [serial / distop[n] for n in counts]
+    axes.plot(counts, speedups, "o-", color="tab:blue", label="distop")
+    for count, speedup in zip(counts, speedups, strict=True):
+        axes.annotate(
+            f"{speedup:.2f}", (count, speedup), textcoords="offset points", xytext=(0, -14), ha="center"
+        )
     axes.plot(
         [POOL_SIZE], [serial / pool], "s", color="tab:orange", label=f"multiprocessing.Pool({POOL_SIZE})"
     )
@@ -706,8 +711,10 @@ def main() -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     if not args.verbose:
-        # pika logs expected disconnections as errors, with tracebacks.
+        # pika logs expected disconnections as errors, with tracebacks; so
+        # does py-amqp (Celery's client) about replies to a channel it closes.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
+        logging.getLogger("amqp").setLevel(logging.CRITICAL)
     url = os.environ.get("AMQP_URL") or DEFAULT_URL
     if args.command == "_celery-worker":
         return celery_worker()
@@ -733,7 +740,8 @@ def main() -> int:
         multiprocessing.TimeoutError,
         pika.exceptions.AMQPError,
     ) as exc:
-        print(f"distop_vs_pool: {exc or type(exc).__name__} (broker {redact(url)})", file=sys.stderr)
+        where = "" if isinstance(exc, BrokerError) else f" (broker {redact(url)})"  # else it says
+        print(f"distop_vs_pool: {exc or type(exc).__name__}{where}", file=sys.stderr)
         return 1
 
 
