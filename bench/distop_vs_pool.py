@@ -6,15 +6,18 @@
 The same work goes through distop (servers: bench/_distop_server.py, an
 OpExecutor run the way distop/callee.py runs, started by this script as
 processes) and through ``multiprocessing.Pool(2).map`` over the same chunks
-(``chunksize=1``: one chunk per task, as distop sends one chunk per message);
-every result is checked against the one computed here. Five questions:
+(``chunksize=1``: one chunk per task, as distop sends one chunk per message;
+Pool's default chunksize would batch them and be faster still); every result
+is checked against the one computed here. Five questions:
 
-1. CPU-bound pure-Python op (sums of squares, about CPU_SECONDS serial) in 2
-   chunks on 2 servers: distop's time at most 1.05 x Pool(2)'s.
+1. CPU-bound pure-Python op (sums of squares, about 5 s serial on an idle
+   core, a third of that with --quick) in 2 chunks on 2 servers: distop's
+   time at most 1.05 x Pool(2)'s.
 2. A trivial op (plus one) over 100,000 ints in 2 chunks: at most 2.5 x Pool(2).
 3. The same in 1,000 chunks: at most 6 x Pool(2), and at least 5 x faster
    than a Celery ``group`` of 1,000 tasks (a Celery worker started here,
-   prefork, concurrency 2, same broker, result backend ``rpc://``).
+   prefork, concurrency 2, same broker, result backend ``rpc://``, Celery's
+   defaults otherwise, but no gossip, mingle or heartbeat: there is one worker).
 4. The latency of a 1-chunk job: median at most 2 x that of a plain
    request/reply round trip the way the RabbitMQ RPC tutorial does it
    (exclusive reply queue, correlation_id, a server in another process).
@@ -27,12 +30,12 @@ already started, ``group().apply_async().get()`` on a Celery app already
 connected, with servers and workers that have already done work. Start-up
 costs are not part of the questions.
 
-Other work on the machine slows down some rounds and not others, which is
-why the load average is printed before and after. Every question runs in
-alternating rounds (the side that goes first changes
+Every question runs in alternating rounds (the side that goes first changes
 each round); short jobs are repeated within a round and the round keeps their
 median; the table shows the median over rounds, and the ratio distop /
-baseline (lower is better) against its goal. Everything runs in a virtual host
+baseline (lower is better) against its goal. Other work on the machine slows
+some rounds and not others, which is why the load average is printed before
+and after. Everything runs in a virtual host
 created with rabbitmqctl for this run (PYCLASS_RABBITMQCTL says how to run
 it, AMQP_URL where the broker is) and deleted at the end, as is every process
 started, also on an error or Ctrl-C. Exit status 1 when a run fails (no
@@ -70,7 +73,7 @@ import pika
 import pika.exceptions
 
 from bench._distop_server import plus_one, sum_squares
-from bench._table import rabbitmqctl, versions
+from bench._table import load_average, rabbitmqctl, versions
 from distop.broker import connect, redact
 from distop.errors import BrokerError, DistOpError
 from distop.ops import DistOp, split
@@ -505,10 +508,6 @@ def fresh_vhost(url: str) -> Iterator[str]:
         rabbitmqctl("delete_vhost", vhost)
 
 
-def load() -> str:
-    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def package_versions() -> str:
     return ", ".join(
         f"{name} {importlib.metadata.version(name)}" for name in ("celery", "kombu", "matplotlib")
@@ -650,7 +649,7 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
     }
     print(f"distop vs Pool({POOL_SIZE}), Celery and plain RPC: {rounds} rounds", flush=True)
     print(f"{versions()}, {package_versions()}", flush=True)
-    print(f"load average before: {load()}", flush=True)
+    print(f"load average before: {load_average()}", flush=True)
     # The Pool forks before any thread (the DistOp clients') exists.
     with multiprocessing.Pool(POOL_SIZE, initializer=_pool_worker_signals) as pool, ExitStack() as stack:
         pool_map(pool, plus_one, list(range(TRIVIAL_ITEMS)), MANY_CHUNKS)  # up and warm
@@ -678,7 +677,7 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
     )
     plot(plot_path, speed["serial"], speed["pool"], distop, title)
     print(f"\nplot: {plot_path}")
-    print(f"load average after: {load()}")
+    print(f"load average after: {load_average()}")
     met = sum(race.met for race in races.values())
     print(f"goals met: {met} of {len(races)}; total time {time.monotonic() - started:.0f} s")
     return 0
@@ -692,7 +691,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per question (default 5)")
     parser.add_argument(
-        "--quick", action="store_true", help="half the CPU-bound work, fewer repetitions (for a try-out)"
+        "--quick",
+        action="store_true",
+        help="a third of the CPU-bound work, fewer repetitions (for a try-out)",
     )
     parser.add_argument(
         "--plot", type=Path, default=PLOT, help=f"where to save the plot (default {PLOT.relative_to(ROOT)})"
