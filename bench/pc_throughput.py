@@ -65,7 +65,7 @@ QUEUE = "pc"  # the queue pc/producer.py and pc/consumer.py use
 TEXT = "x"
 GOAL = 0.8
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
-BASELINE_WINDOW = 1000
+BASELINE_WINDOW = 5000
 BASELINE_PREFETCH = 1000
 BASELINE_ACK_EVERY = 250
 # How often the baseline consumer acks what it holds while the queue is quiet.

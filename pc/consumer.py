@@ -9,8 +9,9 @@ messages until a consumer acknowledges them.
 
 Guarantee: at-least-once. A message is acknowledged only after it has been
 handled, so a consumer that dies with messages in hand loses none of them: the
-broker delivers them again (marked "redelivered") to the next consumer. The
-price is that a message may be handled twice, at most PREFETCH of them per
+broker delivers them again (marked "redelivered") to the next consumer. Acks
+go out in batches (see ACK_EVERY), so the price is that a message may be
+handled twice: those handled since the last ack, fewer than ACK_EVERY per
 crash. If the broker goes away, the consumer reconnects with back-off.
 """
 
@@ -34,8 +35,17 @@ LOGGER = logging.getLogger("pc.consumer")
 
 QUEUE = "pc"
 # How many unacknowledged messages the broker may push to us at once. Enough
-# to keep the pipe full; small enough that a crash redelivers little.
-PREFETCH = 100
+# to keep the pipe full even while acks are on their way back; small enough
+# that a crash sends few round again.
+PREFETCH = 200
+# One basic_ack(multiple=True) acknowledges a whole batch of handled messages:
+# an ack per message would cost a network write and broker work per message,
+# most of the time a fast handler takes. A batch is acked when it holds
+# ACK_EVERY messages (well below PREFETCH, so the broker keeps sending), and
+# once ACK_DELAY seconds have passed since the last ack: at once after a slow
+# message, and soon after the last one when the queue runs dry.
+ACK_EVERY = PREFETCH // 4
+ACK_DELAY = 0.1
 # After losing the broker, keep trying this long before giving up.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0
@@ -49,7 +59,40 @@ def decode(body: bytes) -> str:
     return message["text"]
 
 
-def make_handler(quiet: bool, work: float):
+class Acker:
+    """Acknowledges handled messages on one channel in batches.
+
+    A multi-ack of delivery tag T acknowledges every unacknowledged delivery
+    up to T on the channel. Deliveries are handled one at a time, in order, so
+    each of those has been handled (or rejected already): the ack still comes
+    only after handling.
+    """
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self._channel = channel
+        self._last_tag = 0
+        self._waiting = 0  # handled, not yet acknowledged
+        self._acked_at = time.monotonic()
+
+    def handled(self, delivery_tag: int) -> None:
+        """Note that a message has been handled; ack the batch if it is due."""
+        self._last_tag = delivery_tag
+        self._waiting += 1
+        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
+            self.flush()
+        elif self._waiting == 1:
+            # In case no other message comes to fill the batch.
+            self._channel.connection.call_later(ACK_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Acknowledge every handled message not acknowledged yet."""
+        if self._waiting:
+            self._channel.basic_ack(self._last_tag, multiple=True)
+            self._waiting = 0
+            self._acked_at = time.monotonic()
+
+
+def make_handler(acker: Acker, quiet: bool, work: float):
     """Return the on-message callback: handle, then ack (or reject if malformed)."""
 
     def on_message(
@@ -69,7 +112,7 @@ def make_handler(quiet: bool, work: float):
             # Stands in for real work. Work much longer than the heartbeat
             # interval belongs on another thread (see distop).
             time.sleep(work)
-        channel.basic_ack(method.delivery_tag)
+        acker.handled(method.delivery_tag)
 
     return on_message
 
@@ -80,7 +123,6 @@ def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
     Raises BrokerError if the first connection fails or the broker stays away
     for RECONNECT_FOR seconds.
     """
-    on_message = make_handler(quiet, work)
     lost_since: float | None = None
     backoff = 0.5
     while True:
@@ -94,23 +136,30 @@ def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         lost_since, backoff = None, 0.5
+        acker: Acker | None = None
         try:
             channel = connection.channel()
             channel.queue_declare(QUEUE, durable=True)
             channel.basic_qos(prefetch_count=PREFETCH)
-            channel.basic_consume(QUEUE, on_message)
+            acker = Acker(channel)
+            channel.basic_consume(QUEUE, make_handler(acker, quiet, work))
             LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
             channel.start_consuming()
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
         except KeyboardInterrupt:
-            _close(connection)
+            _close(connection, acker)
             raise
 
 
-def _close(connection: pika.BlockingConnection) -> None:
-    """Close quietly: unacked messages go back to the queue either way."""
+def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
+    """Ack what has been handled, then close; unacked messages go back to the queue."""
+    try:
+        if acker is not None and connection.is_open:
+            acker.flush()
+    except pika.exceptions.AMQPError:
+        pass  # then those are handled again, as after a crash
     try:
         if connection.is_open:
             connection.close()

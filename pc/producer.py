@@ -33,8 +33,11 @@ from pc.broker import BrokerError, broker_url, explain, parameters, redact
 LOGGER = logging.getLogger("pc.producer")
 
 QUEUE = "pc"
-# Unconfirmed messages allowed in flight; bounds memory on both sides.
-WINDOW = 1000
+# Unconfirmed messages allowed in flight; bounds memory on both sides, and
+# what goes round again after a reconnect. The broker confirms persistent
+# messages once they are on disk, in batches: a window of a few thousand keeps
+# us publishing while it writes.
+WINDOW = 5000
 # After losing the broker mid-run, keep trying this long before giving up.
 RECONNECT_FOR = 30.0
 MAX_BACKOFF = 5.0
