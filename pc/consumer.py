@@ -190,8 +190,10 @@ def main() -> int:
     if not args.verbose:
         # pika logs expected disconnections as errors, with tracebacks.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
-    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does.
+    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does. SIGINT
+    # too, explicitly: a shell starting us in the background ignores it.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
 
     try:
         consume(broker_url(), args.quiet, args.work)
