@@ -22,6 +22,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 
 import pika
@@ -92,12 +93,14 @@ class Acker:
             self._acked_at = time.monotonic()
 
 
-def make_handler(acker: Acker, quiet: bool, work: float):
+def make_handler(acker: Acker, quiet: bool, work: float, stopping: threading.Event):
     """Return the on-message callback: handle, then ack (or reject if malformed)."""
 
     def on_message(
         channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
     ) -> None:
+        if stopping.is_set():
+            return  # not acked: it goes back to the queue when we close
         try:
             text = decode(body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
@@ -108,31 +111,32 @@ def make_handler(acker: Acker, quiet: bool, work: float):
         if not quiet:
             note = " (redelivered)" if method.redelivered else ""
             LOGGER.info("#%d received %r%s", method.delivery_tag, text, note)
-        if work:
-            # Stands in for real work. Work much longer than the heartbeat
-            # interval belongs on another thread (see distop).
-            time.sleep(work)
+        # Stands in for real work, cut short by Ctrl-C (then not acked). Work
+        # much longer than the heartbeat interval belongs on another thread
+        # (see distop).
+        if work and stopping.wait(work):
+            return
         acker.handled(method.delivery_tag)
 
     return on_message
 
 
-def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
-    """Consume until interrupted; reconnect if the broker goes away.
+def consume(url: str, stopping: threading.Event, quiet: bool = False, work: float = 0.0) -> None:
+    """Consume until ``stopping`` is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails or the broker stays away
     for RECONNECT_FOR seconds.
     """
     lost_since: float | None = None
     backoff = 0.5
-    while True:
+    while not stopping.is_set():
         try:
             connection = connect(url)
         except BrokerError:
             if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
                 raise
             LOGGER.info("broker still unreachable; retrying in %.1f s", backoff)
-            time.sleep(backoff)
+            stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         lost_since, backoff = None, 0.5
@@ -142,15 +146,16 @@ def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
             channel.queue_declare(QUEUE, durable=True)
             channel.basic_qos(prefetch_count=PREFETCH)
             acker = Acker(channel)
-            channel.basic_consume(QUEUE, make_handler(acker, quiet, work))
+            channel.basic_consume(QUEUE, make_handler(acker, quiet, work, stopping))
             LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-            channel.start_consuming()
+            # Short waits rather than start_consuming(): the signal handler
+            # only sets `stopping`, and we notice it here, between frames.
+            while not stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+            _close(connection, acker)
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
-        except KeyboardInterrupt:
-            _close(connection, acker)
-            raise
 
 
 def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
@@ -165,10 +170,6 @@ def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
             connection.close()
     except pika.exceptions.AMQPError:
         pass
-
-
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -190,21 +191,22 @@ def main() -> int:
     if not args.verbose:
         # pika logs expected disconnections as errors, with tracebacks.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
-    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does. SIGINT
-    # too, explicitly: a shell starting us in the background ignores it.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
+    # Ctrl-C and SIGTERM (docker stop, kill) only raise a flag: an exception
+    # raised in the middle of pika's I/O could leave the connection stuck.
+    # SIGINT explicitly, too: a shell starting us in the background ignores it.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: stopping.set())
 
     try:
-        consume(broker_url(), args.quiet, args.work)
+        consume(broker_url(), stopping, args.quiet, args.work)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1
     except pika.exceptions.AMQPChannelError as exc:
         print(f"consumer: the broker refused: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        LOGGER.info("stopped")
+    LOGGER.info("stopped")
     return 0
 
 
