@@ -135,10 +135,6 @@ def show(message: Message) -> None:
     print(render(message), flush=True)
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rabbit_host", nargs="?", metavar="RABBIT_HOST", help="host name or amqp(s):// URL")
@@ -155,18 +151,31 @@ def main() -> int:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
-    # SIGTERM (docker stop, kill) stops us the same way Ctrl-C does. SIGINT
-    # too, explicitly: a shell starting us in the background ignores it.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
-
     try:
-        Listener(resolve(args.rabbit_host), show).run()
+        listener = Listener(resolve(args.rabbit_host), show)
     except BrokerError as exc:
         print(f"receive: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        LOGGER.info("stopped")
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        # Ask the listener to stop rather than raise: an exception raised in
+        # the middle of pika's I/O could leave the connection stuck.
+        if not stopping:
+            stopping.append(True)
+            listener.stop()
+
+    stopping: list[bool] = []
+    # Ctrl-C and SIGTERM (docker stop, kill) alike. SIGINT explicitly, too: a
+    # shell starting us in the background ignores it.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        listener.run()
+    except BrokerError as exc:
+        print(f"receive: {exc}", file=sys.stderr)
+        return 1
+    LOGGER.info("stopped")
     return 0
 
 
