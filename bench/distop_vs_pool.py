@@ -326,8 +326,11 @@ class RpcClient:
         return json.loads(self._reply)["result"]
 
     def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass  # interrupted mid-call: the connection goes with the process anyway
 
 
 # Processes --------------------------------------------------------------------
