@@ -10,6 +10,7 @@ help:
 	@echo "make demo    run every example end to end against the broker"
 	@echo "make test    run the test suite (real broker required)"
 	@echo "make lint    ruff check"
+	@echo "make bench   benchmarks against multiprocessing, Celery and plain pika (~4 min)"
 	@echo "make venv    create venv/ with the examples' requirements"
 
 $(BIN)/.requirements: requirements.txt
