@@ -260,6 +260,8 @@ def test_malformed_messages_are_rejected_and_the_server_keeps_serving(
     ]
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
+        # Confirms: every message is in the queue before the connection closes.
+        channel.confirm_delivery()
         for body, props in garbage:
             channel.basic_publish("", WORK_QUEUE, body, pika.BasicProperties(**props))
 

@@ -125,6 +125,7 @@ def test_malformed_messages_are_rejected_and_the_consumer_keeps_serving(
     consumer.wait_for("waiting for messages")
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
+        channel.confirm_delivery()
         for body in [b"\xff\xfe not utf-8", b'{"text": ', b"[1, 2]", json.dumps({"text": 5}).encode()]:
             channel.basic_publish("", "pc", body)
     produce(spawn, "still here")
