@@ -288,6 +288,8 @@ class _ClientLink(threading.Thread):
         self._client_id = uuid.uuid4().hex
         self._ioloop = IOLoop()
         self._connection: pika.SelectConnection | None = None
+        self._nodes = parameters(url)  # each connection attempt tries the next
+        self._attempts: list[BaseException] = []  # why each node failed, until one answers
         self._channel: Channel | None = None
         self._reply_queue = ""
         self._outbox: collections.deque[tuple[str, int]] = collections.deque()
@@ -337,8 +339,9 @@ class _ClientLink(threading.Thread):
             self._ioloop.stop()
 
     def _connect(self) -> None:
+        self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
         self._connection = pika.SelectConnection(
-            parameters(self._url),
+            self._nodes[-1],
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
@@ -349,11 +352,12 @@ class _ClientLink(threading.Thread):
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
-        if self._ever_connected:
+        self._attempts.append(error)
+        if self._ever_connected or len(self._attempts) < len(self._nodes):
             self._reconnect_later()
         else:
-            # Never reached the broker: say why at once rather than retry.
-            self._give_up(explain(self._url, error))
+            # Never reached any node: say why at once rather than retry.
+            self._give_up(explain(self._url, *self._attempts))
 
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         self._channel = None

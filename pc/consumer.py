@@ -30,7 +30,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from pc.broker import BrokerError, broker_url, connect, redact
+from pc.broker import BrokerError, connect, redact, resolve
 
 LOGGER = logging.getLogger("pc.consumer")
 
@@ -199,7 +199,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda _signum, _frame: stopping.set())
 
     try:
-        consume(broker_url(), stopping, args.quiet, args.work)
+        consume(resolve(), stopping, args.quiet, args.work)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
 
-from pc.broker import BrokerError, broker_url, explain, parameters, redact
+from pc.broker import BrokerError, explain, parameters, redact, resolve
 
 LOGGER = logging.getLogger("pc.producer")
 
@@ -64,6 +64,8 @@ class Publisher:
         self._failure: BrokerError | None = None
         self._ever_connected = False
         self._opened = False  # did the latest connection attempt get through?
+        self._nodes: list[pika.URLParameters] = []  # each connection attempt tries the next
+        self._attempts: list[BaseException] = []  # why each node failed, until one answers
 
     @property
     def confirmed(self) -> int:
@@ -72,10 +74,12 @@ class Publisher:
     def run(self) -> None:
         lost_since: float | None = None
         backoff = 0.5
+        self._nodes = parameters(self._url)
         while self._confirmed < len(self._bodies):
             self._opened = False
+            self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
             self._connection = pika.SelectConnection(
-                parameters(self._url),
+                self._nodes[-1],
                 on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_connection_closed,
@@ -85,6 +89,8 @@ class Publisher:
                 raise self._failure
             if self._confirmed == len(self._bodies):
                 return
+            if not self._ever_connected:
+                continue  # no node answered yet: try the next one at once
             # The connection dropped: everything unconfirmed goes round again.
             self._todo.extend(sorted(self._in_flight.values(), reverse=True))
             self._in_flight.clear()
@@ -108,9 +114,10 @@ class Publisher:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        if not self._ever_connected:
-            # Nothing was ever reachable: say why at once instead of retrying.
-            self._failure = explain(self._url, error)
+        self._attempts.append(error)
+        if not self._ever_connected and len(self._attempts) == len(self._nodes):
+            # No node was ever reachable: say why at once instead of retrying.
+            self._failure = explain(self._url, *self._attempts)
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
@@ -208,7 +215,7 @@ def main() -> int:
     texts = [text] if args.count is None else [f"{text} {i}" for i in range(1, args.count + 1)]
     bodies = [json.dumps({"text": t}).encode() for t in texts]
 
-    url = broker_url()
+    url = resolve()
     publisher = Publisher(url, bodies)
     started = time.perf_counter()
     try:

@@ -1,123 +1,149 @@
-"""Where the broker is, and what to say when it cannot be reached.
+"""Where the broker is, and what to say when it cannot be reached (the same file in every folder).
 
-Used by every pikachat script. ``RABBIT_HOST`` (the scripts' first argument)
-is a host name (``rabbit``, ``rabbit:5673``, ``[::1]``: guest account, default
-virtual host) or a full ``amqp://`` / ``amqps://`` URL; without it, the
-``AMQP_URL`` environment variable, then a local RabbitMQ. Error messages name
-the broker but never its password.
+The address is a host argument (``rabbit``, ``rabbit:5673``, ``[::1]``: guest account) or an
+``amqp://`` / ``amqps://`` URL; without one, ``AMQP_URL``; then a local RabbitMQ. A cluster's
+nodes are comma-separated: ``rabbit1,rabbit2:5673``, or ``amqp://u:p@h1/%2F,h2:5673`` where a
+bare ``host[:port]`` takes the first URL's scheme, credentials, virtual host and query.
+Errors name every address tried, never a password.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import re
 import socket
 import ssl
+import sys
 import urllib.parse
 
 import pika
-import pika.exceptions
-from pika.adapters.utils import connection_workflow
+from pika import exceptions as amqp
+from pika.adapters.utils import connection_workflow as workflow
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 START_HINT = (
     "start one with 'rabbitmq-server -detached' or 'docker run -d --name some-rabbit -p 5672:5672 rabbitmq:3'"
 )
-# host, host:port, [ipv6] or [ipv6]:port
-HOST = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+HOST = r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"  # host, host:port, [ipv6] or [ipv6]:port
+NEXT_ADDRESS = re.compile(rf",(?=amqps?://|{HOST}(?:,|$))")  # not a comma in a password or ssl_options
+REASONS = [  # why a connection failed: the first that matches
+    (amqp.ProbableAuthenticationError, "login refused: check the user name and password"),
+    (
+        amqp.ProbableAccessDeniedError,
+        "access refused: does the virtual host exist, and may this user use it?",
+    ),
+    (socket.gaierror, "unknown host"),
+    (ConnectionRefusedError, "connection refused"),
+    (TimeoutError, "timed out"),  # socket.timeout too, since Python 3.10
+]
 
+try:  # distop's errors all derive from its DistOpError; the other folders need only this one
+    from .errors import BrokerError
+except ImportError:
 
-class BrokerError(Exception):
-    """The broker is unreachable, refused us, or its address is invalid; safe to print."""
+    class BrokerError(Exception):  # type: ignore[no-redef]
+        """The broker is unreachable, refused us, or its address is invalid; safe to print."""
 
 
 def resolve(rabbit_host: str | None = None) -> str:
-    """Return the broker URL for ``rabbit_host``, else ``AMQP_URL``, else localhost.
-
-    Raises BrokerError if ``rabbit_host`` is neither a URL nor a host name.
-    """
+    """Return the URL(s) for ``rabbit_host``, else ``AMQP_URL``, else localhost; BrokerError if invalid."""
     if not rabbit_host:
         return os.environ.get("AMQP_URL") or DEFAULT_URL
     if "://" in rabbit_host:
         return rabbit_host
-    if not HOST.fullmatch(rabbit_host):
-        # It may hold a password ("alice:secret@rabbit"): do not echo it.
-        raise BrokerError("invalid broker host: give a host name, host:port, or an amqp:// URL")
-    return f"amqp://guest:guest@{rabbit_host}/%2F"
+    if not re.fullmatch(rf"{HOST}(,{HOST})*", rabbit_host):  # it may hold a password: do not echo it
+        raise BrokerError("invalid broker host: give host names, host:port, or amqp:// URLs")
+    return ",".join(f"amqp://guest:guest@{host}/%2F" for host in rabbit_host.split(","))
+
+
+def _split(address: str) -> tuple[str, str, str, str]:
+    """Scheme, user info, host[:port], the rest; the last "@" ends the user info (a password may hold "/")."""
+    scheme, _, tail = address.partition("://") if "://" in address else ("", "", address)
+    userinfo, _, location = tail.rpartition("@")
+    host = re.match(r"[^/?#]*", location)[0]  # type: ignore[index]
+    return scheme, userinfo, host, location[len(host) :]
+
+
+def addresses(url: str) -> list[str]:
+    """Split ``url`` into one URL per node, completing each bare ``host[:port]`` from the first."""
+    first, *others = NEXT_ADDRESS.split(url)
+    scheme, userinfo, _, rest = _split(first)
+    at = "@" if userinfo else ""
+    return [first] + [node if "://" in node else f"{scheme}://{userinfo}{at}{node}{rest}" for node in others]
 
 
 def redact(url: str) -> str:
-    """Return ``url`` with any password removed, fit for a log line."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable URL>"
-    user = f"{parts.username}@" if parts.username else ""
-    return urllib.parse.urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
+    """Return the addresses of ``url`` without password or query, fit for a log line."""
+    names = []
+    for scheme, userinfo, host, rest in map(_split, addresses(url)):
+        user = f"{userinfo.partition(':')[0]}@" if userinfo else ""
+        names.append(f"{scheme}://{user}{host}{re.split('[?#]', rest)[0]}")
+    return ", ".join(names)
 
 
-def parameters(url: str) -> pika.URLParameters:
-    """Parse ``url`` into connection parameters; raise BrokerError if invalid."""
-    if urllib.parse.urlsplit(url).scheme not in ("amqp", "amqps"):
-        raise BrokerError(f"invalid broker URL {redact(url)}: it must start with amqp:// or amqps://")
-    try:
-        return pika.URLParameters(url)
-    except (ValueError, TypeError) as exc:
-        raise BrokerError(f"invalid broker URL {redact(url)}: {exc}") from exc
+def parameters(url: str) -> list[pika.URLParameters]:
+    """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid."""
+    result = []
+    for address in addresses(url):
+        parts, invalid = urllib.parse.urlsplit(address), f"invalid broker URL {redact(address)}"
+        if parts.scheme not in ("amqp", "amqps"):
+            raise BrokerError(f"{invalid}: it must start with amqp:// or amqps://")
+        if _split(address)[1] and "@" not in parts.netloc:
+            raise BrokerError(f"{invalid}: write '/', '?', '#' in a password as %2F, %3F, %23")
+        try:
+            result.append(pika.URLParameters(address))
+        except (ValueError, TypeError, SyntaxError, OSError) as exc:  # port, query or ssl_options
+            detail = str(exc).splitlines()[0]
+            if "ssl_options" in parts.query and ("malformed" in detail or isinstance(exc, SyntaxError)):
+                detail = "ssl_options must be a Python dict, such as {'ca_certs': 'ca.pem'}"
+            raise BrokerError(f"{invalid}: {detail}") from exc
+    return result
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """Unwrap pika's connection-workflow exceptions down to the one that says why."""
-    while True:
-        if isinstance(error, connection_workflow.AMQPConnectionWorkflowFailed):
+def _reason(error: BaseException) -> str:
+    """Say in a few words why a connection failed, from the innermost of pika's exceptions."""
+    while True:  # unwrap pika's connection-workflow exceptions
+        if isinstance(error, workflow.AMQPConnectionWorkflowFailed):
             error = error.exceptions[-1]
-        elif isinstance(error, connection_workflow.AMQPConnectorPhaseErrorBase):
+        elif isinstance(error, workflow.AMQPConnectorPhaseErrorBase):
             error = error.exception
-        elif (
-            type(error) is pika.exceptions.AMQPConnectionError
-            and error.args
-            and isinstance(error.args[-1], BaseException)
-        ):
+        elif type(error) is amqp.AMQPConnectionError and isinstance((error.args or [0])[-1], BaseException):
             error = error.args[-1]
         else:
-            return error
+            break
+    if isinstance(error, ssl.SSLError):
+        return f"TLS failed: {getattr(error, 'reason', None) or error}"
+    reasons = [reason for kind, reason in REASONS if isinstance(error, kind)]
+    if not reasons and "refused" in str(error).lower():
+        reasons = ["connection refused"]
+    return (reasons or [str(error).partition("\n")[0] or type(error).__name__])[0]
 
 
-def explain(url: str, error: BaseException) -> BrokerError:
-    """Turn a failure to connect into a one-line BrokerError naming the broker."""
-    error = _root_cause(error)
-    if isinstance(error, pika.exceptions.ProbableAuthenticationError):
-        reason = "login refused: check the user name and password"
-    elif isinstance(error, pika.exceptions.ProbableAccessDeniedError):
-        reason = "access refused: does the virtual host exist, and may this user use it?"
-    elif isinstance(error, socket.gaierror):
-        reason = "unknown host"
-    elif isinstance(error, ssl.SSLError):
-        reason = f"TLS failed: {getattr(error, 'reason', None) or error}"
-    elif isinstance(error, ConnectionRefusedError) or "refused" in str(error).lower():
-        reason = f"connection refused; is RabbitMQ running? {START_HINT}"
-    elif isinstance(error, TimeoutError):
-        reason = "timed out"
+def explain(url: str, *errors: BaseException) -> BrokerError:
+    """One line saying why ``url`` could not be reached: one error for all its addresses, or one each."""
+    names, reasons = [redact(address) for address in addresses(url)], [_reason(error) for error in errors]
+    if len(reasons) == len(names):
+        where = "; ".join(f"{name}: {reason}" for name, reason in zip(names, reasons, strict=True))
     else:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return BrokerError(f"cannot connect to {redact(url)}: {reason}")
+        where = f"{', '.join(names)}: {reasons[-1]}"
+    hint = f"; is RabbitMQ running? {START_HINT}" if "connection refused" in reasons else ""
+    return BrokerError(f"cannot connect to {where}{hint}")
 
 
 def connect(url: str) -> pika.BlockingConnection:
-    """Open a blocking connection to ``url``; raise BrokerError on failure.
+    """Connect to the first address of ``url`` that answers; raise BrokerError naming each if none does.
 
-    Blocks for at most the URL's ``socket_timeout`` (pika's default: 10 s)
-    per address the host name resolves to.
+    Blocks for at most the URL's ``socket_timeout`` (pika's default: 10 s) per IP address tried.
     """
-    params = parameters(url)
-    try:
-        return pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise explain(url, exc) from exc
+    errors: list[BaseException] = []
+    for params in parameters(url):
+        try:
+            return pika.BlockingConnection(params)
+        except (amqp.AMQPError, OSError) as exc:
+            errors.append(exc)
+    raise explain(url, *errors) from errors[-1]
 
 
 def close_quietly(connection: pika.BlockingConnection | None) -> None:
@@ -125,5 +151,25 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
     try:
         if connection is not None and connection.is_open:
             connection.close()
-    except (pika.exceptions.AMQPError, OSError):
+    except (amqp.AMQPError, OSError):
         pass
+
+
+def main() -> int:
+    """Say whether the broker answers (``python -m PACKAGE.broker [RABBIT_HOST]``); exit status 1 if not."""
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.broker", description="Check the broker.")
+    parser.add_argument("rabbit_host", nargs="?", help="host names or amqp:// URLs (default: AMQP_URL)")
+    rabbit_host = parser.parse_args().rabbit_host
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    try:
+        url = resolve(rabbit_host)
+        close_quietly(connect(url))
+    except BrokerError as exc:
+        print(f"no broker: {exc}", file=sys.stderr)
+        return 1
+    print(f"broker answers at {redact(url)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
