@@ -8,13 +8,13 @@ OpExecutor run the way distop/callee.py runs, started by this script as
 processes) and through ``multiprocessing.Pool(2).map`` over the same chunks
 (``chunksize=1``: one chunk per task, as distop sends one chunk per message;
 Pool's default chunksize would batch them and be faster still); every result
-is checked against the one computed here. Five questions:
+is checked against the one computed here. Seven questions:
 
 1. CPU-bound pure-Python op (sums of squares, about 5 s serial on an idle
    core, a third of that with --quick) in 2 chunks on 2 servers: distop's
    time at most 1.05 x Pool(2)'s.
 2. A trivial op (plus one) over 100,000 ints in 2 chunks: at most 2.5 x Pool(2).
-3. The same in 1,000 chunks: at most 6 x Pool(2), and at least 5 x faster
+3. The same in 1,000 chunks: at most 15 x Pool(2), and at least 2.5 x faster
    than a Celery ``group`` of 1,000 tasks (a Celery worker started here,
    prefork, concurrency 2, same broker, result backend ``rpc://``, Celery's
    defaults otherwise, but no gossip, mingle or heartbeat: there is one worker).
@@ -23,6 +23,16 @@ is checked against the one computed here. Five questions:
    (exclusive reply queue, correlation_id, a server in another process).
 5. Speedup over the serial run (in this process) as servers go 1, 2, 4;
    printed, and plotted to docs/distop_speedup.png.
+6. The floor: questions 3 and 4 also through the least pika code that does
+   the same scatter/gather on the same kind of queue (quorum, persistent
+   messages, the prefetch distop uses for short chunks, no publisher
+   confirms, one thread on each side); distop at most 1.25 x that floor. The
+   floor is what the broker costs; the rest is what distop adds.
+7. Fairness: 4 servers, jobs whose chunks sleep for known times (one long
+   chunk among short ones; random costs, the same for both sides), through
+   the servers as they are and through servers that take strictly one chunk
+   at a time (BENCH_DISTOP_STRICT=1); the job at most 1.1 x as long.
+   Pipelining must never cost a job its parallelism.
 
 What is timed is a job on a warm client and warm servers: ``call()`` to
 ``get_result()`` on a DistOp already connected, ``pool.map`` on a Pool
@@ -54,6 +64,7 @@ import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -72,11 +83,11 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from bench._distop_server import plus_one, sum_squares
+from bench._distop_server import STRICT_QUEUE, plus_one, sum_squares
 from bench._table import load_average, rabbitmqctl, versions
 from distop.broker import connect, redact
 from distop.errors import BrokerError, DistOpError
-from distop.ops import DistOp, split
+from distop.ops import WORK_QUEUE_ARGUMENTS, DistOp, split
 
 try:
     import matplotlib
@@ -113,9 +124,28 @@ MANY_CHUNKS = 1_000
 # Question 4: a 1-chunk job on this small list.
 LATENCY_DATA = list(range(10))
 # Repetitions of a short job within one round; the round keeps their median.
-REPEATS = {"few": 10, "many": 3, "latency": 200}
-QUICK_REPEATS = {"few": 5, "many": 2, "latency": 100}
-GOALS = {"cpu": 1.05, "few": 2.5, "many": 6.0, "celery": 1 / 5, "latency": 2.0}
+REPEATS = {"few": 10, "many": 3, "latency": 200, "fair": 3}
+QUICK_REPEATS = {"few": 5, "many": 2, "latency": 100, "fair": 2}
+# Question 6: the floor's queue and how many chunks each of its servers takes at a time.
+FLOOR_QUEUE = "bench.floor"
+FLOOR_PREFETCH = 2
+# Question 7: 4 servers; each job has FAIR_CHUNKS one-item chunks, an item being milliseconds of sleep.
+FAIR_SERVERS = 4
+FAIR_CHUNKS = 24
+LONG_MS = 100.0
+SHORT_MS = 0.2
+GOALS = {
+    "cpu": 1.05,
+    "few": 2.5,
+    "many": 15.0,
+    "celery": 1 / 2.5,
+    "latency": 2.0,
+    "floor-many": 1.25,
+    "floor-latency": 1.25,
+    "fair-one-long": 1.1,
+    "fair-random": 1.1,
+}
+QUESTIONS = ("cpu", "few", "many", "latency", "fairness")
 RPC_QUEUE = "rpc_queue"
 JSON = "application/json"
 WARM_UP_CALLS = 20
@@ -144,6 +174,14 @@ class PlusOneOp(SumSquaresOp):
     OP_NAME = "plus_one"
 
 
+class SleepOp(SumSquaresOp):
+    OP_NAME = "sleep_ms"
+
+
+class StrictSleepOp(SleepOp):
+    QUEUE = STRICT_QUEUE
+
+
 def run_job(op: DistOp) -> list[Any]:
     op.call()
     return op.get_result(timeout=JOB_TIMEOUT)
@@ -152,20 +190,24 @@ def run_job(op: DistOp) -> list[Any]:
 class Servers:
     """The distop server processes, grown or shrunk to the count a question needs."""
 
-    def __init__(self, url: str, logs: Path) -> None:
+    def __init__(self, url: str, logs: Path, *, strict: bool = False) -> None:
         self.url = url
         self.logs = logs
+        self.strict = strict
         self.running: list[tuple[subprocess.Popen[bytes], Path]] = []
         self._numbers = itertools.count(1)
-        self._warmer = PlusOneOp(list(range(1000)), 50, url)
+        self._name = "strict-server" if strict else "server"
+        warmer = type("Warmer", (PlusOneOp,), {"QUEUE": STRICT_QUEUE}) if strict else PlusOneOp
+        self._warmer = warmer(list(range(1000)), 50, url)
 
     def resize(self, count: int) -> None:
         """Run exactly ``count`` servers, each of which has served a chunk; return when so."""
         while len(self.running) > count:
             stop_process(*self.running.pop())
         while len(self.running) < count:
-            log = self.logs / f"server-{next(self._numbers)}.log"
-            self.running.append((start_process([sys.executable, SERVER], self.url, log), log))
+            log = self.logs / f"{self._name}-{next(self._numbers)}.log"
+            env = {"BENCH_DISTOP_STRICT": "1"} if self.strict else {}
+            self.running.append((start_process([sys.executable, SERVER], self.url, log, env), log))
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -262,15 +304,20 @@ def celery_worker() -> int:
 # The plain RPC round trip, the RabbitMQ tutorial's way ------------------------
 
 
-def rpc_server(url: str) -> int:
-    """The ``_rpc-server`` subcommand: answer each request on RPC_QUEUE with plus_one."""
+def rpc_server(
+    url: str, queue: str = RPC_QUEUE, arguments: dict[str, Any] | None = None, prefetch: int = 1
+) -> int:
+    """The ``_rpc-server`` subcommand: answer each request on ``queue`` with plus_one.
+
+    Also the floor's server (``_floor-server``): the same on a quorum queue, ``prefetch`` at a time.
+    """
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     watch_parent(stopping.set)
     connection = connect(url)
     channel = connection.channel()
-    channel.queue_declare(RPC_QUEUE, durable=True)
-    channel.basic_qos(prefetch_count=1)
+    channel.queue_declare(queue, durable=True, arguments=arguments)
+    channel.basic_qos(prefetch_count=prefetch)
 
     def on_request(
         channel: Any, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
@@ -284,7 +331,7 @@ def rpc_server(url: str) -> int:
         )
         channel.basic_ack(method.delivery_tag)
 
-    channel.basic_consume(RPC_QUEUE, on_request)
+    channel.basic_consume(queue, on_request)
     while not stopping.is_set():
         connection.process_data_events(time_limit=0.5)
     connection.close()
@@ -333,6 +380,58 @@ class RpcClient:
             pass  # interrupted mid-call: the connection goes with the process anyway
 
 
+# The floor: the least pika code for the same scatter/gather ---------------------
+
+
+class FloorClient:
+    """Scatter chunks to FLOOR_QUEUE as distop does (quorum queue, persistent), gather the replies.
+
+    What it leaves out is what distop adds: publisher confirms, republishing
+    after a lost connection, a client I/O thread, dead letters, the job bookkeeping.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.connection = connect(url)
+        self.channel = self.connection.channel()
+        self.channel.queue_declare(FLOOR_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        self.reply_queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+        self._job = ""
+        self._parts: dict[int, list[int]] = {}
+
+    def _on_reply(self, _channel: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        job, _, start = (props.correlation_id or "").partition(":")
+        if job == self._job:
+            self._parts[int(start)] = json.loads(body)["result"]
+
+    def run(self, data: list[int], chunks: int) -> list[int]:
+        self._job, self._parts = uuid.uuid4().hex, {}
+        parts = split(data, chunks)
+        for start, chunk in parts:
+            self.channel.basic_publish(
+                "",
+                FLOOR_QUEUE,
+                json.dumps({"chunk": chunk}).encode(),
+                pika.BasicProperties(
+                    content_type=JSON,
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    reply_to=self.reply_queue,
+                    correlation_id=f"{self._job}:{start}",
+                ),
+            )
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while len(self._parts) < len(parts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(
+                    f"the floor: {len(self._parts)} of {len(parts)} replies in {JOB_TIMEOUT:.0f} s"
+                )
+            self.connection.process_data_events(time_limit=remaining)
+        return [x for _, part in sorted(self._parts.items()) for x in part]
+
+    close = RpcClient.close
+
+
 # Processes --------------------------------------------------------------------
 
 
@@ -348,9 +447,11 @@ def watch_parent(on_orphaned: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def start_process(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``command`` from the repository root with AMQP_URL set, its output into ``log``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AMQP_URL": url}
+def start_process(
+    command: list[str], url: str, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` from the repository root with AMQP_URL (and ``env``) set, its output into ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AMQP_URL": url, **(env or {})}
     with log.open("wb") as out:
         # Its own session: Ctrl-C goes to the benchmark, which stops its processes in order.
         return subprocess.Popen(
@@ -444,7 +545,7 @@ def race_table(races: list[Race]) -> str:
         ratio, goal = f"{race.ratio:.2f}", f"≤ {race.goal:.2f}"
         if race.goal < 1:
             ratio += f" ({1 / race.ratio:.1f}x faster)"
-            goal += f" (≥ {1 / race.goal:.0f}x faster)"
+            goal += f" (≥ {1 / race.goal:g}x faster)"
         lines.append(
             f"| {race.question} | {race.baseline} | {seconds_text(race.median('baseline'))} "
             f"| {seconds_text(race.median('distop'))} | {ratio} | {goal} | {'yes' if race.met else 'NO'} |"
@@ -555,6 +656,18 @@ class Rig:
     stack: ExitStack
     rounds: int
     repeats: dict[str, int]
+    _floor: FloorClient | None = None
+
+    def floor(self) -> FloorClient:
+        """The floor's client, and its servers (as many as distop's now), started on first use."""
+        if self._floor is None:
+            for number in range(len(self.servers.running)):
+                log = self.logs / f"floor-server-{number + 1}.log"
+                server = start_process([sys.executable, __file__, "_floor-server"], self.url, log)
+                self.stack.callback(stop_process, server, log)
+            self._floor = FloorClient(self.url)
+            self.stack.callback(self._floor.close)
+        return self._floor
 
     def op(self, op_class: type[DistOp], data: list[Any], chunks: int) -> DistOp:
         """A DistOp over ``data``, connected by a first job of one item per chunk; closed at the end."""
@@ -599,15 +712,17 @@ def few_chunks(rig: Rig, race: Race) -> None:
     race.seconds = {"baseline": seconds["pool"], "distop": seconds["distop"]}
 
 
-def many_chunks(rig: Rig, pool_race: Race, celery_race: Race) -> None:
-    """Question 3: plus one over 100,000 ints in 1,000 chunks, also as a Celery group."""
+def many_chunks(rig: Rig, pool_race: Race, celery_race: Race, floor_race: Race) -> None:
+    """Questions 3 and 6: plus one over 100,000 ints in 1,000 chunks, also as a Celery group and the floor."""
     data = list(range(TRIVIAL_ITEMS))
     op = rig.op(PlusOneOp, data, MANY_CHUNKS)
+    floor = rig.floor()
     workers = CeleryGroup(rig.url, rig.logs / "celery.log")
     rig.stack.callback(workers.close)
     sides = {
         "pool": functools.partial(pool_map, rig.pool, plus_one, data, MANY_CHUNKS),
         "distop": functools.partial(run_job, op),
+        "floor": functools.partial(floor.run, data, MANY_CHUNKS),
         "celery": functools.partial(workers.run, data, MANY_CHUNKS),
     }
     title = f"plus one over {len(data):,} ints in {MANY_CHUNKS:,} chunks"
@@ -615,30 +730,87 @@ def many_chunks(rig: Rig, pool_race: Race, celery_race: Race) -> None:
     workers.close()  # not to take CPU from what follows
     pool_race.seconds = {"baseline": seconds["pool"], "distop": seconds["distop"]}
     celery_race.seconds = {"baseline": seconds["celery"], "distop": seconds["distop"]}
+    floor_race.seconds = {"baseline": seconds["floor"], "distop": seconds["distop"]}
 
 
-def latency(rig: Rig, race: Race) -> None:
-    """Question 4: a 1-chunk distop job against the tutorial's RPC round trip."""
+def latency(rig: Rig, race: Race, floor_race: Race) -> None:
+    """Questions 4 and 6: a 1-chunk distop job against the tutorial's RPC round trip and the floor."""
     log = rig.logs / "rpc-server.log"
     server = start_process([sys.executable, __file__, "_rpc-server"], rig.url, log)
     rig.stack.callback(stop_process, server, log)
     rpc = RpcClient(rig.url)
     rig.stack.callback(rpc.close)
+    floor = rig.floor()
     op = rig.op(PlusOneOp, LATENCY_DATA, 1)
     expected = plus_one(LATENCY_DATA)
-    sides = {"rpc": functools.partial(rpc.call, LATENCY_DATA), "distop": functools.partial(run_job, op)}
+    sides = {
+        "rpc": functools.partial(rpc.call, LATENCY_DATA),
+        "distop": functools.partial(run_job, op),
+        "floor": functools.partial(floor.run, LATENCY_DATA, 1),
+    }
     for run in sides.values():  # the server is up, the reply path used
         median_of(WARM_UP_CALLS, run, expected, "warm-up")
     title = f"latency of a 1-chunk job over {len(LATENCY_DATA)} ints"
     seconds = race_rounds(title, sides, expected, rig.rounds, repeats=rig.repeats["latency"])
     race.seconds = {"baseline": seconds["rpc"], "distop": seconds["distop"]}
+    floor_race.seconds = {"baseline": seconds["floor"], "distop": seconds["distop"]}
 
 
-def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
+def fair_jobs(seed: int) -> dict[str, list[float]]:
+    """The fairness question's two jobs, in ms of sleep per one-item chunk, the same for a given seed."""
+    rng = random.Random(seed)
+    one_long = [SHORT_MS] * FAIR_CHUNKS
+    one_long[rng.randrange(FAIR_CHUNKS)] = LONG_MS
+    # Most chunks far shorter than a round trip, a few long ones, in random order.
+    costs = [
+        round(rng.uniform(0.05, 0.5), 2) if rng.random() < 0.75 else round(rng.uniform(10, 60), 1)
+        for _ in range(FAIR_CHUNKS)
+    ]
+    return {"one-long": one_long, "random": costs}
+
+
+def ideal_seconds(costs: list[float]) -> float:
+    """The job's time with no overhead: its longest chunk, or its total shared by the servers."""
+    return max(*costs, sum(costs) / FAIR_SERVERS) / 1000
+
+
+def fairness(rig: Rig, one_long_race: Race, random_race: Race) -> None:
+    """Question 7: 4 servers as they are against 4 that take strictly one chunk at a time."""
+    rig.servers.resize(FAIR_SERVERS)
+    strict = Servers(rig.url, rig.logs, strict=True)
+    rig.stack.callback(strict.close)
+    strict.resize(FAIR_SERVERS)
+    warm = fair_jobs(0)["random"]
+    ops = {"distop": rig.op(SleepOp, warm, len(warm)), "strict": rig.op(StrictSleepOp, warm, len(warm))}
+    for job, race in (("one-long", one_long_race), ("random", random_race)):
+        print(
+            f"\nfairness, {job}: {FAIR_CHUNKS} one-item chunks of sleep on {FAIR_SERVERS} servers "
+            f"(median of {rig.repeats['fair']} per round)",
+            flush=True,
+        )
+        for number, order in rounds_of(list(ops), rig.rounds):
+            data = fair_jobs(number)[job]  # the same job for both sides of a round, a new one each round
+            line = []
+            for side in order:
+                ops[side].data = data
+                race.seconds["distop" if side == "distop" else "baseline"].append(
+                    median_of(rig.repeats["fair"], functools.partial(run_job, ops[side]), data, side)
+                )
+                line.append(
+                    f"{side} {seconds_text(race.seconds['distop' if side == 'distop' else 'baseline'][-1])}"
+                )
+            print(
+                f"round {number}: ideal {seconds_text(ideal_seconds(data))}, " + ", ".join(line), flush=True
+            )
+
+
+def benchmark(url: str, rounds: int, quick: bool, plot_path: Path, only: set[str]) -> int:
     started = time.monotonic()
     cpu_data = [QUICK_ITEM_SIZE if quick else ITEM_SIZE] * WORK_ITEMS
     pool_name = f"Pool({POOL_SIZE}).map"
     what = f"plus one over {TRIVIAL_ITEMS:,} ints"
+    floor_name = f"the floor: plain pika, quorum queue, prefetch {FLOOR_PREFETCH}"
+    strict_name = "the same servers, strictly 1 chunk at a time"
     races = {
         "cpu": Race(
             f"1. CPU-bound, {WORK_ITEMS} sums of squares, 2 chunks, 2 servers", pool_name, GOALS["cpu"]
@@ -649,8 +821,20 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
             f"3b. {what}, {MANY_CHUNKS:,} chunks", f"Celery group, prefork {POOL_SIZE}", GOALS["celery"]
         ),
         "latency": Race("4. latency of a 1-chunk job", "plain RPC round trip", GOALS["latency"]),
+        "floor-many": Race(f"6a. {what}, {MANY_CHUNKS:,} chunks", floor_name, GOALS["floor-many"]),
+        "floor-latency": Race("6b. latency of a 1-chunk job", floor_name, GOALS["floor-latency"]),
+        "fair-one-long": Race(
+            f"7a. {FAIR_SERVERS} servers, one {LONG_MS:.0f} ms chunk, {FAIR_CHUNKS - 1} of {SHORT_MS} ms",
+            strict_name,
+            GOALS["fair-one-long"],
+        ),
+        "fair-random": Race(
+            f"7b. {FAIR_SERVERS} servers, {FAIR_CHUNKS} chunks: 3 in 4 of 0.05-0.5 ms, the rest 10-60 ms",
+            strict_name,
+            GOALS["fair-random"],
+        ),
     }
-    print(f"distop vs Pool({POOL_SIZE}), Celery and plain RPC: {rounds} rounds", flush=True)
+    print(f"distop vs Pool({POOL_SIZE}), Celery, plain RPC and plain pika: {rounds} rounds", flush=True)
     print(f"{versions()}, {package_versions()}", flush=True)
     print(f"load average before: {load_average()}", flush=True)
     # The Pool forks before any thread (the DistOp clients') exists.
@@ -662,27 +846,36 @@ def benchmark(url: str, rounds: int, quick: bool, plot_path: Path) -> int:
         servers = Servers(url, logs)
         stack.callback(servers.close)
         rig = Rig(url, pool, servers, logs, stack, rounds, QUICK_REPEATS if quick else REPEATS)
-        speed = cpu_bound(rig, cpu_data)
-        races["cpu"].seconds = {"baseline": [speed["pool"]], "distop": [speed["distop x2"]]}
+        speed: dict[str, float] = {}
+        if "cpu" in only:
+            speed = cpu_bound(rig, cpu_data)
+            races["cpu"].seconds = {"baseline": [speed["pool"]], "distop": [speed["distop x2"]]}
         rig.servers.resize(2)
-        few_chunks(rig, races["few"])
-        many_chunks(rig, races["many"], races["celery"])
-        latency(rig, races["latency"])
+        if "few" in only:
+            few_chunks(rig, races["few"])
+        if "many" in only:
+            many_chunks(rig, races["many"], races["celery"], races["floor-many"])
+        if "latency" in only:
+            latency(rig, races["latency"], races["floor-latency"])
+        if "fairness" in only:
+            fairness(rig, races["fair-one-long"], races["fair-random"])
 
+    answered = [race for race in races.values() if race.seconds["distop"]]
     print()
-    print(race_table(list(races.values())))
-    print("\n5. speedup of the CPU-bound job over the serial run")
-    distop = {n: speed[f"distop x{n}"] for n in SERVER_COUNTS}
-    print(speedup_table(speed["serial"], speed["pool"], distop))
-    title = (
-        f"{WORK_ITEMS} x sum of squares below {cpu_data[0]:,}: "
-        f"serial {speed['serial']:.2f} s, {os.cpu_count()} cores"
-    )
-    plot(plot_path, speed["serial"], speed["pool"], distop, title)
-    print(f"\nplot: {plot_path}")
+    print(race_table(answered))
+    if speed:
+        print("\n5. speedup of the CPU-bound job over the serial run")
+        distop = {n: speed[f"distop x{n}"] for n in SERVER_COUNTS}
+        print(speedup_table(speed["serial"], speed["pool"], distop))
+        title = (
+            f"{WORK_ITEMS} x sum of squares below {cpu_data[0]:,}: "
+            f"serial {speed['serial']:.2f} s, {os.cpu_count()} cores"
+        )
+        plot(plot_path, speed["serial"], speed["pool"], distop, title)
+        print(f"\nplot: {plot_path}")
     print(f"load average after: {load_average()}")
-    met = sum(race.met for race in races.values())
-    print(f"goals met: {met} of {len(races)}; total time {time.monotonic() - started:.0f} s")
+    met = sum(race.met for race in answered)
+    print(f"goals met: {met} of {len(answered)}; total time {time.monotonic() - started:.0f} s")
     return 0
 
 
@@ -702,14 +895,23 @@ def main() -> int:
         "--plot", type=Path, default=PLOT, help=f"where to save the plot (default {PLOT.relative_to(ROOT)})"
     )
     parser.add_argument(
+        "--only",
+        metavar="Q[,Q]",
+        help=f"answer only these questions, of: {', '.join(QUESTIONS)} (the floor comes with many, latency)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="also log pika's and the benchmark's debug output"
     )
     subcommands = parser.add_subparsers(dest="command", help=argparse.SUPPRESS)
     subcommands.add_parser("_celery-worker")
     subcommands.add_parser("_rpc-server")
+    subcommands.add_parser("_floor-server")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    only = set(QUESTIONS) if args.only is None else set(args.only.split(","))
+    if not only or only - set(QUESTIONS):
+        parser.error(f"--only takes some of: {', '.join(QUESTIONS)}")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
@@ -720,10 +922,15 @@ def main() -> int:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
         logging.getLogger("amqp").setLevel(logging.CRITICAL)
     url = os.environ.get("AMQP_URL") or DEFAULT_URL
-    if args.command == "_celery-worker":
-        return celery_worker()
-    if args.command == "_rpc-server":
-        return rpc_server(url)
+    subcommand = {
+        "_celery-worker": celery_worker,
+        "_rpc-server": functools.partial(rpc_server, url),
+        "_floor-server": functools.partial(
+            rpc_server, url, FLOOR_QUEUE, WORK_QUEUE_ARGUMENTS, FLOOR_PREFETCH
+        ),
+    }.get(args.command)
+    if subcommand is not None:
+        return subcommand()
 
     if MISSING:
         print(f"distop_vs_pool: {MISSING} is missing: pip install -r bench/requirements.txt", file=sys.stderr)
@@ -731,7 +938,7 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so that the processes and the virtual host go too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return benchmark(url, args.rounds, args.quick, args.plot)
+        return benchmark(url, args.rounds, args.quick, args.plot, only)
     except KeyboardInterrupt:
         print("distop_vs_pool: interrupted; stopped everything it started", file=sys.stderr)
         return 0
