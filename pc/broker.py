@@ -51,8 +51,11 @@ def resolve(rabbit_host: str | None = None) -> str:
     """Return the URL(s) for ``rabbit_host``, else ``AMQP_URL``, else localhost; BrokerError if invalid."""
     if not rabbit_host:
         return os.environ.get("AMQP_URL") or DEFAULT_URL
-    if "://" in rabbit_host:
+    first, comma, others = rabbit_host.partition(",")
+    if "://" in first:
         return rabbit_host
+    if "://" in others and re.fullmatch(HOST, first):  # a host, then URLs
+        return f"amqp://guest:guest@{first}/%2F{comma}{others}"
     if not re.fullmatch(rf"{HOST}(,{HOST})*", rabbit_host):  # it may hold a password: do not echo it
         raise BrokerError("invalid broker host: give host names, host:port, or amqp:// URLs")
     return ",".join(f"amqp://guest:guest@{host}/%2F" for host in rabbit_host.split(","))
@@ -90,8 +93,9 @@ def parameters(url: str) -> list[pika.URLParameters]:
         parts, invalid = urllib.parse.urlsplit(address), f"invalid broker URL {redact(address)}"
         if parts.scheme not in ("amqp", "amqps"):
             raise BrokerError(f"{invalid}: it must start with amqp:// or amqps://")
-        if _split(address)[1] and "@" not in parts.netloc:
-            raise BrokerError(f"{invalid}: write '/', '?', '#' in a password as %2F, %3F, %23")
+        _, userinfo, host, _ = _split(address)
+        if parts.netloc != f"{userinfo}@{host}".lstrip("@"):  # a password with "/", "?" or "#" in it
+            raise BrokerError(f"{invalid}: write '/', '?', '#', '@' in a password as %2F, %3F, %23, %40")
         try:
             result.append(pika.URLParameters(address))
         except (ValueError, TypeError, SyntaxError, OSError) as exc:  # port, query or ssl_options
