@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import json
+import urllib.parse
 
 import pytest
 
 from pc import broker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Spawn, free_port, run_to_end
 
 PACKAGES = ["pc", "pikachat", "distop"]
 
@@ -50,3 +52,103 @@ def test_the_three_helpers_are_one_text() -> None:
 )
 def test_addresses(given: str, expected: list[str]) -> None:
     assert broker.addresses(broker.resolve(given)) == expected
+
+
+def dead_address() -> str:
+    """host:port where nothing listens."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def live_address(amqp_url: str) -> str:
+    """host:port of the broker behind ``amqp_url``."""
+    return urllib.parse.urlsplit(amqp_url).netloc.rpartition("@")[2]
+
+
+# Every script that connects, with the arguments that make it connect at once.
+SCRIPTS: dict[str, tuple[str, ...]] = {
+    "pc/producer.py": (),
+    "pc/consumer.py": (),
+    "distop/callee.py": (),
+    "distop/client.py": ("--timeout", "5"),
+    "distop/caller.py": (),
+    "pikachat/receive.py": (),
+    "pikachat/send.py": (),
+    "pikachat/chat.py": (),
+    **{f"-m {package}.broker": () for package in PACKAGES},
+}
+# The scripts that take the broker as their argument.
+TAKE_HOST = [
+    "distop/callee.py",
+    "distop/caller.py",
+    "pikachat/receive.py",
+    "pikachat/send.py",
+    "pikachat/chat.py",
+]
+TAKE_HOST += [f"-m {package}.broker" for package in PACKAGES]
+
+
+def script_args(script: str) -> list[str]:
+    """The arguments that run ``script``, a key of SCRIPTS."""
+    return [*script.split(), *SCRIPTS[script]]
+
+
+@pytest.mark.parametrize(
+    ("script", "given"),
+    [(script, "AMQP_URL") for script in SCRIPTS] + [(script, "argument") for script in TAKE_HOST],
+)
+def test_two_dead_addresses_give_one_line_naming_both(spawn: Spawn, script: str, given: str) -> None:
+    first, second = dead_address(), dead_address()
+    if given == "AMQP_URL":
+        proc = run_to_end(
+            spawn, *script_args(script), url=f"amqp://guest:s3cret@{first}/%2F,{second}", stdin=True
+        )
+    else:
+        proc = run_to_end(spawn, *script_args(script), f"{first},{second}", url=None, stdin=True)
+    assert proc.popen.returncode == 1, proc.output
+    assert len(proc.stderr_lines) == 1, proc.stderr
+    assert "Traceback" not in proc.output and "s3cret" not in proc.output
+    line = proc.stderr_lines[0]
+    assert f"{first}/%2F: connection refused; " in line and f"{second}/%2F: connection refused; " in line
+
+
+def test_pc_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
+    vhost = urllib.parse.urlsplit(amqp_url).path
+    dead = f"amqp://guest:guest@{dead_address()}{vhost}"
+    producer = run_to_end(spawn, "pc/producer.py", "over", "there", url=f"{dead},{amqp_url}")
+    assert producer.popen.returncode == 0, producer.output
+    # A bare host:port takes the credentials and virtual host of the first URL.
+    consumer = spawn("pc/consumer.py", url=f"{dead},{live_address(amqp_url)}")
+    consumer.wait_for(r"received 'over there'")
+
+
+def test_distop_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
+    server = spawn("distop/callee.py", f"{dead_address()},{amqp_url}", url=None)
+    server.wait_for("serving")
+    vhost = urllib.parse.urlsplit(amqp_url).path
+    dead = f"amqp://guest:guest@{dead_address()}{vhost}"
+    client = run_to_end(
+        spawn, "distop/client.py", "--op", "pow", "--param", "esp=2", "--size", "5", url=f"{dead},{amqp_url}"
+    )
+    assert client.popen.returncode == 0, client.output
+    assert json.loads(client.stdout) == [x**2 for x in range(5)]
+
+
+def test_pikachat_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
+    vhost = urllib.parse.urlsplit(amqp_url).path
+    dead = f"amqp://guest:guest@{dead_address()}{vhost}"
+    receiver = spawn("pikachat/receive.py", f"{dead},{live_address(amqp_url)}", url=None)
+    receiver.wait_for("listening on exchange", stream="stderr")
+    sender = spawn("pikachat/send.py", "--name", "ash", url=f"{dead},{amqp_url}", stdin=True)
+    sender.send("through the second node")
+    receiver.wait_for(r"ash: through the second node$")
+    sender.close_stdin()
+    assert sender.wait() == 0, sender.output
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_check_broker_skips_a_dead_address(spawn: Spawn, amqp_url: str, package: str) -> None:
+    proc = run_to_end(
+        spawn, "-m", f"{package}.broker", url=f"amqp://guest:guest@{dead_address()}/%2F,{amqp_url}"
+    )
+    assert proc.popen.returncode == 0, proc.output
+    assert proc.stdout.startswith("broker answers at amqp://guest@127.0.0.1:")
