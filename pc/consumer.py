@@ -12,13 +12,17 @@ handled, so a consumer that dies with messages in hand loses none of them: the
 broker delivers them again (marked "redelivered") to the next consumer. Acks
 go out in batches (see ACK_EVERY), so the price is that a message may be
 handled twice: those handled since the last ack, fewer than ACK_EVERY per
-crash. If the broker goes away, the consumer reconnects with back-off.
+crash. If the broker goes away, the consumer reconnects with back-off; if the
+broker cancels it (the queue was deleted), it declares the queue again and
+consumes again.
+
+Any body is shown and acknowledged: UTF-8 text as text, anything else as
+escaped bytes. No message is dropped for its format.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -31,10 +35,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from pc.broker import BrokerError, connect, redact, resolve
+from pc.workqueue import QUEUE, QUEUE_ARGUMENTS, inequivalent
 
 LOGGER = logging.getLogger("pc.consumer")
 
-QUEUE = "pc"
 # How many unacknowledged messages the broker may push to us at once. Enough
 # to keep the pipe full even while acks are on their way back; small enough
 # that a crash sends few round again.
@@ -50,14 +54,8 @@ ACK_DELAY = 0.1
 # After losing the broker, keep trying this long before giving up.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0
-
-
-def decode(body: bytes) -> str:
-    """Return the text of a message body; raise ValueError if malformed."""
-    message = json.loads(body)
-    if not isinstance(message, dict) or not isinstance(message.get("text"), str):
-        raise ValueError('expected a JSON object with a string "text"')
-    return message["text"]
+# Characters (or bytes) of a body shown in the log: a 10 MB body is not printed whole.
+SHOW_AT_MOST = 1000
 
 
 class Acker:
@@ -70,7 +68,7 @@ class Acker:
     """
 
     def __init__(self, channel: BlockingChannel) -> None:
-        self._channel = channel
+        self.channel = channel
         self._last_tag = 0
         self._waiting = 0  # handled, not yet acknowledged
         self._acked_at = time.monotonic()
@@ -83,34 +81,27 @@ class Acker:
             self.flush()
         elif self._waiting == 1:
             # In case no other message comes to fill the batch.
-            self._channel.connection.call_later(ACK_DELAY, self.flush)
+            self.channel.connection.call_later(ACK_DELAY, self.flush)
 
     def flush(self) -> None:
         """Acknowledge every handled message not acknowledged yet."""
-        if self._waiting:
-            self._channel.basic_ack(self._last_tag, multiple=True)
+        if self._waiting and self.channel.is_open:
+            self.channel.basic_ack(self._last_tag, multiple=True)
             self._waiting = 0
             self._acked_at = time.monotonic()
 
 
 def make_handler(acker: Acker, quiet: bool, work: float, stopping: threading.Event):
-    """Return the on-message callback: handle, then ack (or reject if malformed)."""
+    """Return the on-message callback: handle, then ack."""
 
     def on_message(
         channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
     ) -> None:
         if stopping.is_set():
             return  # not acked: it goes back to the queue when we close
-        try:
-            text = decode(body)
-        except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
-            # Requeueing a message we can never read would loop forever.
-            LOGGER.warning("#%d rejected (%d bytes): %s", method.delivery_tag, len(body), exc)
-            channel.basic_reject(method.delivery_tag, requeue=False)
-            return
         if not quiet:
             note = " (redelivered)" if method.redelivered else ""
-            LOGGER.info("#%d received %r%s", method.delivery_tag, text, note)
+            LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
         # Stands in for real work, cut short by Ctrl-C (then not acked). Work
         # much longer than the heartbeat interval belongs on another thread
         # (see distop).
@@ -119,6 +110,34 @@ def make_handler(acker: Acker, quiet: bool, work: float, stopping: threading.Eve
         acker.handled(method.delivery_tag)
 
     return on_message
+
+
+def listen(
+    connection: pika.BlockingConnection, quiet: bool, work: float, stopping: threading.Event
+) -> tuple[Acker, threading.Event]:
+    """Declare the queue and consume from it on a new channel.
+
+    Returns the channel's Acker, and an Event set if the broker cancels the consumer.
+    """
+    channel = connection.channel()
+    # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
+    # whichever starts first creates it.
+    try:
+        channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:  # PRECONDITION_FAILED: it exists with other arguments
+            raise BrokerError(inequivalent(exc.reply_text)) from exc
+        raise
+    # At most PREFETCH unacknowledged messages in hand at once.
+    channel.basic_qos(prefetch_count=PREFETCH)
+    acker = Acker(channel)
+    # The broker cancels our consumer if the queue is deleted; without a
+    # callback, pika's BlockingChannel would then wait silently forever.
+    cancelled = threading.Event()
+    channel.add_on_cancel_callback(lambda _frame: cancelled.set())
+    # Manual acks (the default): a message is ours until we ack it.
+    channel.basic_consume(QUEUE, make_handler(acker, quiet, work, stopping))
+    return acker, cancelled
 
 
 def consume(url: str, stopping: threading.Event, quiet: bool = False, work: float = 0.0) -> None:
@@ -142,20 +161,46 @@ def consume(url: str, stopping: threading.Event, quiet: bool = False, work: floa
         lost_since, backoff = None, 0.5
         acker: Acker | None = None
         try:
-            channel = connection.channel()
-            channel.queue_declare(QUEUE, durable=True)
-            channel.basic_qos(prefetch_count=PREFETCH)
-            acker = Acker(channel)
-            channel.basic_consume(QUEUE, make_handler(acker, quiet, work, stopping))
-            LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-            # Short waits rather than start_consuming(): the signal handler
-            # only sets `stopping`, and we notice it here, between frames.
             while not stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
+                acker, cancelled = listen(connection, quiet, work, stopping)
+                LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
+                # Short waits rather than start_consuming(): the signal handler
+                # only sets `stopping`, and we notice it here, between frames.
+                while not stopping.is_set() and not cancelled.is_set():
+                    connection.process_data_events(time_limit=0.5)
+                if cancelled.is_set():
+                    # Messages handled but not acked went with the queue.
+                    LOGGER.warning(
+                        "the broker cancelled the consumer (queue %r deleted?); declaring it again", QUEUE
+                    )
+                    _close_channel(acker)
             _close(connection, acker)
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
+
+
+def show(body: bytes) -> str:
+    """A body as the log shows it: text as text, other bytes escaped, never raw control characters."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        # b'\xff...': repr escapes every byte that is not printable ASCII.
+        shown, note = repr(body[:SHOW_AT_MOST]), ", not UTF-8"
+    else:
+        # repr escapes control and other unprintable characters (\x1b, \n, \u202e).
+        shown, note = repr(text[:SHOW_AT_MOST]), ""
+    if len(body) > SHOW_AT_MOST or note:
+        shown += f" ({len(body):,} bytes{note})"
+    return shown
+
+
+def _close_channel(acker: Acker) -> None:
+    try:
+        if acker.channel.is_open:
+            acker.channel.close()
+    except pika.exceptions.AMQPError:
+        pass
 
 
 def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:

@@ -12,13 +12,17 @@ broker restart. Confirms are pipelined: up to WINDOW messages are in flight at
 once, rather than one round trip per message. If the connection drops, the
 producer reconnects and publishes the unconfirmed messages again, so a consumer
 may see one twice but never misses one. Anything else ends in exit status 1
-with the reason.
+with the reason: a message the broker returns (no queue ``pc`` to take it), or
+a broker that blocks the connection (memory or disk alarm) for longer than
+BLOCKED_FOR seconds (``?blocked_connection_timeout=`` in AMQP_URL overrides it).
+
+Messages are plain UTF-8 text (content type ``text/plain``), readable by any
+client in any language.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -29,10 +33,10 @@ from pika.channel import Channel
 from pika.frame import Method
 
 from pc.broker import BrokerError, explain, parameters, redact, resolve
+from pc.workqueue import QUEUE, QUEUE_ARGUMENTS, inequivalent
 
 LOGGER = logging.getLogger("pc.producer")
 
-QUEUE = "pc"
 # Unconfirmed messages allowed in flight; bounds memory on both sides, and
 # what goes round again after a reconnect. The broker confirms persistent
 # messages once they are on disk, in batches: a window of a few thousand keeps
@@ -41,7 +45,11 @@ WINDOW = 5000
 # After losing the broker mid-run, keep trying this long before giving up.
 RECONNECT_FOR = 30.0
 MAX_BACKOFF = 5.0
-PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Persistent)
+# A broker short of memory or disk stops reading from publishers until it
+# recovers; give up after this long, rather than wait silently for ever.
+BLOCKED_FOR = 60.0
+# Persistent: written to disk, so it survives a broker restart.
+PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
 
 
 class Publisher:
@@ -66,6 +74,8 @@ class Publisher:
         self._opened = False  # did the latest connection attempt get through?
         self._nodes: list[pika.URLParameters] = []  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
+        self._declared = False  # on this connection
+        self._ever_declared = False
 
     @property
     def confirmed(self) -> int:
@@ -75,6 +85,9 @@ class Publisher:
         lost_since: float | None = None
         backoff = 0.5
         self._nodes = parameters(self._url)
+        for node in self._nodes:
+            if node.blocked_connection_timeout is None:  # not set in the URL
+                node.blocked_connection_timeout = BLOCKED_FOR
         while self._confirmed < len(self._bodies):
             self._opened = False
             self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
@@ -84,6 +97,8 @@ class Publisher:
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_connection_closed,
             )
+            self._connection.add_on_connection_blocked_callback(self._on_blocked)
+            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
             self._connection.ioloop.start()
             if self._failure is not None:
                 raise self._failure
@@ -121,7 +136,12 @@ class Publisher:
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if self._confirmed < len(self._bodies):
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._failure is None:
+            timeout = connection.params.blocked_connection_timeout
+            self._failure = BrokerError(
+                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
+            )
+        elif self._confirmed < len(self._bodies) and self._failure is None:
             LOGGER.warning("connection closed: %s", reason)
         connection.ioloop.stop()
 
@@ -134,13 +154,32 @@ class Publisher:
 
     def _declare(self) -> None:
         assert self._channel is not None
-        self._channel.queue_declare(QUEUE, durable=True, callback=lambda _frame: self._publish())
+        self._declared = False
+        # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
+        # whichever starts first creates it. After a reconnection, only check
+        # that it is still there: if it was deleted, so were the messages
+        # confirmed into it, and creating it again would hide that.
+        self._channel.queue_declare(
+            QUEUE,
+            durable=True,
+            arguments=QUEUE_ARGUMENTS,
+            passive=self._ever_declared,
+            callback=self._on_declared,
+        )
+
+    def _on_declared(self, _frame: Method) -> None:
+        self._declared = self._ever_declared = True
+        self._publish()
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        # A channel error (e.g. the queue exists with other arguments) will
-        # not go away by retrying.
+        # A channel error will not go away by retrying.
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._fail(BrokerError(f"the broker closed the channel: {reason}"))
+            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
+                self._fail(BrokerError(inequivalent(reason.reply_text)))
+            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND, on reconnecting
+                self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
+            else:
+                self._fail(BrokerError(f"the broker closed the channel: {reason}"))
 
     # Publishing and confirms -----------------------------------------------
 
@@ -155,6 +194,8 @@ class Publisher:
             self._next_tag += 1
 
     def _on_confirm(self, frame: Method) -> None:
+        if self._failure is not None:
+            return  # e.g. the ack that follows a returned message: we are closing
         method = frame.method
         tags = (
             [tag for tag in self._in_flight if tag <= method.delivery_tag]
@@ -182,8 +223,21 @@ class Publisher:
         assert self._connection is not None
         if self._connection.is_open:
             self._connection.close()
-        else:
+        elif self._connection.is_closed:
             self._connection.ioloop.stop()
+        # else it is closing already: _on_connection_closed stops the loop.
+
+    # Plumbing --------------------------------------------------------------
+
+    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
+        LOGGER.warning(
+            "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
+            frame.method.reason,
+            connection.params.blocked_connection_timeout,
+        )
+
+    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        LOGGER.info("the broker has unblocked this connection")
 
 
 def main() -> int:
@@ -213,7 +267,7 @@ def main() -> int:
 
     text = " ".join(args.words)
     texts = [text] if args.count is None else [f"{text} {i}" for i in range(1, args.count + 1)]
-    bodies = [json.dumps({"text": t}).encode() for t in texts]
+    bodies = [t.encode() for t in texts]
 
     url = resolve()
     publisher = Publisher(url, bodies)

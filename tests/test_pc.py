@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 
@@ -12,11 +11,13 @@ import pytest
 from tests.conftest import (
     BrokerNode,
     Spawn,
-    queue_depth,
+    messages_ready,
+    queue_is_empty,
     rabbitmqctl,
     run_to_end,
     wait_until,
 )
+from tests.faults.conftest import memory_alarm
 
 RECEIVED = re.compile(r"#(\d+) received '(.*)'( \(redelivered\))?$")
 
@@ -26,21 +27,28 @@ def received(proc) -> list[str]:
     return [m.group(2) for line in proc.stderr_lines if (m := RECEIVED.search(line))]
 
 
+def stop(consumer) -> None:
+    """Stop a consumer as a user would: SIGTERM, exit 0 (acking what it handled)."""
+    consumer.signal(signal.SIGTERM)
+    assert consumer.wait() == 0, consumer.output
+
+
 def produce(spawn: Spawn, *args: str, **kwargs) -> None:
     proc = run_to_end(spawn, "pc/producer.py", *args, **kwargs)
     assert proc.popen.returncode == 0, proc.output
 
 
-def test_messages_sent_before_the_consumer_starts_arrive_in_order(spawn: Spawn, vhost: str) -> None:
+def test_messages_sent_before_the_consumer_starts_arrive_in_order(spawn: Spawn, amqp_url: str) -> None:
     produce(spawn, "my", "awesome", "message")
     produce(spawn, "--count", "50", "batch")
-    assert queue_depth(vhost, "pc") == 51
+    assert messages_ready(amqp_url, "pc") == 51
 
     consumer = spawn("pc/consumer.py")
     consumer.wait_for(r"received 'batch 50'")
 
     assert received(consumer) == ["my awesome message"] + [f"batch {i}" for i in range(1, 51)]
-    wait_until(lambda: queue_depth(vhost, "pc") == 0, 10, "every message to be acked")
+    stop(consumer)
+    assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
 
 
 def test_default_message_and_consumer_started_first(spawn: Spawn) -> None:
@@ -56,7 +64,7 @@ def test_producer_reports_success(spawn: Spawn) -> None:
     assert "sent 3 messages" in proc.stderr and "all confirmed" in proc.stderr
 
 
-def test_a_killed_consumer_loses_nothing(spawn: Spawn, vhost: str) -> None:
+def test_a_killed_consumer_loses_nothing(spawn: Spawn, amqp_url: str) -> None:
     produce(spawn, "--count", "20", "job")
     slow = spawn("pc/consumer.py", "--work", "0.3")
     slow.wait_for(r"received 'job 3'")
@@ -70,7 +78,8 @@ def test_a_killed_consumer_loses_nothing(spawn: Spawn, vhost: str) -> None:
 
     assert set(done_before_kill) | set(received(fresh)) == {f"job {i}" for i in range(1, 21)}
     assert redelivered, "messages in hand when killed should come back marked redelivered"
-    wait_until(lambda: queue_depth(vhost, "pc") == 0, 10, "every message to be acked")
+    stop(fresh)
+    assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -83,14 +92,14 @@ def test_consumer_stops_cleanly_on_signal(spawn: Spawn, signum: int) -> None:
     assert consumer.stderr_lines[-1].endswith("stopped")
 
 
-def test_consumer_stops_cleanly_while_handling_and_the_message_survives(spawn: Spawn, vhost: str) -> None:
+def test_consumer_stops_cleanly_while_handling_and_the_message_survives(spawn: Spawn, amqp_url: str) -> None:
     produce(spawn, "slow one")
     consumer = spawn("pc/consumer.py", "--work", "30")
     consumer.wait_for("received 'slow one'")
     consumer.signal(signal.SIGTERM)
     assert consumer.wait() == 0
     assert "Traceback" not in consumer.output
-    wait_until(lambda: queue_depth(vhost, "pc") == 1, 10, "the unfinished message back in the queue")
+    wait_until(lambda: messages_ready(amqp_url, "pc") == 1, 10, "the unfinished message back in the queue")
 
 
 def test_nothing_is_lost_across_a_broker_restart(
@@ -118,21 +127,138 @@ def test_consumer_reconnects_after_a_broker_restart(
     consumer.wait_for("received 'after the restart'")
 
 
-def test_malformed_messages_are_rejected_and_the_consumer_keeps_serving(
-    spawn: Spawn, amqp_url: str, vhost: str
-) -> None:
+def test_any_body_is_shown_escaped_where_needed_and_acked(spawn: Spawn, amqp_url: str) -> None:
     consumer = spawn("pc/consumer.py")
     consumer.wait_for("waiting for messages")
+    bodies = [
+        b"Hello World!",  # as the official tutorial's new_task.py sends it: no content type
+        b"\xff\xfe not utf-8",
+        "red \x1b[31m alert\r\nrtl \u202e".encode(),
+        b"\x1b]0;owned\x07 \xc3",
+        b"z" * 5000,
+    ]
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
         channel.confirm_delivery()
-        for body in [b"\xff\xfe not utf-8", b'{"text": ', b"[1, 2]", json.dumps({"text": 5}).encode()]:
-            channel.basic_publish("", "pc", body)
+        for body in bodies:
+            channel.basic_publish("", "pc", body, mandatory=True)
     produce(spawn, "still here")
 
     consumer.wait_for("received 'still here'")
-    assert consumer.count("rejected") == 4
-    wait_until(lambda: queue_depth(vhost, "pc") == 0, 10, "nothing left requeued")
+    shown = [line.split(" received ", 1)[1] for line in consumer.stderr_lines if " received " in line]
+    assert shown == [
+        "'Hello World!'",
+        "b'\\xff\\xfe not utf-8' (12 bytes, not UTF-8)",
+        "'red \\x1b[31m alert\\r\\nrtl \\u202e'",
+        "b'\\x1b]0;owned\\x07 \\xc3' (12 bytes, not UTF-8)",
+        f"'{'z' * 1000}' (5,000 bytes)",
+        "'still here'",
+    ]
+    assert not any(c in consumer.stderr for c in "\x1b\x07\r\u202e")
+    assert "rejected" not in consumer.stderr
+    stop(consumer)
+    assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
+
+
+def test_the_producer_sends_plain_text(spawn: Spawn, amqp_url: str) -> None:
+    produce(spawn, "grüße", "aus", "Köln")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        _method, props, body = connection.channel().basic_get("pc", auto_ack=True)
+    assert body == "grüße aus Köln".encode()
+    assert props.content_type == "text/plain"
+    assert props.delivery_mode == 2
+
+
+@pytest.mark.parametrize("script", ["pc/producer.py", "pc/consumer.py"])
+def test_a_classic_queue_left_by_an_older_pc_is_one_line_saying_what_to_do(
+    spawn: Spawn, amqp_url: str, vhost: str, script: str
+) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare("pc", durable=True)  # classic, as pc declared it before
+    proc = run_to_end(spawn, script)
+    assert proc.popen.returncode == 1, proc.output
+    assert len(proc.stderr_lines) == 1, proc.stderr
+    assert f"rabbitmqctl delete_queue -p {vhost} pc" in proc.stderr
+    assert "PRECONDITION_FAILED" in proc.stderr and "Traceback" not in proc.output
+
+
+def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(spawn: Spawn, vhost: str) -> None:
+    produce(spawn)
+    out = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "type", "arguments")
+    assert out.split("\t")[:2] == ["pc", "quorum"]
+    assert '{"x-delivery-limit",5}' in out
+
+
+def test_the_consumer_declares_and_consumes_again_when_its_queue_is_deleted(spawn: Spawn, vhost: str) -> None:
+    consumer = spawn("pc/consumer.py")
+    consumer.wait_for("waiting for messages")
+    rabbitmqctl("delete_queue", "-p", vhost, "pc")
+    consumer.wait_for(r"WARNING the broker cancelled the consumer \(queue 'pc' deleted\?\); declaring it")
+    wait_until(lambda: consumer.count("waiting for messages") == 2, 15, "the consumer to consume again")
+    produce(spawn, "after the delete")
+    consumer.wait_for("received 'after the delete'")
+    assert "Traceback" not in consumer.output
+
+
+def test_a_queue_deleted_under_a_running_producer_is_one_line_and_exit_1(
+    spawn: Spawn, amqp_url: str, vhost: str
+) -> None:
+    producer = spawn("pc/producer.py", "--count", "300000", "doomed")
+    wait_until(lambda: (messages_ready(amqp_url, "pc") or 0) >= 1000, 30, "the producer to be publishing")
+    rabbitmqctl("delete_queue", "-p", vhost, "pc")
+    assert producer.wait(30) == 1, producer.output
+    # RabbitMQ returns what it can no longer route, or (3.10, with messages in
+    # flight to a quorum queue) closes the connection: then the producer finds
+    # the queue gone when it reconnects.
+    error = producer.stderr_lines[-1]
+    assert re.search(
+        r"could not route a message to queue 'pc'|queue 'pc' was deleted while we published", error
+    )
+    assert error.endswith("of 300000 confirmed)") and "Traceback" not in producer.output
+    assert messages_ready(amqp_url, "pc") is None, "the producer must not create the queue again"
+
+
+def test_messages_returned_then_acked_are_one_line_and_exit_1(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    with memory_alarm(broker_node):
+        # The broker stops reading from the producer after its declaration,
+        # before its first message: it reads them all once the alarm is gone,
+        # after the queue is.
+        producer = spawn("pc/producer.py", "--count", "100", "held", url=broker_node.url(node_vhost))
+        producer.wait_for("has blocked this connection")
+        rabbitmqctl("delete_queue", "-p", node_vhost, "pc", node=broker_node)
+    assert producer.wait(30) == 1, producer.output
+    assert producer.stderr_lines[-1] == (
+        "producer: the broker could not route a message to queue 'pc' (0 of 100 confirmed)"
+    )
+    assert "Traceback" not in producer.output
+
+
+def test_a_blocked_producer_says_so_at_once_and_carries_on_when_unblocked(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    with memory_alarm(broker_node):
+        producer = spawn("pc/producer.py", "--count", "10", "held", url=broker_node.url(node_vhost))
+        producer.wait_for(
+            r"WARNING the broker has blocked this connection: .* \(memory or disk alarm\); waiting up to 60 s"
+        )
+    producer.wait_for("INFO the broker has unblocked this connection")
+    assert producer.wait(30) == 0, producer.output
+    assert messages_ready(broker_node.url(node_vhost), "pc") == 10
+
+
+def test_a_producer_blocked_past_its_timeout_gives_up_with_one_line(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    url = broker_node.url(node_vhost) + "?blocked_connection_timeout=2"
+    with memory_alarm(broker_node):
+        producer = spawn("pc/producer.py", "--count", "10", "held", url=url)
+        producer.wait_for("has blocked this connection")
+        assert producer.wait(20) == 1, producer.output
+    last = producer.stderr_lines[-1]
+    assert last.startswith("producer: the broker blocked this connection for 2 s (memory or disk alarm)")
+    assert last.endswith("(0 of 10 confirmed)") and "Traceback" not in producer.output
 
 
 def test_amqp_url_is_honoured(spawn: Spawn, amqp_url: str, vhost: str) -> None:
