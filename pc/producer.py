@@ -107,6 +107,7 @@ class Publisher:
             if not self._ever_connected:
                 continue  # no node answered yet: try the next one at once
             # The connection dropped: everything unconfirmed goes round again.
+            unconfirmed = len(self._in_flight)
             self._todo.extend(sorted(self._in_flight.values(), reverse=True))
             self._in_flight.clear()
             now = time.monotonic()
@@ -118,7 +119,7 @@ class Publisher:
                 raise BrokerError(
                     f"lost {redact(self._url)} and could not reconnect within {RECONNECT_FOR:.0f} s"
                 )
-            LOGGER.info("reconnecting in %.1f s", backoff)
+            LOGGER.info("reconnecting in %.1f s; %d unconfirmed to publish again", backoff, unconfirmed)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
