@@ -41,14 +41,15 @@ connected, with servers and workers that have already done work. Start-up
 costs are not part of the questions.
 
 Every question runs in alternating rounds (the side that goes first changes
-each round); short jobs are repeated within a round and the round keeps their
-median; the table shows the median over rounds, and the ratio distop /
+each round); short jobs are repeated within a round, the sides interleaved,
+and the round keeps each side's median; the table shows the median over
+rounds of each side, and the median over rounds of the ratio distop /
 baseline (lower is better) against its goal. Other work on the machine slows
 some rounds and not others, which is why the load average is printed before
-and after. Everything runs in a virtual host
-created with rabbitmqctl for this run (PYCLASS_RABBITMQCTL says how to run
-it, AMQP_URL where the broker is) and deleted at the end, as is every process
-started, also on an error or Ctrl-C. Exit status 1 when a run fails (no
+and after. Everything runs in a virtual host created with rabbitmqctl for
+this run (PYCLASS_RABBITMQCTL says how to run it, AMQP_URL where the broker
+is) and deleted at the end, as is every process started, also on an error or
+Ctrl-C. Exit status 1 when a run fails (no
 broker, a process dies, a result is wrong); a missed goal is reported but is
 not a failure, because it depends on the machine.
 """
@@ -518,7 +519,10 @@ class Race:
 
     @property
     def ratio(self) -> float:
-        return self.median("distop") / self.median("baseline")
+        """The median over rounds of distop / baseline: a burst of load elsewhere spoils a round, not this."""
+        return statistics.median(
+            d / b for d, b in zip(self.seconds["distop"], self.seconds["baseline"], strict=True)
+        )
 
     @property
     def met(self) -> bool:
@@ -629,19 +633,23 @@ def race_rounds(
 ) -> dict[str, list[float]]:
     """Time each side in alternating rounds; return each side's seconds per round.
 
-    A round runs a side ``repeats`` times and keeps the median; ``before(side)``
-    runs, untimed, before each side's turn.
+    A round runs each side ``repeats`` times, interleaved (one run of each
+    side, then again), and keeps each side's median; ``before(side)`` runs,
+    untimed, before each side's turn.
     """
     print(f"\n{title}" + (f" (median of {repeats} per round)" if repeats > 1 else ""), flush=True)
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     for number, order in rounds_of(list(sides), rounds):
-        line = []
+        runs: dict[str, list[float]] = {side: [] for side in order}
+        for _ in range(repeats):
+            for side in order:
+                if before is not None:
+                    before(side)
+                runs[side].append(timed(sides[side], expected, side))
         for side in order:
-            if before is not None:
-                before(side)
-            seconds[side].append(median_of(repeats, sides[side], expected, side))
-            line.append(f"{side} {seconds_text(seconds[side][-1])}")
-        print(f"round {number}: " + ", ".join(line), flush=True)
+            seconds[side].append(statistics.median(runs[side]))
+        line = ", ".join(f"{side} {seconds_text(seconds[side][-1])}" for side in order)
+        print(f"round {number}: {line}", flush=True)
     return seconds
 
 
