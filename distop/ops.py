@@ -49,6 +49,7 @@ import functools
 import json
 import logging
 import queue
+import re
 import signal
 import socket
 import threading
@@ -86,8 +87,11 @@ WORK_QUEUE = "distop.chunks"
 DEAD_LETTER_EXCHANGE = "distop.dead"
 DEAD_LETTER_QUEUE = "distop.dead"
 CLIENT_HEADER = "distop-client"
-# A chunk returned to the queue this many times (its server died, or gave it
-# back) is dead-lettered instead of delivered again. Ordinary crashes and
+# Clients' reply queues are named by the broker, so their names start with this.
+REPLY_QUEUE_PREFIX = "amq.gen-"
+# A chunk returned to the queue more than this many times (its server died, or
+# gave it back) is dead-lettered instead of delivered again: on the 5th return,
+# after 5 deliveries. Ordinary crashes and
 # restarts stay well below it; a chunk that crashes every server reaches it.
 DELIVERY_LIMIT = 4
 WORK_QUEUE_ARGUMENTS = {
@@ -103,6 +107,9 @@ PUBLISH_WINDOW = 1000
 # After losing the broker, keep trying this long before giving up.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0
+# After a nack, publish again on a new channel after this pause, doubled up to the maximum.
+NACK_BACKOFF = 0.1
+MAX_NACK_BACKOFF = 2.0
 CONNECT_TIMEOUT = 60.0
 
 
@@ -193,8 +200,10 @@ class DistOp:
             for start, chunk in split(self.data, self.group_size)
         }
         if self._link is None or self._link.failed:
-            self._link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
-            self._link.start_and_wait(CONNECT_TIMEOUT)
+            self._link = None
+            link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
+            link.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
+            self._link = link
         self._link.submit(_Job(job_id, requests))
         return job_id
 
@@ -228,7 +237,7 @@ class DistOp:
                         f"within {timeout} s (is a server serving {self.OP_NAME!r}?)"
                     )
                 self._cond.wait(remaining)
-            del self._jobs[job.id]
+            self._jobs.pop(job.id, None)
         if job.error is not None:
             raise job.error
         if progress is not None:
@@ -240,11 +249,34 @@ class DistOp:
         with self._cond:
             return list(self._jobs)
 
+    def cancel(self, job_id: str) -> None:
+        """Give up on a job: forget it, and never publish its chunks again.
+
+        Chunks already in the queue still run (a queue cannot take a message
+        back); their replies are dropped. A thread waiting for the job in
+        ``get_result()`` gets DistOpError. Raises ValueError for an unknown job.
+        """
+        with self._cond:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                raise ValueError(f"no pending job {job_id!r}")
+            if not job.done:
+                job.error = DistOpError(f"job {job_id} was cancelled")
+            self._cond.notify_all()
+
     def close(self) -> None:
-        """Close the connection; pending jobs are abandoned."""
+        """Close the connection; jobs still pending fail (``get_result()`` raises DistOpError).
+
+        The object stays usable: the next ``call()`` connects again.
+        """
         if self._link is not None:
             self._link.close()
             self._link = None
+        with self._cond:
+            for job in self._jobs.values():
+                if not job.done:
+                    job.error = DistOpError(f"job {job.id}: the client was closed before the job completed")
+            self._cond.notify_all()
 
     def __enter__(self) -> DistOp:
         return self
@@ -270,12 +302,32 @@ def _check_json(value: object, name: str) -> None:
         raise TypeError(f"{name} must be JSON-serialisable: {exc}") from None
 
 
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """Wrap an I/O-thread callback: a bug in it fails the pending jobs instead of the connection.
+
+    pika takes an exception escaping a callback for a lost connection (it
+    reconnects and every pending chunk is published again) or ends its loop
+    (and ``get_result()`` would wait forever).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: _ClientLink, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception as exc:
+            LOGGER.exception("unexpected error in the client's I/O thread")
+            self._give_up(DistOpError(f"the distop client failed: {type(exc).__name__}: {_text(exc)}"))
+
+    return wrapper
+
+
 class _ClientLink(threading.Thread):
     """The client's connection, owned by this thread; other threads only submit jobs.
 
     It runs one pika IOLoop for its whole life; connections come and go inside
-    it. On every (re)connection it declares the queues and publishes every
-    chunk whose result has not arrived, with pipelined publisher confirms.
+    it. On every (re)connection it declares the queues on one channel, which
+    then consumes the replies, and publishes on a second channel, with
+    pipelined publisher confirms, every chunk whose result has not arrived.
     """
 
     def __init__(self, url: str, queue: str, cond: threading.Condition, jobs: dict[str, _Job]) -> None:
@@ -290,16 +342,20 @@ class _ClientLink(threading.Thread):
         self._connection: pika.SelectConnection | None = None
         self._nodes = parameters(url)  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
-        self._channel: Channel | None = None
-        self._reply_queue = ""
+        self._channel: Channel | None = None  # declarations, then the reply consumer
+        self._publisher: Channel | None = None  # chunks out, once in confirm mode
+        self._publisher_opening: Channel | None = None  # the publishing channel, from its opening on
+        self._reply_queue = ""  # set only while this connection's reply queue is consumed
         self._outbox: collections.deque[tuple[str, int]] = collections.deque()
         self._unconfirmed: dict[int, tuple[str, int]] = {}
         self._next_tag = 1
+        self._republish_all = False
         self._ready = threading.Event()
-        self._error: BrokerError | None = None
+        self._error: DistOpError | None = None
         self._ever_connected = False
         self._lost_since: float | None = None
         self._backoff = 0.5
+        self._nack_backoff = NACK_BACKOFF
         self._closing = False
         self.failed = False
 
@@ -309,6 +365,7 @@ class _ClientLink(threading.Thread):
         self.start()
         if not self._ready.wait(timeout):
             self.close()
+            self.failed = True
             raise BrokerError(f"cannot connect to {redact(self._url)}: timed out")
         if self._error is not None:
             raise self._error
@@ -321,23 +378,35 @@ class _ClientLink(threading.Thread):
 
     def close(self) -> None:
         self._closing = True
-        self._ioloop.add_callback_threadsafe(self._shutdown)
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(10)
+        if self.is_alive():
+            self._ioloop.add_callback_threadsafe(self._shutdown)
+            if threading.current_thread() is not self:
+                self.join(10)
 
     # The I/O thread ---------------------------------------------------------
 
     def run(self) -> None:
-        self._connect()
-        self._ioloop.start()
-        self._ioloop.close()
+        try:
+            self._connect()
+            self._ioloop.start()
+        except Exception as exc:
+            LOGGER.exception("unexpected error in the client's I/O thread")
+            self._error = DistOpError(f"the distop client failed: {type(exc).__name__}: {_text(exc)}")
+        finally:
+            # Whatever ended the loop, no job waits for a thread that is gone.
+            self.failed = True
+            self._fail_pending(self._error or DistOpError("the distop client's connection was closed"))
+            self._ready.set()
+            self._ioloop.close()
 
+    @_guarded
     def _shutdown(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.close()  # _on_closed stops the loop
         else:
             self._ioloop.stop()
 
+    @_guarded
     def _connect(self) -> None:
         self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
         self._connection = pika.SelectConnection(
@@ -348,9 +417,11 @@ class _ClientLink(threading.Thread):
             custom_ioloop=self._ioloop,
         )
 
+    @_guarded
     def _on_open(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
 
+    @_guarded
     def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
         self._attempts.append(error)
         if self._ever_connected or len(self._attempts) < len(self._nodes):
@@ -359,8 +430,13 @@ class _ClientLink(threading.Thread):
             # Never reached any node: say why at once rather than retry.
             self._give_up(explain(self._url, *self._attempts))
 
+    @_guarded
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
-        self._channel = None
+        # Nothing of this connection may be used again: not its channels, and
+        # not its reply queue, which the broker deletes with it.
+        self._channel = self._publisher = self._publisher_opening = None
+        self._reply_queue = ""
+        self._unconfirmed.clear()
         if self._closing or self.failed:
             self._ioloop.stop()
             return
@@ -379,86 +455,139 @@ class _ClientLink(threading.Thread):
         self._ioloop.call_later(self._backoff, self._connect)
         self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
-    def _give_up(self, error: BrokerError) -> None:
+    def _give_up(self, error: DistOpError) -> None:
         """Fail every pending job with ``error`` and end the thread."""
         self.failed = True
         self._error = error
-        with self._cond:
-            for job in self._jobs.values():
-                if not job.done:
-                    job.error = error
-            self._cond.notify_all()
+        self._fail_pending(error)
         self._ready.set()
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
         else:
             self._ioloop.stop()
 
+    def _fail_pending(self, error: DistOpError) -> None:
+        with self._cond:
+            for job in self._jobs.values():
+                if not job.done:
+                    job.error = error
+            self._cond.notify_all()
+
+    @_guarded
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
-        self._next_tag = 1
-        self._unconfirmed.clear()
         channel.add_on_close_callback(self._on_channel_closed)
         # Set-up runs as a chain: each step's callback starts the next one.
-        channel.confirm_delivery(self._on_confirm, callback=self._declare_exchange)
-
-    def _declare_exchange(self, _frame: Method) -> None:
-        assert self._channel is not None
-        self._channel.exchange_declare(
+        channel.exchange_declare(
             DEAD_LETTER_EXCHANGE, "headers", durable=True, callback=self._declare_work_queue
         )
 
+    @_guarded
     def _declare_work_queue(self, _frame: Method) -> None:
         assert self._channel is not None
         self._channel.queue_declare(
             self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._declare_reply_queue
         )
 
+    @_guarded
     def _declare_reply_queue(self, _frame: Method) -> None:
         assert self._channel is not None
         # Exclusive and server-named: it lives and dies with this connection.
         self._channel.queue_declare("", exclusive=True, callback=self._bind_reply_queue)
 
+    @_guarded
     def _bind_reply_queue(self, frame: Method) -> None:
         assert self._channel is not None
-        self._reply_queue = frame.method.queue
+        queue_name = frame.method.queue
         # Chunks carry our client id; when one is dead-lettered, this binding
         # brings the dead letter back to us.
         self._channel.queue_bind(
-            self._reply_queue,
+            queue_name,
             DEAD_LETTER_EXCHANGE,
             arguments={"x-match": "all", CLIENT_HEADER: self._client_id},
-            callback=self._consume_replies,
+            callback=lambda _frame: self._consume_replies(queue_name),
         )
 
-    def _consume_replies(self, _frame: Method) -> None:
+    @_guarded
+    def _consume_replies(self, queue_name: str) -> None:
         assert self._channel is not None
         # auto_ack: a reply's only destination is this process's memory.
-        self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
-        self._on_ready()
+        self._channel.basic_consume(queue_name, self._on_reply, auto_ack=True)
+        self._reply_queue = queue_name
+        self._republish_all = True  # a new connection: everything in flight goes out again
+        self._open_publisher()
 
+    @_guarded
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and not self._closing:
-            # E.g. the work queue exists with other arguments: retrying won't help.
-            self._give_up(BrokerError(f"the broker closed the channel: {reason}"))
+        if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return
+        if not self._reply_queue:
+            # A declaration refused, e.g. the work queue exists with other
+            # arguments: retrying won't help.
+            self._give_up(BrokerError(f"the broker refused our queues: {reason}"))
+        elif self._connection is not None and self._connection.is_open:
+            # Our replies were consumed on it: start over on a new connection.
+            LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
+            self._connection.close()
 
-    def _on_ready(self) -> None:
-        self._ever_connected = True
-        self._lost_since, self._backoff = None, 0.5
-        # Whatever was in flight on a lost connection goes out again: replies
-        # to the old reply queue are gone, duplicates are ignored.
-        with self._cond:
-            self._new.clear()
-            self._outbox = collections.deque(
-                (job.id, start)
-                for job in self._jobs.values()
-                if not job.done
-                for start in job.requests
-                if start not in job.partials
-            )
-        self._ready.set()
+    def _open_publisher(self) -> None:
+        if self._connection is not None and self._connection.is_open and self._reply_queue:
+            self._connection.channel(on_open_callback=self._on_publisher_open)
+
+    @_guarded
+    def _on_publisher_open(self, channel: Channel) -> None:
+        self._publisher_opening = channel
+        channel.add_on_close_callback(self._on_publisher_closed)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_publisher_ready(channel))
+
+    @_guarded
+    def _on_publisher_ready(self, channel: Channel) -> None:
+        if channel is not self._publisher_opening:
+            return
+        self._publisher = channel
+        self._next_tag = 1
+        self._unconfirmed.clear()
+        if self._republish_all:
+            self._republish_all = False
+            self._ever_connected = True
+            self._lost_since, self._backoff = None, 0.5
+            # Whatever was in flight on a lost connection goes out again:
+            # replies to the old reply queue are gone, duplicates are ignored.
+            with self._cond:
+                self._new.clear()
+                self._outbox = collections.deque(
+                    (job.id, start)
+                    for job in self._jobs.values()
+                    if not job.done
+                    for start in job.requests
+                    if start not in job.partials
+                )
+            self._ready.set()
         self._publish()
 
+    @_guarded
+    def _on_publisher_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._publisher_opening:
+            return  # one we closed on purpose
+        self._publisher = self._publisher_opening = None
+        if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return
+        LOGGER.warning("the broker closed the publishing channel (%s); opening another", reason)
+        self._publish_again_later()
+
+    def _publish_again_later(self) -> None:
+        """Put every unconfirmed chunk back in the outbox; publish on a new channel after a pause."""
+        self._outbox.extendleft(reversed([self._unconfirmed[tag] for tag in sorted(self._unconfirmed)]))
+        self._unconfirmed.clear()
+        self._ioloop.call_later(self._nack_backoff, self._reopen_publisher)
+        self._nack_backoff = min(self._nack_backoff * 2, MAX_NACK_BACKOFF)
+
+    @_guarded
+    def _reopen_publisher(self) -> None:
+        if self._publisher_opening is None:
+            self._open_publisher()
+
+    @_guarded
     def _publish_new(self) -> None:
         with self._cond:
             for job_id in self._new:
@@ -467,7 +596,7 @@ class _ClientLink(threading.Thread):
         self._publish()
 
     def _publish(self) -> None:
-        channel = self._channel
+        channel = self._publisher
         if channel is None or not channel.is_open or not self._reply_queue:
             return
         while self._outbox and len(self._unconfirmed) < PUBLISH_WINDOW:
@@ -475,7 +604,7 @@ class _ClientLink(threading.Thread):
             with self._cond:
                 job = self._jobs.get(job_id)
                 if job is None or job.done or start in job.partials:
-                    continue
+                    continue  # collected, failed or cancelled meanwhile
                 body = job.requests[start]
             properties = BasicProperties(
                 content_type=JSON,
@@ -488,43 +617,93 @@ class _ClientLink(threading.Thread):
             self._unconfirmed[self._next_tag] = (job_id, start)
             self._next_tag += 1
 
+    @_guarded
     def _on_confirm(self, frame: Method) -> None:
+        if self._publisher is None or frame.channel_number != self._publisher.channel_number:
+            return  # from a channel given up after a nack: its chunks are in the outbox again
         method = frame.method
         if method.multiple:
             tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
         else:
             tags = [method.delivery_tag]
-        chunks = [self._unconfirmed.pop(tag) for tag in tags if tag in self._unconfirmed]
         if isinstance(method, Basic.Nack):
-            LOGGER.warning("the broker refused %d chunk(s); publishing them again", len(chunks))
-            self._outbox.extend(chunks)
+            # Publishing again on the same channel may never succeed: on a
+            # cluster, a channel can keep pointing at a queue leader that died,
+            # and nack everything. A new channel finds the new leader.
+            LOGGER.warning(
+                "the broker refused %d chunk(s); publishing again on a new channel in %.1f s",
+                len(tags),
+                self._nack_backoff,
+            )
+            channel = self._publisher
+            self._publisher = self._publisher_opening = None
+            self._publish_again_later()
+            if channel is not None and channel.is_open:
+                channel.close()
+            return
+        for tag in tags:
+            self._unconfirmed.pop(tag, None)
+        self._nack_backoff = NACK_BACKOFF
         self._publish()
 
+    @_guarded
     def _on_reply(
-        self, _channel: Channel, _method: Basic.Deliver, props: BasicProperties, body: bytes
+        self, _channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
-        job_id, _, start_text = (props.correlation_id or "").partition(":")
+        # Anyone allowed to publish to this queue can send anything: every
+        # property and the body are checked before they are believed.
+        correlation_id = props.correlation_id if isinstance(props.correlation_id, str) else ""
+        match = CORRELATION_ID.fullmatch(correlation_id)
+        if match is None:
+            LOGGER.warning(
+                "dropped a reply whose correlation_id is not JOB:START: %.80r", props.correlation_id
+            )
+            return
+        job_id, start = match[1], int(match[2])
         with self._cond:
             job = self._jobs.get(job_id)
-            start = int(start_text) if start_text.isdigit() else -1
             if job is None or job.done or start not in job.requests or start in job.partials:
-                LOGGER.debug("ignoring a reply for %r: unknown, late or duplicate", props.correlation_id)
+                LOGGER.debug("dropped a reply for %s: unknown, late or duplicate", correlation_id)
                 return
-            headers = props.headers or {}
-            if "x-death" in headers:
+            headers = props.headers if isinstance(props.headers, dict) else {}
+            if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:
                 job.error = _dead_letter_error(job_id, start, headers)
             else:
                 try:
-                    reply = json.loads(body)
-                    if "error" in reply:
-                        error = reply["error"]
-                        job.error = RemoteError(str(error["type"]), str(error["message"]), str(error["host"]))
-                    else:
-                        job.partials[start] = reply["result"]
-                except (ValueError, TypeError, KeyError, RecursionError) as exc:
-                    LOGGER.warning("ignoring a malformed reply for %r: %s", props.correlation_id, exc)
+                    reply = _decode_reply(body)
+                except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
+                    LOGGER.warning("dropped a malformed reply for %s: %s", correlation_id, _text(exc)[:200])
                     return
+                if isinstance(reply, RemoteError):
+                    job.error = reply
+                else:
+                    job.partials[start] = reply.result
             self._cond.notify_all()
+
+
+@dataclass
+class _Partial:
+    result: Any
+
+
+# A correlation id as clients make them: the job id (uuid4 hex) and a start index.
+CORRELATION_ID = re.compile(r"([0-9a-f]{32}):([0-9]{1,18})", re.ASCII)
+
+
+def _decode_reply(body: bytes) -> _Partial | RemoteError:
+    """A server's reply: the partial result, or the error its op raised. ValueError if malformed."""
+    reply = json.loads(body)
+    if not isinstance(reply, dict):
+        raise ValueError("not a JSON object")
+    if "error" in reply:
+        error = reply["error"]
+        fields = ("type", "message", "host")
+        if not isinstance(error, dict) or not all(isinstance(error.get(f), str) for f in fields):
+            raise ValueError('"error" is not an object of strings type, message and host')
+        return RemoteError(error["type"], error["message"], error["host"])
+    if "result" not in reply:
+        raise ValueError('neither "result" nor "error"')
+    return _Partial(reply["result"])
 
 
 def _dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> PoisonChunkError:
@@ -538,7 +717,9 @@ def _dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> Pois
         )
     if reason == "rejected":
         return PoisonChunkError(f"job {job_id}: a server rejected the chunk at index {start} as malformed")
-    return PoisonChunkError(f"job {job_id}: the chunk at index {start} was dead-lettered ({reason})")
+    return PoisonChunkError(
+        f"job {job_id}: the chunk at index {start} was dead-lettered ({str(reason)[:80]})"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -568,6 +749,8 @@ class OpExecutor:
         self._stopping = threading.Event()
         self._aborting = threading.Event()
         self._in_hand: int | None = None  # delivery tag of the chunk being worked on
+        self._channel: BlockingChannel | None = None  # the channel that replies go out on
+        self._announced = False
         self._worker_inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
 
     @classmethod
@@ -622,27 +805,71 @@ class OpExecutor:
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
         self._in_hand = None
-        channel = connection.channel()
-        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
-        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        # No binding arguments: this queue gets every dead letter.
-        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-        channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-        # One chunk at a time: fair dispatch, and a crash strands only one.
-        channel.basic_qos(prefetch_count=1)
-        on_message = functools.partial(self._on_message, connection)
-        consumer = channel.basic_consume(self.QUEUE, on_message)
-        LOGGER.info(
-            "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
-        )
-        # Short waits, so that a signal is noticed promptly.
+        self._tick(connection)
+        channel: BlockingChannel | None = None
         while not self._stopping.is_set():
-            connection.process_data_events(time_limit=0.5)
-        channel.basic_cancel(consumer)
-        while self._in_hand is not None and not self._aborting.is_set():
-            connection.process_data_events(time_limit=0.5)
+            if channel is None or channel.is_closed:
+                channel = connection.channel()
+                channel.add_on_cancel_callback(self._on_cancelled)
+                self._channel = channel
+            self._declare(channel)
+            if self._stopping.is_set():
+                break
+            try:
+                self._consume(connection, channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                # The connection is fine; only this channel is gone, and with
+                # it the chunk in hand went back to the queue.
+                LOGGER.warning("%s; serving on a new channel", _channel_closed_reason(exc))
+                connection.process_data_events(time_limit=1.0)  # no busy loop if it happens again
+        self._wait_for_chunk_in_hand(connection)
         connection.close()  # anything still unacked goes back to the queue
         LOGGER.info("stopped")
+
+    def _declare(self, channel: BlockingChannel) -> None:
+        """Declare our queues; BrokerError if the broker refuses them."""
+        try:
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+            # No binding arguments: this queue gets every dead letter.
+            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # E.g. a queue of that name exists with other arguments: retrying won't help.
+            raise BrokerError(f"the broker refused our queues: {exc}") from exc
+
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        """Serve chunks on ``channel`` until stopped, or until the broker cancels the consumer."""
+        # A chunk still running from a closed channel finishes first, so that
+        # the next one does not wait unacknowledged behind it.
+        self._wait_for_chunk_in_hand(connection)
+        # One chunk at a time: fair dispatch, and a crash strands only one.
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(self.QUEUE, functools.partial(self._on_message, connection))
+        if not self._announced:
+            LOGGER.info(
+                "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
+            )
+            self._announced = True
+        # Returns once _tick() calls stop_consuming(), or the broker cancels
+        # our consumer; raises ChannelClosedByBroker if it closes the channel.
+        channel.start_consuming()
+
+    def _tick(self, connection: pika.BlockingConnection) -> None:
+        """Every half second, on the connection's thread: stop consuming once asked to stop."""
+        channel = self._channel
+        if self._stopping.is_set() and channel is not None and channel.is_open:
+            channel.stop_consuming()
+        if connection.is_open:
+            connection.call_later(0.5, lambda: self._tick(connection))
+
+    def _on_cancelled(self, _frame: Method) -> None:
+        LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
+
+    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
+        # Short waits, so that a second signal is noticed promptly.
+        while self._in_hand is not None and not self._aborting.is_set():
+            connection.process_data_events(time_limit=0.5)
 
     def _on_message(
         self,
@@ -664,44 +891,33 @@ class OpExecutor:
         self._worker_inbox.put((connection, channel, method.delivery_tag, props, request))
 
     def _work_forever(self) -> None:
-        """The worker thread: run each op handed over by _on_message."""
+        """The worker thread: run each op handed over by _on_message, whatever it raises."""
         while True:
-            self._work(*self._worker_inbox.get())
+            connection, channel, tag, props, request = self._worker_inbox.get()
+            try:
+                body = self._run(request, props.correlation_id)
+            except BaseException as exc:  # SystemExit in an op must not end this thread
+                body = self._encode(self._error_reply(exc))
+            finish = functools.partial(self._finish, channel, tag, props, body)
+            try:
+                connection.add_callback_threadsafe(finish)
+            except pika.exceptions.AMQPError:
+                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
+                self._in_hand = None
 
-    def _work(
-        self,
-        connection: pika.BlockingConnection,
-        channel: BlockingChannel,
-        tag: int,
-        props: BasicProperties,
-        request: dict[str, Any],
-    ) -> None:
-        reply = self._execute(request, props.correlation_id)
-        try:
-            body = json.dumps(reply, allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            body = json.dumps(
-                self._error_reply(TypeError(f"the result is not JSON-serialisable: {exc}"))
-            ).encode()
-        finish = functools.partial(self._finish, channel, tag, props, body)
-        try:
-            connection.add_callback_threadsafe(finish)
-        except pika.exceptions.AMQPError:
-            LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
-
-    def _execute(self, request: dict[str, Any], chunk_id: str) -> dict[str, Any]:
+    def _run(self, request: dict[str, Any], chunk_id: str) -> bytes:
+        """Run the op and return the encoded reply: its result, or the error it raised."""
         name = request["op"]
         if name not in self._ops:
             error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
             LOGGER.warning("chunk %s: %s", chunk_id, error)
-            return self._error_reply(error)
-        op = getattr(self, name)
+            return self._encode(self._error_reply(error))
         started = time.perf_counter()
         try:
-            result = op(request["chunk"], **request["params"])
-        except Exception as exc:
-            LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, exc)
-            return self._error_reply(exc)
+            result = getattr(self, name)(request["chunk"], **request["params"])
+        except BaseException as exc:  # even SystemExit becomes an error reply
+            LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, _text(exc))
+            return self._encode(self._error_reply(exc))
         LOGGER.info(
             "chunk %s: %s on %d items in %.3f s",
             chunk_id,
@@ -709,24 +925,70 @@ class OpExecutor:
             len(request["chunk"]),
             time.perf_counter() - started,
         )
-        return {"result": result}
+        try:
+            return json.dumps({"result": result}, allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = TypeError(f"the result is not JSON-serialisable: {_text(exc)}")
+            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            return self._encode(self._error_reply(error))
 
-    def _error_reply(self, exc: Exception) -> dict[str, Any]:
-        return {"error": {"type": type(exc).__name__, "message": str(exc), "host": self.host}}
+    def _error_reply(self, exc: BaseException) -> dict[str, Any]:
+        return {"error": {"type": type(exc).__name__, "message": _text(exc), "host": self.host}}
+
+    def _encode(self, reply: dict[str, Any]) -> bytes:
+        try:
+            return json.dumps(reply).encode()
+        except Exception:  # say something rather than nothing
+            error = {"type": "Error", "message": "the error cannot be encoded", "host": self.host}
+            return json.dumps({"error": error}).encode()
 
     def _finish(self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes) -> None:
-        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered."""
-        if channel.is_open:
-            reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
-            channel.basic_publish("", props.reply_to, body, reply_props)
-            channel.basic_ack(tag)
+        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered.
+
+        If the chunk's channel was closed meanwhile (the op ran past the
+        broker's consumer_timeout), the chunk is already back in the queue:
+        the reply still goes out, on the current channel, and the client
+        ignores the duplicate that follows.
+        """
         self._in_hand = None
+        current = self._channel
+        if current is None or not current.is_open:
+            return
+        reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
+        current.basic_publish("", props.reply_to, body, reply_props)
+        if channel is current:
+            channel.basic_ack(tag)
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:
+    """One line saying why the broker closed a channel, and what to do when we know."""
+    if exc.reply_code == 406 and "acknowledgement" in exc.reply_text and "timed out" in exc.reply_text:
+        return (
+            "the broker closed the channel: a chunk's op ran past its consumer_timeout, so the chunk went "
+            "back to the queue (raise consumer_timeout in rabbitmq.conf, or per queue with the "
+            "x-consumer-timeout argument on RabbitMQ 3.12+)"
+        )
+    return f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
 
 
 def _parse_request(props: BasicProperties, body: bytes) -> dict[str, Any]:
     """Return the chunk request in ``body``; raise ValueError saying what is wrong."""
     if not props.reply_to:
         raise ValueError("no reply_to")
+    if not props.reply_to.startswith(REPLY_QUEUE_PREFIX) or props.reply_to == REPLY_QUEUE_PREFIX:
+        # Only a queue the broker named for a client: a chunk must not make us
+        # publish into someone else's queue.
+        raise ValueError(
+            f"reply_to {props.reply_to[:80]!r} is not a client's reply queue ({REPLY_QUEUE_PREFIX}...)"
+        )
     if not props.correlation_id:
         raise ValueError("no correlation_id")
     request = json.loads(body)  # ValueError (or UnicodeDecodeError, a ValueError) if not JSON

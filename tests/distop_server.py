@@ -23,6 +23,33 @@ class MisbehavingExecutor(SampleExecutor):
         time.sleep(seconds)
         return chunk
 
+    def sleep_once(self, chunk: list[Any], seconds: float, log: str) -> list[Any]:
+        """Sleep on the chunk's first run only, noting each run in ``log``."""
+        path = Path(log)
+        first = not path.exists()
+        with path.open("a") as f:
+            f.write(f"start {chunk[0]}\n")
+        if first:
+            time.sleep(seconds)
+        return chunk
+
+    def deep(self, chunk: list[Any]) -> list[Any]:
+        """A result nested too deeply to encode as JSON."""
+        result: list[Any] = []
+        for _ in range(100_000):
+            result = [result]
+        return result
+
+    def exit(self, chunk: list[Any]) -> None:
+        sys.exit(f"exit inside an op on {chunk!r}")
+
+    def unprintable(self, chunk: list[Any]) -> None:
+        class UnprintableError(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("no message for you")
+
+        raise UnprintableError
+
     def die_on(self, chunk: list[Any], value: Any) -> list[Any]:
         """Crash the whole server, as a segfault would, on a poison value."""
         if value in chunk:

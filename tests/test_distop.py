@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +22,13 @@ import pika
 import pytest
 
 from distop.ops import (
+    DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DELIVERY_LIMIT,
     WORK_QUEUE,
     BrokerError,
     DistOp,
+    DistOpError,
     PoisonChunkError,
     RemoteError,
     split,
@@ -30,12 +38,15 @@ from tests.conftest import (
     BrokerNode,
     Proc,
     Spawn,
+    make_vhost,
     queue_depth,
+    rabbitmqctl,
     run_to_end,
     wait_until,
 )
 
 SERVER = "tests/distop_server.py"
+README = (ROOT / "README.md").read_text()
 
 
 class ListOp(DistOp):
@@ -308,7 +319,13 @@ def test_a_poison_chunk_becomes_an_error_not_a_hang(spawn: Spawn, amqp_url: str)
                 server = start_server(spawn)
             assert time.monotonic() < deadline, "no PoisonChunkError within 60 s"
     assert server.wait() == 3  # the last one to take it died too
-    assert deaths + 1 == DELIVERY_LIMIT + 1
+    deliveries = deaths + 1
+    assert deliveries == DELIVERY_LIMIT + 1
+    # The README says the same.
+    promise = re.search(r"Poison chunks end.\*\* A chunk delivered (\d+) times.*?a (\d+)th", README, re.S)
+    assert promise is not None
+    assert (int(promise[1]), int(promise[2])) == (deliveries, deliveries + 1)
+    assert f"more than `DELIVERY_LIMIT`, {DELIVERY_LIMIT}, times" in " ".join(README.split())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -399,3 +416,338 @@ def test_jobs_in_flight_survive_a_broker_restart(
             server.wait_for("lost the broker")
         for job in [*jobs, late]:
             assert op.get_result(job, timeout=60) == data
+
+
+# --- The server keeps serving whatever the broker or an op does ------------------------------------
+
+# RabbitMQ checks consumer_timeout on each channel's tick: every 60 s by default
+# (channel_tick_interval), so a 2 s timeout fires 2 to 62 s after the delivery.
+# The node below ticks every second: the channel closes about 3 s after it.
+CONSUMER_TIMEOUT_MS = 2000
+
+
+@pytest.fixture(scope="module")
+def short_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerNode]:
+    """A private node whose consumer_timeout is 2 s, checked every second."""
+    base = tmp_path_factory.mktemp("short-timeout-node")
+    node = BrokerNode(base, config=f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n")
+    (base / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
+    node.env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(base / "advanced.config")
+    node.start()
+    yield node
+    node.kill()
+
+
+def test_a_chunk_past_the_consumer_timeout_does_not_end_the_server(
+    spawn: Spawn, short_timeout_node: BrokerNode, tmp_path: Path
+) -> None:
+    vhost = make_vhost(short_timeout_node)
+    url = short_timeout_node.url(vhost)
+    log = tmp_path / "runs.log"
+    server = start_server(spawn, url=url)
+    with op_class("sleep_once")(["long"], rabbit_host=url) as op:
+        op.call(seconds=6, log=str(log))
+        # The broker closes the server's channel mid-op; the reply still comes.
+        assert op.get_result(timeout=30) == ["long"]
+    assert server.count("consumer_timeout") == 1, server.output
+    assert "rabbitmq.conf" in server.stderr and "x-consumer-timeout" in server.stderr
+    # It keeps serving: the chunk the broker took back runs again (quickly), and new jobs are served.
+    with ListOp([1, 2, 3], group_size=2, rabbit_host=url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [1, 2, 3]
+    wait_until(
+        lambda: queue_depth(vhost, WORK_QUEUE, node=short_timeout_node) == 0, 15, "the work queue to drain"
+    )
+    assert queue_depth(vhost, DEAD_LETTER_QUEUE, node=short_timeout_node) == 0
+    assert log.read_text() == "start long\nstart long\n"
+    assert server.popen.poll() is None and "Traceback" not in server.output
+
+
+def test_a_server_whose_queue_is_deleted_declares_it_again(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    server = start_server(spawn)
+    rabbitmqctl("delete_queue", "-p", vhost, WORK_QUEUE)
+    server.wait_for("cancelled our consumer")
+    wait_until(
+        lambda: queue_depth(vhost, WORK_QUEUE) is not None, 15, "the server to declare the queue again"
+    )
+    with ListOp([1, 2, 3], rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=15) == [1, 2, 3]
+    assert server.count("cancelled our consumer") == 1
+    assert server.popen.poll() is None and "Traceback" not in server.output
+
+
+def test_a_server_exits_1_when_its_queue_is_declared_otherwise(spawn: Spawn, amqp_url: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare(WORK_QUEUE, durable=True)  # a classic queue, no delivery limit
+    server = spawn(SERVER)
+    assert server.wait() == 1
+    assert len(server.stderr_lines) == 1 and "refused" in server.stderr, server.stderr
+    assert "PRECONDITION_FAILED" in server.stderr
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("deep", "TypeError", "not JSON-serialisable"),
+        ("exit", "SystemExit", "exit inside an op on [1, 2]"),
+        ("unprintable", "UnprintableError", "cannot be shown"),
+    ],
+)
+def test_whatever_an_op_raises_the_server_answers_and_keeps_serving(
+    spawn: Spawn, amqp_url: str, vhost: str, case: tuple[str, str, str]
+) -> None:
+    name, exc_type, text = case
+    server = start_server(spawn)
+    with op_class(name)([1, 2], rabbit_host=amqp_url) as op:
+        op.call()
+        with pytest.raises(RemoteError, match=re.escape(text)) as caught:
+            op.get_result(timeout=15)
+    assert caught.value.exc_type == exc_type
+    with ListOp([7], rabbit_host=amqp_url) as op:
+        op.call()
+        assert op.get_result(timeout=15) == [7]
+    assert queue_depth(vhost, WORK_QUEUE) == 0  # every chunk taken was acked
+    assert server.popen.poll() is None and "Traceback" not in server.output
+    assert "Logging error" not in server.output
+
+
+def test_a_server_replies_only_to_a_client_reply_queue(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    server = start_server(spawn)
+    chunk = json.dumps({"op": "nop", "chunk": [1], "params": {}}).encode()
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare("victim", durable=True)
+        channel.confirm_delivery()
+        for reply_to in ["victim", "amq.gen", "amq.gen-"]:
+            props = pika.BasicProperties(reply_to=reply_to, correlation_id="job:0")
+            channel.basic_publish("", WORK_QUEUE, chunk, props)
+    wait_until(lambda: server.count("rejected a malformed message") == 3, 15, "three rejections")
+    assert server.count("reply_to") == 3
+    wait_until(lambda: queue_depth(vhost, DEAD_LETTER_QUEUE) == 3, 15, "three dead letters")
+    assert queue_depth(vhost, "victim") == 0
+
+
+# --- The client survives what it receives, and stays usable ----------------------------------------
+
+
+def reply_queue_of(vhost: str) -> str:
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
+    (name,) = [q for q in queues.split() if q.startswith("amq.gen-")]
+    return name
+
+
+def test_hostile_replies_are_dropped_and_nothing_is_published_again(
+    spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="distop.ops")
+    with ListOp([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
+        job = op.call()  # no server yet: its 2 chunks wait in the queue
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 2, 10, "the chunks in the queue")
+        good = json.dumps({"result": [1, 2]}).encode()
+        hostile = [
+            ({"correlation_id": "x:²"}, good),
+            ({"correlation_id": f"{job}:²"}, good),
+            ({"correlation_id": f"{job}:٣"}, good),
+            ({"correlation_id": f"{job}:-1"}, good),
+            ({"correlation_id": f"{job}:{'9' * 40}"}, good),
+            ({"correlation_id": f"{job}:0 "}, good),
+            ({"correlation_id": ""}, good),
+            ({}, good),
+            (
+                {"correlation_id": f"{job}:0", "headers": {"x-death": "forged", "x-first-death-reason": 5}},
+                b"{",
+            ),
+            ({"correlation_id": f"{job}:0", "headers": {"x-death": [{"count": "many"}]}}, b"[]"),
+            (
+                {"correlation_id": f"{job}:2", "reply_to": "amq.gen-x", "headers": {"a": [1, {"b": None}]}},
+                b"5",
+            ),
+            ({"correlation_id": f"{job}:2", "content_type": "text/plain"}, b"\xff\xfe"),
+            ({"correlation_id": f"{job}:2"}, json.dumps({"error": {"type": ["x"], "message": 1}}).encode()),
+            ({"correlation_id": f"{job}:2"}, b"[" * 100_000),
+        ]
+        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for props, body in hostile:
+                channel.basic_publish("", reply_queue_of(vhost), body, pika.BasicProperties(**props))
+        wait_until(
+            lambda: queue_depth(vhost, reply_queue_of(vhost)) == 0, 15, "the client to read every reply"
+        )
+        dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(dropped) == len(hostile), dropped
+        assert not any("lost the broker" in r.getMessage() for r in caplog.records)
+        assert queue_depth(vhost, WORK_QUEUE) == 2  # nothing published again
+        start_server(spawn)
+        assert op.get_result(job, timeout=15) == [1, 2, 3, 4]
+
+
+def test_an_unexpected_error_in_the_client_fails_its_jobs(
+    spawn: Spawn, amqp_url: str, vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the client")
+
+    monkeypatch.setattr("distop.ops._dead_letter_error", broken)
+    with ListOp([1, 2], rabbit_host=amqp_url) as op:
+        job = op.call()
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 1, 10, "the chunk in the queue")
+        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+            channel = connection.channel()
+            method, props, _body = channel.basic_get(WORK_QUEUE)
+            assert method is not None
+            channel.basic_reject(method.delivery_tag, requeue=True)
+            # A dead letter for the job: handling it raises, as a bug would.
+            headers = {**props.headers, "x-death": [], "x-first-death-reason": "rejected"}
+            dead = pika.BasicProperties(correlation_id=props.correlation_id, headers=headers)
+            channel.basic_publish(DEAD_LETTER_EXCHANGE, "", b"{}", dead)
+        with pytest.raises(DistOpError, match="a bug in the client"):
+            op.get_result(job, timeout=10)
+        # The object stays usable: the next call connects again.
+        monkeypatch.undo()
+        start_server(spawn)
+        op.call()
+        assert op.get_result(timeout=15) == [1, 2]
+
+
+class Gate:
+    """A local port that holds every connection silently until opened, then forwards to the broker."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open = False
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.open:
+                self.held.append(conn)
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_connect_that_timed_out_is_tried_again(
+    spawn: Spawn, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("distop.ops.CONNECT_TIMEOUT", 1.0)
+    parts = urllib.parse.urlsplit(amqp_url)
+    gate = Gate((parts.hostname or "", parts.port or 5672))
+    try:
+        url = parts._replace(netloc=f"guest:guest@127.0.0.1:{gate.port}").geturl()
+        with ListOp([1, 2], rabbit_host=url) as op:
+            with pytest.raises(BrokerError, match="timed out"):
+                op.call()
+            gate.open = True
+            start_server(spawn)
+            op.call()
+            assert op.get_result(timeout=15) == [1, 2]
+    finally:
+        gate.close()
+
+
+def test_close_wakes_a_thread_waiting_for_a_result(amqp_url: str) -> None:
+    outcome: list[BaseException] = []
+    op = ListOp([1, 2], rabbit_host=amqp_url)
+    job = op.call()  # no server: it never completes
+
+    def wait() -> None:
+        try:
+            op.get_result(job, timeout=30)
+        except BaseException as exc:  # the test looks at it
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    op.close()
+    waiter.join(5)
+    assert not waiter.is_alive(), "get_result() still waits after close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], DistOpError)
+    assert "closed" in str(outcome[0])
+
+
+def test_a_cancelled_job_is_forgotten_and_not_published_again(
+    amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="distop.ops")
+    with ListOp([1, 2], group_size=2, rabbit_host=amqp_url) as op:
+        dropped, kept = op.call(), op.call()  # no server: 4 chunks wait
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 4, 10, "4 chunks in the queue")
+        op.cancel(dropped)
+        assert op.pending() == [kept]
+        with pytest.raises(ValueError, match="no pending job"):
+            op.get_result(dropped)
+        # Lose the connection: the client publishes again what it still waits for.
+        rabbitmqctl("close_all_connections", "-p", vhost, "test")
+        wait_until(lambda: any("lost the broker" in r.getMessage() for r in caplog.records), 10, "the loss")
+        wait_until(lambda: (queue_depth(vhost, WORK_QUEUE) or 0) >= 6, 15, "the kept job published again")
+        # A job called now is published after whatever the reconnection published.
+        late = op.call()
+        wait_until(lambda: (queue_depth(vhost, WORK_QUEUE) or 0) >= 8, 15, "the late job")
+        queued = queued_jobs(amqp_url)
+        if queued[late] < 2:  # the reconnection published more than it should have
+            wait_until(lambda: (queue_depth(vhost, WORK_QUEUE) or 0) >= 10, 15, "the late job")
+            queued = queued_jobs(amqp_url)
+        assert queued == {dropped: 2, kept: 4, late: 2}
+
+
+def queued_jobs(amqp_url: str) -> Counter[str]:
+    """How many chunks of each job wait in the work queue (all are put back)."""
+    jobs: Counter[str] = Counter()
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        while True:
+            method, props, _body = channel.basic_get(WORK_QUEUE)
+            if method is None:
+                return jobs  # closing the connection puts them all back
+            jobs[props.correlation_id.partition(":")[0]] += 1
+
+
+def test_nacked_chunks_are_published_again_on_a_new_channel(
+    spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="distop.ops")
+    # A full queue that refuses publishes: the broker nacks them, as a channel
+    # stuck on a dead cluster leader does.
+    policy = json.dumps({"max-length": 1, "overflow": "reject-publish"})
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "full", f"^{WORK_QUEUE}$", policy)
+
+    def refusals() -> int:
+        return sum(1 for r in caplog.records if "refused" in r.getMessage())
+
+    with ListOp(list(range(4)), group_size=4, rabbit_host=amqp_url) as op:
+        # A quorum queue enforces its length between publishes: the first
+        # job's chunks overfill it, the second job's are refused.
+        first = op.call()
+        wait_until(lambda: (queue_depth(vhost, WORK_QUEUE) or 0) >= 2, 10, "a full queue")
+        second = op.call()
+        wait_until(lambda: refusals() >= 3, 10, "three refusals")
+        rabbitmqctl("clear_policy", "-p", vhost, "full")
+        start_server(spawn)
+        assert op.get_result(first, timeout=15) == [0, 1, 2, 3]
+        assert op.get_result(second, timeout=15) == [0, 1, 2, 3]
+    # Published again after a growing pause, not in a tight loop on the refusing channel.
+    assert refusals() <= 10, refusals()
+    assert all("on a new channel" in r.getMessage() for r in caplog.records if "refused" in r.getMessage())
