@@ -60,3 +60,27 @@ def malformed(
 
 # Well-formed JSON that is not a message of any example.
 NOT_AN_OBJECT: list[Any] = [None, True, 5, 1.5, "text", [], ["op", "nop"], [{"text": "x"}]]
+
+# Properties a broken or hostile peer may send: correlation ids and reply_to
+# odd or missing, headers of the wrong types.
+ODD_PROPERTIES: list[dict[str, Any]] = [
+    {},
+    {"correlation_id": "x:²", "reply_to": "amq.gen-"},
+    {"correlation_id": "", "reply_to": ""},
+    {"correlation_id": "\x00:0", "reply_to": "nowhere"},
+    {"correlation_id": "9" * 255, "reply_to": "amq.gen-does-not-exist"},
+    {"correlation_id": "job:-1", "reply_to": "amq.default"},
+    {"headers": {"x-death": "forged", "x-first-death-reason": 5}},
+    {"headers": {"x-death": [{"count": "many"}], "distop-client": 35}},
+    {"headers": {"a": [1, {"b": None}], "c": True}},
+    {"priority": 9, "expiration": "60000", "type": "odd", "message_id": "m", "timestamp": 0},
+]
+
+
+def with_odd_properties(deliveries: list[Delivery], keep: tuple[str, ...] = ()) -> list[Delivery]:
+    """The same deliveries, each also carrying one of ODD_PROPERTIES in turn, except the ``keep`` keys."""
+    varied = []
+    for i, (label, body, props) in enumerate(deliveries):
+        odd = {k: v for k, v in ODD_PROPERTIES[i % len(ODD_PROPERTIES)].items() if k not in keep}
+        varied.append((f"{label}, odd properties {i % len(ODD_PROPERTIES)}", body, {**props, **odd}))
+    return varied

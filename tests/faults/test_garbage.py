@@ -14,7 +14,7 @@ import pytest
 from distop.ops import DEAD_LETTER_QUEUE, WORK_QUEUE, DistOp
 from tests.conftest import Spawn, queue_depth, queue_is_empty, rabbitmqctl, run_to_end, wait_until
 from tests.faults.conftest import Report
-from tests.faults.garbage import NOT_AN_OBJECT, malformed
+from tests.faults.garbage import NOT_AN_OBJECT, malformed, with_odd_properties
 
 COUNT = 200
 
@@ -22,6 +22,8 @@ COUNT = 200
 def publish(amqp_url: str, exchange: str, routing_key: str, deliveries: list) -> None:
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
+        # Confirms: every delivery is in the broker before the connection closes.
+        channel.confirm_delivery()
         for _label, body, props in deliveries:
             channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(**props))
 
@@ -70,7 +72,7 @@ def test_distop_server_dead_letters_200_malformed_chunks_and_keeps_serving(
     routing = {"reply_to": "nowhere", "correlation_id": "job:0"}
     good = json.dumps({"op": "nop", "chunk": [1], "params": {}}).encode()
     garbage = malformed(
-        COUNT - 3,
+        COUNT - 5,
         valid=good,
         wrong_types=[
             *NOT_AN_OBJECT,
@@ -83,7 +85,10 @@ def test_distop_server_dead_letters_200_malformed_chunks_and_keeps_serving(
         ],
         props=routing,
     )
+    garbage = with_odd_properties(garbage)
     garbage += [
+        ("reply_to not a reply queue", good, {"reply_to": "victim", "correlation_id": "job:0"}),
+        ("reply_to amq.gen-", good, {"reply_to": "amq.gen-", "correlation_id": "job:0"}),
         ("no reply_to", good, {"correlation_id": "job:0", "content_type": "application/json"}),
         ("no correlation_id", good, {"reply_to": "nowhere", "content_type": "application/json"}),
         ("no properties", good, {}),
@@ -129,7 +134,7 @@ class NopOp(DistOp):
 def test_distop_client_ignores_200_malformed_replies(
     spawn: Spawn, amqp_url: str, vhost: str, report: Report, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="distop.ops")
+    caplog.set_level(logging.DEBUG, logger="distop.ops")
     started = time.monotonic()
     with NopOp([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
         job = op.call()  # no server yet: the job waits
@@ -137,13 +142,23 @@ def test_distop_client_ignores_200_malformed_replies(
         (reply_queue,) = [name for name in queues.split() if name.startswith("amq.gen-")]
         # Replies that name the job's own chunks, and strangers.
         ids = [f"{job}:0", f"{job}:2", f"{job}:1", f"{job}:x", "nope", f"{job}"]
+        # Odd properties too, except the correlation id, chosen here.
         garbage = [
             (label, body, {**props, "correlation_id": ids[i % len(ids)]})
             for i, (label, body, props) in enumerate(
-                malformed(
-                    COUNT,
-                    valid=json.dumps({"result": [1, 2]}).encode(),
-                    wrong_types=[*NOT_AN_OBJECT, {}, {"error": "x"}, {"error": None}, {"error": {"type": 1}}],
+                with_odd_properties(
+                    malformed(
+                        COUNT,
+                        valid=json.dumps({"result": [1, 2]}).encode(),
+                        wrong_types=[
+                            *NOT_AN_OBJECT,
+                            {},
+                            {"error": "x"},
+                            {"error": None},
+                            {"error": {"type": 1}},
+                        ],
+                    ),
+                    keep=("correlation_id",),
                 )
             )
         ]
@@ -151,18 +166,22 @@ def test_distop_client_ignores_200_malformed_replies(
         wait_until(lambda: queue_depth(vhost, reply_queue) == 0, 30, "the client to read every reply")
         spawn("tests/distop_server.py").wait_for("serving")
         assert op.get_result(job, timeout=30) == [1, 2, 3, 4]
+        result_replies = 2  # the job's result is exact: both partials arrived
     ignored = sum(1 for r in caplog.records if "malformed reply" in r.getMessage())
+    # Every reply the client read and dropped is logged (unknown ids at debug level).
+    dropped = sum(1 for r in caplog.records if r.getMessage().startswith("dropped"))
     line = report(
         "garbage distop client",
         sent=COUNT + 2,
-        delivered=COUNT + 2,
+        delivered=dropped + result_replies,
         duplicates=0,
-        lost=0,
+        lost=COUNT + 2 - dropped - result_replies,
         seconds=time.monotonic() - started,
         note=f"{ignored} malformed replies to its chunks ignored, the rest unknown ids",
     )
     print(line)
     assert ignored == sum(1 for i in range(COUNT) if i % len(ids) < 2)
+    assert dropped == COUNT
 
 
 def envelope(**fields: object) -> dict:
