@@ -4,9 +4,14 @@ One table over every script: arguments argparse must refuse (exit 2, its
 usage and error), and brokers that cannot be used: nothing listening, an
 unknown host, a refused login, an unknown virtual host, a malformed URL
 (exit 1, one line on stderr naming the broker, no password, no traceback).
+A second table gives every script passwords that are easy to leak: with
+"/", "#", "@" in them, percent-encoded, beside an IPv6 address, a bad port
+or a malformed ``ssl_options``; no piece of the password may be shown.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -65,8 +70,7 @@ BAD_BROKERS: list[tuple[str, str, str, str]] = [
     ("unknown vhost", "amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "access refused", "127.0.0.1"),
     ("not amqp", f"http://guest:{SECRET}@127.0.0.1:5672/", "must start with amqp://", "127.0.0.1"),
     ("bad query", f"amqp://guest:{SECRET}@127.0.0.1:5672/?heartbeat=soon", "invalid broker URL", "127.0.0.1"),
-    # No address to name: the URL does not parse.
-    ("bad port", f"amqp://guest:{SECRET}@127.0.0.1:99999/", "invalid broker URL", ""),
+    ("bad port", f"amqp://guest:{SECRET}@127.0.0.1:99999/", "invalid broker URL", "127.0.0.1:99999"),
 ]
 
 CASES = [
@@ -102,3 +106,44 @@ def test_bad_input(
         assert len(proc.stderr_lines) == 1, proc.stderr
         assert reason in proc.stderr and address in proc.stderr
         assert SECRET not in proc.output and ":guest@" not in proc.output
+
+
+# (case, URL, the pieces of its password that must never be shown)
+HARD_PASSWORDS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("slash", "amqp://alice:1234/5678@rabbit/", ("1234", "5678")),
+    ("hash", "amqp://alice:99#x@rabbit/", ("99", "#x")),
+    ("at", "amqp://alice:p@ss@127.0.0.1:{closed}/%2F", ("p@ss", ":p@")),
+    ("percent-encoded", "amqp://alice:p%40ss%2Fw0rd@127.0.0.1:{closed}/%2F", ("p%40ss", "p@ss", "w0rd")),
+    ("ipv6", "amqp://alice:s3cr3t@[::1]:{closed}/%2F", ("s3cr3t",)),
+    ("bad port", "amqp://alice:pw55@127.0.0.1:99999/", ("pw55",)),
+    ("ssl_options garbage", "amqps://alice:pw55@localhost/%2F?ssl_options=garbage", ("pw55",)),
+    ("ssl_options unknown", "amqps://alice:pw55@localhost/%2F?ssl_options={'bad':1}", ("pw55",)),
+    ("ssl_options unclosed", "amqps://alice:pw55@localhost/%2F?ssl_options={'bad':", ("pw55",)),
+    ("ssl_options no file", "amqps://alice:pw55@localhost/%2F?ssl_options={'ca_certs':'/none'}", ("pw55",)),
+    ("second address", "amqp://guest:guest@127.0.0.1:{closed}/%2F,amqp://bob:99/88@rabbit/", ("99", "88")),
+]
+COMMANDS = {script: (script, *args) for script, args in SCRIPTS.items()}
+COMMANDS.update(
+    {f"{package}.broker": ("-m", f"{package}.broker") for package in ("pc", "pikachat", "distop")}
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "url", "pieces"),
+    [
+        pytest.param(command, url, pieces, id=f"{name}-{case}")
+        for name, command in COMMANDS.items()
+        for case, url, pieces in HARD_PASSWORDS
+    ],
+)
+def test_no_piece_of_a_password_is_shown(
+    spawn: Spawn, command: tuple[str, ...], url: str, pieces: tuple[str, ...]
+) -> None:
+    proc = run_to_end(spawn, *command, url=url.replace("{closed}", str(free_port())), stdin=True)
+
+    assert proc.popen.returncode == 1, proc.output
+    assert "Traceback" not in proc.output
+    assert len(proc.stderr_lines) == 1, proc.stderr
+    assert re.search(r"amqps?://\w+@", proc.stderr), proc.stderr  # the broker is named
+    for piece in pieces:
+        assert piece not in proc.output
