@@ -33,7 +33,17 @@ import threading
 from pikachat.broker import BrokerError, redact, resolve
 from pikachat.message import EXCHANGE, Message, render
 from pikachat.receive import Listener
-from pikachat.send import Lines, Sender, chat_name, random_name, send_lines, setup_logging, stop_on_signals
+from pikachat.send import (
+    BlockedTooLongError,
+    Lines,
+    SecondSignalError,
+    Sender,
+    chat_name,
+    random_name,
+    send_lines,
+    setup_logging,
+    stop_on_signals,
+)
 
 LOGGER = logging.getLogger("pikachat.chat")
 
@@ -68,7 +78,10 @@ def chat(sender: Sender, lines: Lines) -> int:
                 raise failure[0]
             if lines.stopped:
                 return 0
-        sender.open()
+        try:
+            sender.open()
+        except SecondSignalError:
+            return 0
         sender.send("", kind="join")
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
@@ -76,10 +89,15 @@ def chat(sender: Sender, lines: Lines) -> int:
             redact(sender.url),
             sender.name,
         )
-        failed = send_lines(sender, lines)
+        try:
+            failed = send_lines(sender, lines)
+        except BlockedTooLongError as exc:
+            LOGGER.error("%s", exc)
+            return 1
         if failure:
             raise failure[0]
-        sender.send("", kind="leave")
+        if not lines.hurry:
+            sender.send("", kind="leave")
         if failed:
             LOGGER.error("%d line(s) could not be sent", failed)
             return 1
@@ -101,15 +119,13 @@ def main() -> int:
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
 
     lines = Lines()
-    stop_on_signals(lines)
     try:
-        return chat(Sender(resolve(args.rabbit_host), args.name or random_name()), lines)
+        sender = Sender(resolve(args.rabbit_host), args.name or random_name())
+        stop_on_signals(lines, sender)
+        return chat(sender, lines)
     except BrokerError as exc:
         print(f"chat: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # A second Ctrl-C: leave without the notice.
-        return 0
 
 
 if __name__ == "__main__":

@@ -14,9 +14,16 @@ listening at that moment; a line that reached no one is reported. Messages
 are not persistent: no queue would keep them on disk (each receiver's queue
 is temporary), so persistence would buy nothing. If the broker goes away, the
 line in hand is reported on stderr and not retried, so that no line ever
-shows twice, and the sender reconnects for the lines that follow. Exit status
-0 at end of input or Ctrl-C; 1 if the broker cannot be reached at start, or
-if any line could not be sent.
+shows twice, and the sender reconnects for the lines that follow.
+
+A broker short of memory or disk blocks its publishers until it recovers.
+The sender says so at once, and gives up if the line in hand stays blocked
+for 60 s (set another limit in the URL: ``?blocked_connection_timeout=10``).
+
+Exit status 0 at end of input or Ctrl-C; 1 if the broker cannot be reached
+at start, or if any line could not be sent. The first Ctrl-C or SIGTERM
+finishes the line in hand; a second stops at once, and the line in hand, if
+any, is reported as not sent.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from collections.abc import Iterator
 
 import pika
 import pika.exceptions
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
 from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
@@ -57,6 +65,9 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
 # A "line" from stdin is cut here even without a line ending.
 MAX_LINE = 64 * 1024
+# How long a publish may stay blocked by the broker (memory or disk alarm)
+# before the sender gives up, unless the URL sets blocked_connection_timeout.
+BLOCKED_TIMEOUT = 60
 
 
 def random_name() -> str:
@@ -85,18 +96,35 @@ class Sender:
     """
 
     def __init__(self, url: str, name: str) -> None:
-        self.url = url
+        self.url = with_blocked_timeout(url)
         self.name = name
         self.id = uuid.uuid4().hex
+        self.busy = False  # inside pika, waiting for the broker (see stop_on_signals)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._lost = False
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
+        self._in_hand = ""
 
     def open(self) -> None:
-        """Connect, turn on publisher confirms and declare the exchange."""
+        """Connect, turn on publisher confirms and declare the exchange.
+
+        Raises BrokerError if it cannot, and SecondSignalError on a second Ctrl-C.
+        """
+        busy, self.busy = self.busy, True
+        try:
+            self._open()
+        finally:
+            self.busy = busy
+
+    def _open(self) -> None:
         connection = connect(self.url)
+        # A broker short of memory or disk stops reading from a publisher and
+        # says "Connection.Blocked" as our line arrives: tell the user now.
+        # (BlockingConnection's own callback would wait until after the publish.)
+        connection._impl.add_on_connection_blocked_callback(self._on_blocked)
+        connection._impl.add_on_connection_unblocked_callback(self._on_unblocked)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -113,16 +141,30 @@ class Sender:
         self._lost, self._backoff = False, FIRST_BACKOFF
 
     def send(self, text: str, kind: str = "say") -> bool:
-        """Publish one message and wait for its confirm; return False (logged) if it was not sent."""
-        what = _preview(text) if kind == "say" else f"the {kind} notice"
+        """Publish one message and wait for its confirm; return False (logged) if it was not sent.
+
+        Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout.
+        """
+        what = self._in_hand = _preview(text) if kind == "say" else f"the {kind} notice"
         body = encode(Message(kind, self.name, self.id, text, time.time()))
         try:
+            self.busy = True
             self._check()  # a connection that died while we were idle
             if self._channel is None:
                 self.open()
             assert self._channel is not None
             # mandatory: the broker tells us when no queue was bound.
             self._channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
+        except SecondSignalError:
+            # A second Ctrl-C while the broker held the line: it may or may
+            # not have gone out, and the connection is left mid-publish.
+            self._abandon()
+            LOGGER.error("could not send %s: stopped before the broker confirmed it", what)
+            return False
+        except pika.exceptions.ConnectionBlockedTimeout:
+            self._drop()
+            timeout = self._blocked_timeout()
+            raise BlockedTooLongError(f"gave up on {what}: the broker blocked it for {timeout:g} s") from None
         except pika.exceptions.UnroutableError:
             LOGGER.warning("%s reached no one: nobody is listening", what)
         except pika.exceptions.NackError:
@@ -142,7 +184,24 @@ class Sender:
             self._drop()
             LOGGER.error("could not send %s: lost the broker (%s)", what, type(exc).__name__)
             return False
+        finally:
+            self.busy = False
         return True
+
+    def _on_blocked(self, _connection: object, frame: pika.frame.Method) -> None:
+        LOGGER.warning(
+            "the broker is blocking publishers (%s): %s waits, for %g s at most",
+            frame.method.reason or "no reason given",
+            self._in_hand,
+            self._blocked_timeout(),
+        )
+
+    def _on_unblocked(self, _connection: object, _frame: pika.frame.Method) -> None:
+        LOGGER.info("the broker takes messages again")
+
+    def _blocked_timeout(self) -> float:
+        found = re.search(r"blocked_connection_timeout=([\d.]+)", self.url)
+        return float(found.group(1)) if found else 0.0
 
     def keep_alive(self) -> None:
         """Serve the connection while idle; after losing it, try to reconnect with capped back-off."""
@@ -169,13 +228,23 @@ class Sender:
             self._drop()
 
     def _drop(self) -> None:
-        close_quietly(self._connection)
+        busy, self.busy = self.busy, True
+        try:
+            close_quietly(self._connection)
+        except SecondSignalError:
+            pass  # a second Ctrl-C: leave it unclosed
+        finally:
+            self.busy = busy
+        self._abandon()
+
+    def _abandon(self) -> None:
+        # No close handshake: a broker that blocks us would never answer it.
         self._connection = self._channel = None
         self._lost, self._retry_at = True, 0.0
 
     def close(self) -> None:
-        close_quietly(self._connection)
-        self._connection = self._channel = None
+        """Close the connection; a second Ctrl-C leaves it unclosed."""
+        self._drop()
 
 
 class Lines:
@@ -193,6 +262,7 @@ class Lines:
         # Bounded, so that a huge pipe is read no faster than it is sent.
         self._queue: queue.Queue[object] = queue.Queue(maxsize=100)
         self.stopped = False
+        self.hurry = False  # a second Ctrl-C: stop without another word to the broker
         threading.Thread(target=self._read, name="stdin", daemon=True).start()
 
     def _read(self) -> None:
@@ -249,14 +319,39 @@ def send_lines(sender: Sender, lines: Lines) -> int:
     return failed
 
 
-def stop_on_signals(lines: Lines) -> None:
-    """First Ctrl-C or SIGTERM: finish the line in hand, then stop. Second: stop now."""
+class BlockedTooLongError(Exception):
+    """The broker blocked a line past the timeout: sending more would only block again."""
+
+
+class SecondSignalError(Exception):
+    """A second Ctrl-C or SIGTERM came while the sender waited inside pika."""
+
+
+def with_blocked_timeout(url: str) -> str:
+    """Return ``url`` with pika's blocked_connection_timeout set to BLOCKED_TIMEOUT, unless it has one."""
+    if "blocked_connection_timeout=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}blocked_connection_timeout={BLOCKED_TIMEOUT}"
+
+
+def stop_on_signals(lines: Lines, sender: Sender) -> None:
+    """First Ctrl-C or SIGTERM: finish the line in hand, then stop. Second: stop now.
+
+    Stopping is a flag that the loops check. Only a second signal that comes
+    while the sender waits inside pika (a blocked broker may hold a publish
+    for a minute) raises, and the sender then leaves that connection alone.
+    """
 
     def handler(_signum: int, _frame: object) -> None:
-        if lines.stopped:
-            raise KeyboardInterrupt
-        lines.stop()
+        if not lines.stopped:
+            lines.stop()
+            return
+        lines.hurry = True
+        if sender.busy:
+            sender.busy = False
+            raise SecondSignalError
 
+    # SIGINT explicitly, too: a shell starting us in the background ignores it.
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
@@ -281,15 +376,14 @@ def main() -> int:
     setup_logging(args.verbose)
 
     lines = Lines()
-    stop_on_signals(lines)
-    failed = 0
     try:
         sender = Sender(resolve(args.rabbit_host), args.name or random_name())
+        stop_on_signals(lines, sender)
         sender.open()
     except BrokerError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except SecondSignalError:
         return 0
     try:
         LOGGER.info(
@@ -299,8 +393,9 @@ def main() -> int:
             sender.name,
         )
         failed = send_lines(sender, lines)
-    except KeyboardInterrupt:
-        pass
+    except BlockedTooLongError as exc:
+        LOGGER.error("%s", exc)
+        return 1
     finally:
         sender.close()
     if failed:

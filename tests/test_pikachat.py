@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 
 import pika
@@ -19,6 +20,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
+from tests.faults.conftest import memory_alarm
 
 EXCHANGE = "pikachat"
 READY = r"listening on exchange 'pikachat' at "
@@ -390,3 +392,90 @@ def test_bad_arguments_exit_2(spawn: Spawn) -> None:
         assert proc.popen.returncode == 2, (args, proc.output)
         assert proc.stderr_lines[-1].endswith(f"error: {error}"), (args, proc.stderr)
         assert "Traceback" not in proc.output
+
+
+def delete_exchange(url: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        connection.channel().exchange_delete(EXCHANGE)
+
+
+def test_an_exchange_deleted_mid_run_costs_one_line_and_the_sender_goes_on(
+    spawn: Spawn, amqp_url: str
+) -> None:
+    sender = spawn("pikachat/send.py", "--name", "ash", stdin=True)
+    sender.send("one")
+    sender.wait_for(r"'one' reached no one")
+    delete_exchange(amqp_url)
+    sender.send("two")
+    sender.wait_for(r"ERROR could not send 'two': the broker closed the channel: \(404, \"NOT_FOUND")
+    receiver = listen(spawn)  # declares the exchange again
+    sender.send("three")
+    receiver.wait_for(r"ash: three$")
+    sender.close_stdin()
+    assert sender.wait() == 1, sender.output
+    assert sender.stderr_lines[-1].endswith("1 line(s) could not be sent")
+    assert sender.count("'two'") == 1
+    assert "Traceback" not in sender.output
+    assert shown(receiver) == ["ash: three"]
+
+
+def blocked_sender(spawn: Spawn, script: str, url: str) -> Proc:
+    """Start ``script`` as ash with an open stdin, and wait until a line of it is heard."""
+    receiver = listen(spawn, url=url)
+    proc = spawn(script, "--name", "ash", url=url, stdin=True)
+    proc.wait_for(r"(sending to exchange|joined) 'pikachat'", stream="stderr")
+    proc.send("one")
+    receiver.wait_for(r"ash: one$")
+    return proc
+
+
+BLOCKED = r"WARNING the broker is blocking publishers \(low on memory\): 'two' waits, for {} s at most$"
+
+
+@pytest.mark.parametrize("script", ["pikachat/send.py", "pikachat/chat.py"])
+def test_a_blocked_sender_says_so_at_once_and_gives_up_after_the_timeout(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str, script: str
+) -> None:
+    proc = blocked_sender(spawn, script, broker_node.url(node_vhost) + "?blocked_connection_timeout=3")
+    with memory_alarm(broker_node):
+        asked = time.monotonic()
+        proc.send("two")
+        proc.wait_for(BLOCKED.format(3), timeout=2, stream="stderr")
+        assert proc.wait(15) == 1, proc.output
+        waited = time.monotonic() - asked
+    gave_up = "ERROR gave up on 'two': the broker blocked it for 3 s"
+    assert proc.stderr_lines[-1].endswith(gave_up), proc.stderr
+    assert 3 <= waited < 10
+    assert proc.count("blocking publishers") == 1
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("script", ["pikachat/send.py", "pikachat/chat.py"])
+def test_a_second_ctrl_c_stops_a_blocked_sender_and_names_the_lost_line(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str, script: str
+) -> None:
+    # The default timeout: only the second Ctrl-C can end it within the test.
+    proc = blocked_sender(spawn, script, broker_node.url(node_vhost))
+    with memory_alarm(broker_node):
+        proc.send("two")
+        proc.wait_for(BLOCKED.format(60), timeout=5, stream="stderr")
+        proc.signal(signal.SIGINT)  # finish the line in hand: it is still blocked
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.popen.wait(1)
+        proc.signal(signal.SIGINT)
+        assert proc.wait(5) == 1, proc.output
+    assert proc.stderr_lines[-2:] == [
+        proc.stderr_lines[-2][:9] + "ERROR could not send 'two': stopped before the broker confirmed it",
+        proc.stderr_lines[-1][:9] + "ERROR 1 line(s) could not be sent",
+    ], proc.stderr
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("script", ["pikachat/send.py", "pikachat/chat.py"])
+def test_two_ctrl_c_with_nothing_in_flight_end_with_0(spawn: Spawn, script: str) -> None:
+    proc = spawn(script, "--name", "ash", stdin=True)
+    proc.wait_for(r"(sending to exchange|joined) 'pikachat'", stream="stderr")
+    proc.signal(signal.SIGINT)
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 0, proc.output
+    assert "Traceback" not in proc.output
