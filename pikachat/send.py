@@ -47,7 +47,7 @@ import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
+from pikachat.broker import BrokerError, addresses, close_quietly, connect, explain, redact, resolve
 from pikachat.message import EXCHANGE, MAX_NAME, MAX_TEXT, Message, declare_exchange, encode
 
 LOGGER = logging.getLogger("pikachat.send")
@@ -328,10 +328,14 @@ class SecondSignalError(Exception):
 
 
 def with_blocked_timeout(url: str) -> str:
-    """Return ``url`` with pika's blocked_connection_timeout set to BLOCKED_TIMEOUT, unless it has one."""
-    if "blocked_connection_timeout=" in url:
-        return url
-    return f"{url}{'&' if '?' in url else '?'}blocked_connection_timeout={BLOCKED_TIMEOUT}"
+    """Return ``url`` with pika's blocked_connection_timeout at BLOCKED_TIMEOUT where an address sets none."""
+
+    def one(address: str) -> str:
+        if "blocked_connection_timeout=" in address:
+            return address
+        return f"{address}{'&' if '?' in address else '?'}blocked_connection_timeout={BLOCKED_TIMEOUT}"
+
+    return ",".join(one(address) for address in addresses(url))
 
 
 def stop_on_signals(lines: Lines, sender: Sender) -> None:
