@@ -8,8 +8,8 @@ like, in any order:
 
 Everyone sees "* ash joined" when you arrive and "* ash left" when you go.
 Your own lines are not echoed back: your terminal already shows what you
-typed. Other people's lines print as they come, even in the middle of the
-line you are typing (a real client would use curses).
+typed. Other people's lines print as they come; in a terminal, above the
+line you are typing, which stays as you left it (pikachat/terminal.py).
 
 Receiving runs on a thread of its own, with a connection of its own: a pika
 BlockingConnection belongs to the thread that made it, and a thread waiting
@@ -29,6 +29,7 @@ import argparse
 import logging
 import sys
 import threading
+from collections.abc import Callable
 
 from pikachat.broker import BrokerError, redact, resolve
 from pikachat.message import EXCHANGE, Message, render
@@ -44,11 +45,12 @@ from pikachat.send import (
     setup_logging,
     stop_on_signals,
 )
+from pikachat.terminal import Terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
 
 
-def chat(sender: Sender, lines: Lines) -> int:
+def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None] | None = None) -> int:
     """Listen, join, send ``lines``, leave; return the exit status.
 
     Raises BrokerError if the broker cannot be reached at start, or refuses
@@ -57,7 +59,7 @@ def chat(sender: Sender, lines: Lines) -> int:
 
     def show(message: Message) -> None:
         if message.sender_id != sender.id:
-            print(render(message), flush=True)
+            (print_line or print_now)(render(message))
 
     listener = Listener(sender.url, show)
     failure: list[BrokerError] = []
@@ -108,6 +110,10 @@ def chat(sender: Sender, lines: Lines) -> int:
         receiving.join()
 
 
+def print_now(text: str) -> None:
+    print(text, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rabbit_host", nargs="?", metavar="RABBIT_HOST", help="host name or amqp(s):// URL")
@@ -118,14 +124,24 @@ def main() -> int:
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
 
-    lines = Lines()
+    terminal = None
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        terminal = Terminal()
+        # The log, too, goes above the line being typed.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(terminal.writer(sys.stderr))
+    lines = Lines(terminal.lines if terminal else None)
     try:
         sender = Sender(resolve(args.rabbit_host), args.name or random_name())
         stop_on_signals(lines, sender)
-        return chat(sender, lines)
+        return chat(sender, lines, terminal.print_above if terminal else None)
     except BrokerError as exc:
         print(f"chat: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if terminal:
+            terminal.close()
 
 
 if __name__ == "__main__":

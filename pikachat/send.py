@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pika
 import pika.exceptions
@@ -258,32 +258,17 @@ class Lines:
 
     _EOF = object()
 
-    def __init__(self) -> None:
+    def __init__(self, source: Callable[[], Iterable[str]] | None = None) -> None:
+        """Read stdin as it comes, or the lines that ``source()`` gives (a terminal's, say)."""
         # Bounded, so that a huge pipe is read no faster than it is sent.
         self._queue: queue.Queue[object] = queue.Queue(maxsize=100)
         self.stopped = False
         self.hurry = False  # a second Ctrl-C: stop without another word to the broker
-        threading.Thread(target=self._read, name="stdin", daemon=True).start()
+        threading.Thread(target=self._read, args=(source or read_stdin,), name="stdin", daemon=True).start()
 
-    def _read(self) -> None:
-        # os.read rather than sys.stdin: a daemon thread blocked inside a
-        # buffered file can abort the interpreter at exit.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        while True:
-            try:
-                chunk = os.read(0, 65536)
-            except OSError:
-                chunk = b""
-            *lines, pending = (pending + decoder.decode(chunk, final=not chunk)).split("\n")
-            if len(pending) > MAX_LINE:
-                lines, pending = [*lines, pending], ""
-            for line in lines:
-                self._queue.put(line.removesuffix("\r"))
-            if not chunk:
-                break
-        if pending:
-            self._queue.put(pending)
+    def _read(self, source: Callable[[], Iterable[str]]) -> None:
+        for line in source():
+            self._queue.put(line)
         self._queue.put(self._EOF)
 
     def stop(self) -> None:
@@ -301,6 +286,28 @@ class Lines:
                 return
             assert isinstance(line, str)
             yield line
+
+
+def read_stdin() -> Iterator[str]:
+    """Each line on stdin, without its line ending; a very long one is cut in pieces."""
+    # os.read rather than sys.stdin: a daemon thread blocked inside a
+    # buffered file can abort the interpreter at exit.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    while True:
+        try:
+            chunk = os.read(0, 65536)
+        except OSError:
+            chunk = b""
+        *lines, pending = (pending + decoder.decode(chunk, final=not chunk)).split("\n")
+        if len(pending) > MAX_LINE:
+            lines, pending = [*lines, pending], ""
+        for line in lines:
+            yield line.removesuffix("\r")
+        if not chunk:
+            break
+    if pending:
+        yield pending
 
 
 def send_lines(sender: Sender, lines: Lines) -> int:

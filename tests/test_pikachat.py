@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import pika
 import pytest
 
 from tests.conftest import (
+    ROOT,
     BrokerNode,
     Proc,
     Spawn,
@@ -479,3 +485,79 @@ def test_two_ctrl_c_with_nothing_in_flight_end_with_0(spawn: Spawn, script: str)
     proc.signal(signal.SIGINT)
     assert proc.wait() == 0, proc.output
     assert "Traceback" not in proc.output
+
+
+class Tmux:
+    """A terminal of 100 x 20 characters on a tmux server of its own, running ``command``."""
+
+    def __init__(self, socket: str, command: str) -> None:
+        self._tmux = ["tmux", "-S", socket]
+        self._run("new-session", "-d", "-x", "100", "-y", "20", command)
+
+    def _run(self, *args: str) -> str:
+        done = subprocess.run([*self._tmux, *args], check=True, capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def type(self, text: str) -> None:
+        self._run("send-keys", "-l", text)
+
+    def key(self, name: str) -> None:
+        self._run("send-keys", name)
+
+    def rows(self) -> list[str]:
+        """The screen's rows, without the empty ones at the bottom."""
+        rows = self._run("capture-pane", "-p").rstrip("\n").split("\n")
+        while rows and not rows[-1].strip():
+            rows.pop()
+        return rows
+
+    def wait_for(self, condition: Callable[[list[str]], bool], what: str) -> list[str]:
+        """Wait until the screen's rows satisfy ``condition``, and return them."""
+
+        def check() -> list[str] | None:
+            rows = self.rows()
+            return rows if rows and condition(rows) else None
+
+        return wait_until(check, 15, what)  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        subprocess.run([*self._tmux, "kill-server"], check=False, capture_output=True, timeout=10)
+
+
+@pytest.mark.skipif(
+    shutil.which("tmux") is None and not os.environ.get("CI"),
+    reason="tmux is not installed (apt-get install tmux)",
+)
+def test_in_a_terminal_a_line_that_arrives_goes_above_the_half_typed_one(
+    spawn: Spawn, amqp_url: str, tmp_path
+) -> None:
+    receiver = listen(spawn)
+    env = f"PYTHONPATH={shlex.quote(str(ROOT))} AMQP_URL={shlex.quote(amqp_url)}"
+    chat_py = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'pikachat/chat.py'))}"
+    tmux = Tmux(str(tmp_path / "tmux"), f"env {env} {chat_py} --name ash; echo EXIT=$?; sleep 60")
+    try:
+        tmux.wait_for(lambda rows: any("joined 'pikachat'" in row for row in rows), "chat.py to join")
+        receiver.wait_for(r"\* ash joined$")
+        tmux.type("hi brock, half-ty")
+        tmux.wait_for(lambda rows: rows[-1].endswith("hi brock, half-ty"), "the half-typed line")
+
+        say(spawn, "are you there?", name="brock")
+        rows = tmux.wait_for(lambda rows: any("brock: are you there?" in row for row in rows), "brock's line")
+        assert CLOCK.match(rows[-2]) and rows[-2].endswith(" brock: are you there?"), rows
+        assert rows[-1] == "> hi brock, half-ty", rows
+
+        tmux.type("ped")
+        tmux.key("Enter")
+        receiver.wait_for(r"ash: hi brock, half-typed$")
+        tmux.key("C-d")
+        rows = tmux.wait_for(lambda rows: rows[-1] == "EXIT=0", "chat.py to leave with exit status 0")
+        assert rows[-3:-1] == [rows[-3][:9] + "brock: are you there?", "> hi brock, half-typed"], rows
+        receiver.wait_for(r"\* ash left$")
+        assert shown(receiver) == [
+            "* ash joined",
+            "brock: are you there?",
+            "ash: hi brock, half-typed",
+            "* ash left",
+        ]
+    finally:
+        tmux.kill()
