@@ -4,12 +4,12 @@ VENV := venv
 BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv demo test lint soak bench check-broker clean
+.PHONY: help venv demo test lint soak bench check-broker image-base clean
 
 help:
 	@echo "make demo    run every example end to end against the broker"
 	@echo "make test    run the test suite (real broker required)"
-	@echo "make lint    ruff check"
+	@echo "make lint    ruff, hadolint on the Dockerfile, a compose parser on docker-compose.yml"
 	@echo "make bench   benchmarks against multiprocessing, Celery and plain pika (~4 min)"
 	@echo "make venv    create venv/ with the examples' requirements"
 
@@ -36,7 +36,12 @@ demo: venv check-broker
 		fi; \
 	done
 
-test: $(BIN)/.requirements-test check-broker
+# The image test builds FROM python:3.11-slim. Where podman stands in for Docker
+# (no engine here, and no registry), build a local stand-in once.
+image-base:
+	@if ! docker info >/dev/null 2>&1 && podman info >/dev/null 2>&1; then tests/image/base-image.sh; fi
+
+test: $(BIN)/.requirements-test check-broker image-base
 	$(BIN)/python -m pytest -n 4
 
 $(BIN)/.requirements-bench: $(BIN)/.requirements bench/requirements.txt
@@ -49,8 +54,12 @@ bench: $(BIN)/.requirements-bench check-broker
 		echo "=== $$script"; $(BIN)/python $$script || exit 1; \
 	done
 
+# docker-compose.yml goes through a real compose parser: Docker's where installed, else podman-compose.
 lint: $(BIN)/.requirements-test
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	@if docker compose version >/dev/null 2>&1; then docker compose config --quiet; \
+	else $(BIN)/podman-compose config >/dev/null; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ IMAGE=python:3.11-slim
 if podman image exists "$IMAGE"; then
     exit 0
 fi
+command -v debootstrap >/dev/null || { echo "base-image: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
 
 root=$(mktemp -d /var/tmp/base-image.XXXXXX)
 trap 'rm -rf "$root"' EXIT
