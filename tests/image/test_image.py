@@ -200,6 +200,9 @@ def test_containers_serve_a_job_as_non_root_and_stop_cleanly(
     fleet: Fleet, amqp_url: str, spawn: Spawn, record_property
 ) -> None:
     engine, grace = fleet.engine, grace_period()
+    # The README's stop command allows the compose file's grace period.
+    stop = readme_command("docker stop")
+    assert stop[:4] == ["docker", "stop", "-t", f"{grace:.0f}"], stop
     startup = fleet.start(amqp_url)
 
     for container in fleet.ids:
