@@ -148,13 +148,16 @@ class Sender:
         what = self._in_hand = _preview(text) if kind == "say" else f"the {kind} notice"
         body = encode(Message(kind, self.name, self.id, text, time.time()))
         try:
-            self.busy = True
-            self._check()  # a connection that died while we were idle
-            if self._channel is None:
-                self.open()
-            assert self._channel is not None
-            # mandatory: the broker tells us when no queue was bound.
-            self._channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
+            try:
+                self.busy = True
+                self._check()  # a connection that died while we were idle
+                if self._channel is None:
+                    self.open()
+                assert self._channel is not None
+                # mandatory: the broker tells us when no queue was bound.
+                self._channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
+            finally:
+                self.busy = False
         except SecondSignalError:
             # A second Ctrl-C while the broker held the line: it may or may
             # not have gone out, and the connection is left mid-publish.
@@ -184,8 +187,6 @@ class Sender:
             self._drop()
             LOGGER.error("could not send %s: lost the broker (%s)", what, type(exc).__name__)
             return False
-        finally:
-            self.busy = False
         return True
 
     def _on_blocked(self, _connection: object, frame: pika.frame.Method) -> None:
@@ -212,6 +213,8 @@ class Sender:
             return
         try:
             self.open()
+        except SecondSignalError:
+            self._abandon()
         except BrokerError as exc:
             LOGGER.debug("%s", exc)
             self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
