@@ -17,7 +17,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
-from tests.faults.conftest import memory_alarm
+from tests.faults.conftest import blocked_connections, memory_alarm
 
 RECEIVED = re.compile(r"#(\d+) received '(.*)'( \(redelivered\))?$")
 
@@ -224,13 +224,13 @@ def test_messages_returned_then_acked_are_one_line_and_exit_1(
     with memory_alarm(broker_node):
         # The broker stops reading from the producer after its declaration,
         # before its first message: it reads them all once the alarm is gone,
-        # after the queue is.
-        producer = spawn("pc/producer.py", "--count", "100", "held", url=broker_node.url(node_vhost))
-        producer.wait_for("has blocked this connection")
+        # after the queue is. More than WINDOW messages: an ack makes room for more.
+        producer = spawn("pc/producer.py", "--count", "6000", "held", url=broker_node.url(node_vhost))
+        wait_until(lambda: blocked_connections(broker_node, node_vhost) == 1, 30, "the producer blocked")
         rabbitmqctl("delete_queue", "-p", node_vhost, "pc", node=broker_node)
     assert producer.wait(30) == 1, producer.output
     assert producer.stderr_lines[-1] == (
-        "producer: the broker could not route a message to queue 'pc' (0 of 100 confirmed)"
+        "producer: the broker could not route a message to queue 'pc' (0 of 6000 confirmed)"
     )
     assert "Traceback" not in producer.output
 
