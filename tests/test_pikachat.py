@@ -561,3 +561,23 @@ def test_in_a_terminal_a_line_that_arrives_goes_above_the_half_typed_one(
         ]
     finally:
         tmux.kill()
+
+
+def test_a_channel_closed_under_a_blocked_line_costs_one_line(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    url = broker_node.url(node_vhost)
+    sender = blocked_sender(spawn, "pikachat/send.py", url)
+    with memory_alarm(broker_node):
+        sender.send("two")
+        sender.wait_for(BLOCKED.format(60), timeout=5, stream="stderr")
+        delete_exchange(url)  # the broker reads "two" when the alarm ends, for an exchange now gone
+    sender.wait_for(r"ERROR could not send 'two': the broker closed the channel: \(404, \"NOT_FOUND")
+    receiver = listen(spawn, url=url)  # the first receiver's binding went with the exchange
+    sender.send("three")
+    receiver.wait_for(r"ash: three$")
+    sender.close_stdin()
+    assert sender.wait() == 1, sender.output
+    assert sender.count("'two'") == 2  # blocked, then not sent
+    assert sender.stderr_lines[-1].endswith("1 line(s) could not be sent")
+    assert "Traceback" not in sender.output
