@@ -33,13 +33,17 @@ What holds when things go wrong:
   time, so a server that dies loses nothing: the broker gives the chunk to
   another server. The client ignores duplicate replies.
 - The work queue is a quorum queue with a delivery limit: a chunk that kills
-  every server that takes it is dead-lettered after DELIVERY_LIMIT returns,
-  and the dead letter reaches its client, which raises PoisonChunkError.
+  every server that takes it is dead-lettered after more than DELIVERY_LIMIT
+  returns, and the dead letter reaches its client, which raises PoisonChunkError.
 - Ops run on a worker thread, so a long op does not starve the connection's
-  heartbeats.
+  heartbeats; whatever an op raises or returns becomes a reply. An op that runs
+  past the broker's consumer_timeout loses its channel: the server says so,
+  still replies, and serves on a new channel.
 - If the broker goes away, the client and the servers reconnect; the client
-  publishes again every chunk whose result has not arrived.
-- Only JSON crosses the wire; nothing received is unpickled or evaluated.
+  publishes again every chunk whose result has not arrived. A chunk the broker
+  refuses (a nack) is published again on a new channel.
+- Only JSON crosses the wire; nothing received is unpickled or evaluated, and
+  a malformed reply or chunk is logged and dropped (chunks: dead-lettered).
 """
 
 from __future__ import annotations
