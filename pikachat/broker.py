@@ -30,10 +30,7 @@ HOST = r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"  # host, host:port, [ipv6]
 NEXT_ADDRESS = re.compile(rf",(?=amqps?://|{HOST}(?:,|$))")  # not a comma in a password or ssl_options
 REASONS = [  # why a connection failed: the first that matches
     (amqp.ProbableAuthenticationError, "login refused: check the user name and password"),
-    (
-        amqp.ProbableAccessDeniedError,
-        "access refused: does the virtual host exist, and may this user use it?",
-    ),
+    (amqp.ProbableAccessDeniedError, "access refused: does the virtual host exist, may this user use it?"),
     (socket.gaierror, "unknown host"),
     (ConnectionRefusedError, "connection refused"),
     (TimeoutError, "timed out"),  # socket.timeout too, since Python 3.10
@@ -54,11 +51,10 @@ def resolve(rabbit_host: str | None = None) -> str:
     first, comma, others = rabbit_host.partition(",")
     if "://" in first:
         return rabbit_host
-    if "://" in others and re.fullmatch(HOST, first):  # a host, then URLs
-        return f"amqp://guest:guest@{first}/%2F{comma}{others}"
-    if not re.fullmatch(rf"{HOST}(,{HOST})*", rabbit_host):  # it may hold a password: do not echo it
+    hosts = first if "://" in others else rabbit_host  # host names, then maybe URLs
+    if not re.fullmatch(rf"{HOST}(,{HOST})*", hosts):  # it may hold a password: do not echo it
         raise BrokerError("invalid broker host: give host names, host:port, or amqp:// URLs")
-    return ",".join(f"amqp://guest:guest@{host}/%2F" for host in rabbit_host.split(","))
+    return f"amqp://guest:guest@{first}/%2F{comma}{others}"  # the hosts after it take the same account
 
 
 def _split(address: str) -> tuple[str, str, str, str]:

@@ -45,6 +45,7 @@ def test_the_three_helpers_are_one_text() -> None:
             ["amqp://u:p@h1:5672/v?heartbeat=5", "amqp://u:p@h2:5673/v?heartbeat=5"],
         ),
         ("amqp://u:p@h1/%2F,amqps://w:q@h2/x", ["amqp://u:p@h1/%2F", "amqps://w:q@h2/x"]),
+        ("rabbit1,amqps://u:p@h2/v", ["amqp://guest:guest@rabbit1/%2F", "amqps://u:p@h2/v"]),
         # A comma inside ssl_options or a password does not start another address.
         ("amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}", ["amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}"]),
         ("amqp://u:a,b@h/%2F", ["amqp://u:a,b@h/%2F"]),
