@@ -9,15 +9,22 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.docs import doc_command
 
 VENV = ROOT / "venv"
 needs_venv = pytest.mark.skipif(not (VENV / "bin" / "python").exists(), reason="run `make venv` first")
 
 
-def run(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run(command: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
     return subprocess.run(
-        ["bash", "-c", command], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60, check=False
+        ["bash", "-c", command],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -49,3 +56,26 @@ def test_make_says_in_one_line_when_no_broker_answers(target: str) -> None:
     assert "connection refused" in ours[0] and "rabbitmq-server -detached" in ours[0]
     assert "docker run -d --name some-rabbit -p 5672:5672 rabbitmq:3" in ours[0]
     assert "s3cret" not in done.stdout + done.stderr
+
+
+@needs_venv
+def test_make_venv_then_source_pyclassrc_gives_the_python_that_runs_the_examples() -> None:
+    done = run(
+        f"{doc_command('make venv')} >/dev/null && {doc_command('source pyclassrc')} && command -v python"
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).parent.resolve() == (VENV / "bin").resolve()
+
+
+@needs_venv
+def test_make_demo_runs_every_example_end_to_end(amqp_url: str) -> None:
+    done = run(doc_command("make demo"), timeout=240, AMQP_URL=amqp_url)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for example in ("pc", "pikachat", "distop"):
+        assert f"=== {example}" in done.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    # `make test` runs this suite, so a test cannot run it; CI does, as the README writes it.
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert doc_command("make test") in [line.strip() for line in ci]
