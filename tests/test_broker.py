@@ -6,10 +6,23 @@ import difflib
 import json
 import urllib.parse
 
+import pika
 import pytest
 
 from pc import broker
-from tests.conftest import ROOT, Spawn, free_port, run_to_end
+from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+from tests.conftest import (
+    ROOT,
+    SHARED_BROKER,
+    BrokerNode,
+    Spawn,
+    free_port,
+    queue_depth,
+    rabbitmqctl,
+    run_to_end,
+    wait_until,
+)
+from tests.faults.conftest import memory_alarm
 
 PACKAGES = ["pc", "pikachat", "distop"]
 
@@ -153,3 +166,26 @@ def test_check_broker_skips_a_dead_address(spawn: Spawn, amqp_url: str, package:
     )
     assert proc.popen.returncode == 0, proc.output
     assert proc.stdout.startswith("broker answers at amqp://guest@127.0.0.1:")
+
+
+def test_a_producer_that_loses_its_node_goes_on_with_the_next(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    # Two separate brokers stand in for two nodes: the same virtual host on each.
+    rabbitmqctl("add_vhost", node_vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", node_vhost, "guest", ".*", ".*", ".*")
+        # On a cluster the queue is on every node: declare it on the second too.
+        with pika.BlockingConnection(pika.URLParameters(f"{SHARED_BROKER}/{node_vhost}")) as connection:
+            connection.channel().queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+        url = f"{broker_node.url(node_vhost)},{live_address(SHARED_BROKER + '/')}"
+        with memory_alarm(broker_node):  # the first node takes nothing, so it is lost mid-run
+            producer = spawn("pc/producer.py", "--count", "100", "x", url=url)
+            producer.wait_for("the broker has blocked this connection")
+            broker_node.kill()
+        assert producer.wait(60) == 0, producer.output
+        assert "Traceback" not in producer.output
+        # All of them went to the next node (the broker counts a queue's messages every few seconds).
+        wait_until(lambda: queue_depth(node_vhost, QUEUE) == 100, 30, "100 messages on the next node")
+    finally:
+        rabbitmqctl("delete_vhost", node_vhost)
