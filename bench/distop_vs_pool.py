@@ -501,6 +501,16 @@ def timed(run: Callable[[], Any], expected: Any, what: str) -> float:
     return elapsed
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by this process (all its threads) and the processes ``pids``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
 def median_of(repeats: int, run: Callable[[], Any], expected: Any, what: str) -> float:
     return statistics.median(timed(run, expected, what) for _ in range(repeats))
 
@@ -513,6 +523,8 @@ class Race:
     baseline: str
     goal: float  # the largest acceptable ratio distop / baseline
     seconds: dict[str, list[float]] = field(default_factory=lambda: {"baseline": [], "distop": []})
+    # CPU seconds per job of the client and its servers (not the broker's), where measured.
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {"baseline": [], "distop": []})
 
     def median(self, side: str) -> float:
         return statistics.median(self.seconds[side])
@@ -542,8 +554,9 @@ def seconds_text(seconds: float) -> str:
 
 def race_table(races: list[Race]) -> str:
     lines = [
-        "| question | baseline | baseline (median) | distop (median) | distop / baseline | goal | met |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| question | baseline | baseline (median) | distop (median) | distop / baseline | goal | met "
+        "| CPU ms per job, baseline / distop |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for race in races:
         ratio, goal = f"{race.ratio:.2f}", f"≤ {race.goal:.2f}"
@@ -552,9 +565,16 @@ def race_table(races: list[Race]) -> str:
             goal += f" (≥ {1 / race.goal:g}x faster)"
         lines.append(
             f"| {race.question} | {race.baseline} | {seconds_text(race.median('baseline'))} "
-            f"| {seconds_text(race.median('distop'))} | {ratio} | {goal} | {'yes' if race.met else 'NO'} |"
+            f"| {seconds_text(race.median('distop'))} | {ratio} | {goal} | {'yes' if race.met else 'NO'} "
+            f"| {cpu_text(race.cpu)} |"
         )
     return "\n".join(lines)
+
+
+def cpu_text(cpu: dict[str, list[float]]) -> str:
+    if not all(cpu.values()):
+        return "-"
+    return " / ".join(f"{statistics.median(cpu[side]) * 1000:.2f}" for side in ("baseline", "distop"))
 
 
 def speedup_table(serial: float, pool: float, distop: dict[int, float]) -> str:
@@ -630,24 +650,35 @@ def race_rounds(
     *,
     repeats: int = 1,
     before: Callable[[str], None] | None = None,
+    cpu: dict[str, list[int]] | None = None,
+    cpu_per_round: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each side in alternating rounds; return each side's seconds per round.
 
     A round runs each side ``repeats`` times, interleaved (one run of each
     side, then again), and keeps each side's median; ``before(side)`` runs,
-    untimed, before each side's turn.
+    untimed, before each side's turn. For the sides in ``cpu`` (side -> the
+    pids of its servers), the median CPU seconds per run go to ``cpu_per_round``.
     """
+    cpu = cpu or {}
     print(f"\n{title}" + (f" (median of {repeats} per round)" if repeats > 1 else ""), flush=True)
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     for number, order in rounds_of(list(sides), rounds):
         runs: dict[str, list[float]] = {side: [] for side in order}
+        cpu_runs: dict[str, list[float]] = {side: [] for side in cpu}
         for _ in range(repeats):
             for side in order:
                 if before is not None:
                     before(side)
+                used = cpu_seconds(cpu[side]) if side in cpu else 0.0
                 runs[side].append(timed(sides[side], expected, side))
+                if side in cpu:
+                    cpu_runs[side].append(cpu_seconds(cpu[side]) - used)
         for side in order:
             seconds[side].append(statistics.median(runs[side]))
+        if cpu_per_round is not None:
+            for side, used in cpu_runs.items():
+                cpu_per_round.setdefault(side, []).append(statistics.median(used))
         line = ", ".join(f"{side} {seconds_text(seconds[side][-1])}" for side in order)
         print(f"round {number}: {line}", flush=True)
     return seconds
@@ -665,6 +696,7 @@ class Rig:
     rounds: int
     repeats: dict[str, int]
     _floor: FloorClient | None = None
+    floor_pids: list[int] = field(default_factory=list)
 
     def floor(self) -> FloorClient:
         """The floor's client, and its servers (as many as distop's now), started on first use."""
@@ -672,10 +704,15 @@ class Rig:
             for number in range(len(self.servers.running)):
                 log = self.logs / f"floor-server-{number + 1}.log"
                 server = start_process([sys.executable, __file__, "_floor-server"], self.url, log)
+                self.floor_pids.append(server.pid)
                 self.stack.callback(stop_process, server, log)
             self._floor = FloorClient(self.url)
             self.stack.callback(self._floor.close)
         return self._floor
+
+    def cpu_pids(self) -> dict[str, list[int]]:
+        """The server processes of distop and of the floor, whose CPU time counts with the client's."""
+        return {"distop": [proc.pid for proc, _ in self.servers.running], "floor": self.floor_pids}
 
     def op(self, op_class: type[DistOp], data: list[Any], chunks: int) -> DistOp:
         """A DistOp over ``data``, connected by a first job of one item per chunk; closed at the end."""
@@ -734,11 +771,21 @@ def many_chunks(rig: Rig, pool_race: Race, celery_race: Race, floor_race: Race) 
         "celery": functools.partial(workers.run, data, MANY_CHUNKS),
     }
     title = f"plus one over {len(data):,} ints in {MANY_CHUNKS:,} chunks"
-    seconds = race_rounds(title, sides, plus_one(data), rig.rounds, repeats=rig.repeats["many"])
+    cpu: dict[str, list[float]] = {}
+    seconds = race_rounds(
+        title,
+        sides,
+        plus_one(data),
+        rig.rounds,
+        repeats=rig.repeats["many"],
+        cpu=rig.cpu_pids(),
+        cpu_per_round=cpu,
+    )
     workers.close()  # not to take CPU from what follows
     pool_race.seconds = {"baseline": seconds["pool"], "distop": seconds["distop"]}
     celery_race.seconds = {"baseline": seconds["celery"], "distop": seconds["distop"]}
     floor_race.seconds = {"baseline": seconds["floor"], "distop": seconds["distop"]}
+    floor_race.cpu = {"baseline": cpu["floor"], "distop": cpu["distop"]}
 
 
 def latency(rig: Rig, race: Race, floor_race: Race) -> None:
@@ -759,9 +806,19 @@ def latency(rig: Rig, race: Race, floor_race: Race) -> None:
     for run in sides.values():  # the server is up, the reply path used
         median_of(WARM_UP_CALLS, run, expected, "warm-up")
     title = f"latency of a 1-chunk job over {len(LATENCY_DATA)} ints"
-    seconds = race_rounds(title, sides, expected, rig.rounds, repeats=rig.repeats["latency"])
+    cpu: dict[str, list[float]] = {}
+    seconds = race_rounds(
+        title,
+        sides,
+        expected,
+        rig.rounds,
+        repeats=rig.repeats["latency"],
+        cpu=rig.cpu_pids(),
+        cpu_per_round=cpu,
+    )
     race.seconds = {"baseline": seconds["rpc"], "distop": seconds["distop"]}
     floor_race.seconds = {"baseline": seconds["floor"], "distop": seconds["distop"]}
+    floor_race.cpu = {"baseline": cpu["floor"], "distop": cpu["distop"]}
 
 
 def fair_jobs(seed: int) -> dict[str, list[float]]:
