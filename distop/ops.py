@@ -29,9 +29,14 @@ Server side::
 
 What holds when things go wrong:
 
-- Servers ack a chunk only after its reply is published, and take one at a
-  time, so a server that dies loses nothing: the broker gives the chunk to
-  another server. The client ignores duplicate replies.
+- Servers ack a chunk only after its reply is published, so a server that
+  dies loses nothing: the broker gives the chunk to another server. The
+  client ignores duplicate replies.
+- Servers take one chunk at a time (fair dispatch) while ops are long. While
+  ops are short, each takes the next chunk while running one, and as soon as
+  an op runs longer than SHORT_OP gives back the chunk waiting behind it, once
+  (that counts as one of the chunk's returns), so that no chunk waits behind a
+  long op while another server could run it.
 - The work queue is a quorum queue with a delivery limit: a chunk that kills
   every server that takes it is dead-lettered after more than DELIVERY_LIMIT
   returns, and the dead letter reaches its client, which raises PoisonChunkError.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import logging
 import queue
@@ -71,6 +77,7 @@ from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
+from distop import codec
 from distop.broker import connect, explain, parameters, redact, resolve
 from distop.errors import BrokerError, DistOpError, PoisonChunkError, RemoteError
 
@@ -115,6 +122,11 @@ MAX_BACKOFF = 5.0
 NACK_BACKOFF = 0.1
 MAX_NACK_BACKOFF = 2.0
 CONNECT_TIMEOUT = 60.0
+# A server takes a chunk ahead (a second consumer) after this many ops in a
+# row shorter than SHORT_OP, about a round trip to the broker; it stops as soon
+# as an op runs longer, and gives back the chunk waiting behind it.
+SHORT_OP = 0.005
+SHORT_OPS_TO_PIPELINE = 3
 
 
 def split(data: list[Any], group_size: int) -> list[tuple[int, list[Any]]]:
@@ -145,6 +157,7 @@ class _Job:
     requests: dict[int, bytes]  # start index -> request body
     partials: dict[int, Any] = field(default_factory=dict)
     error: DistOpError | None = None
+    watched: bool = False  # a get_result() with a progress callback wants every partial
 
     @property
     def done(self) -> bool:
@@ -200,7 +213,7 @@ class DistOp:
         _check_json(params, "params")
         job_id = uuid.uuid4().hex
         requests = {
-            start: json.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params}).encode()
+            start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
             for start, chunk in split(self.data, self.group_size)
         }
         if self._link is None or self._link.failed:
@@ -229,6 +242,7 @@ class DistOp:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             job = self._pending_job(job_id)
+            job.watched = job.watched or progress is not None
             reported = -1
             while not job.done:
                 if progress is not None and len(job.partials) != reported:
@@ -301,8 +315,8 @@ class DistOp:
 
 def _check_json(value: object, name: str) -> None:
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        codec.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name} must be JSON-serialisable: {exc}") from None
 
 
@@ -627,7 +641,8 @@ class _ClientLink(threading.Thread):
             return  # from a channel given up after a nack: its chunks are in the outbox again
         method = frame.method
         if method.multiple:
-            tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
+            # Tags go in increasing: stop at the first beyond, not scan all 1,000.
+            tags = list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self._unconfirmed))
         else:
             tags = [method.delivery_tag]
         if isinstance(method, Basic.Nack):
@@ -682,7 +697,8 @@ class _ClientLink(threading.Thread):
                     job.error = reply
                 else:
                     job.partials[start] = reply.result
-            self._cond.notify_all()
+            if job.done or job.watched:  # one wake-up per job, not one per partial
+                self._cond.notify_all()
 
 
 @dataclass
@@ -696,7 +712,7 @@ CORRELATION_ID = re.compile(r"([0-9a-f]{32}):([0-9]{1,18})", re.ASCII)
 
 def _decode_reply(body: bytes) -> _Partial | RemoteError:
     """A server's reply: the partial result, or the error its op raised. ValueError if malformed."""
-    reply = json.loads(body)
+    reply = codec.loads(body)
     if not isinstance(reply, dict):
         raise ValueError("not a JSON object")
     if "error" in reply:
@@ -744,6 +760,8 @@ class OpExecutor:
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
+    # Chunks in hand at most: 2 takes one ahead while ops are short; 1 never does.
+    MAX_PREFETCH: ClassVar[int] = 2
 
     def __init__(self, rabbit_host: str | None = None) -> None:
         self._url = resolve(rabbit_host)
@@ -753,6 +771,12 @@ class OpExecutor:
         self._stopping = threading.Event()
         self._aborting = threading.Event()
         self._in_hand: int | None = None  # delivery tag of the chunk being worked on
+        self._in_hand_from = ""  # the consumer it came through
+        self._started = 0.0  # when its op started
+        self._long_op_check: object = None  # the timer that looks again at SHORT_OP into it
+        self._waiting: collections.deque[_Chunk] = collections.deque()  # received, not started
+        self._consumers: list[str] = []  # ours on self._channel: 2 while taking a chunk ahead
+        self._short_ops = 0  # ops in a row shorter than SHORT_OP
         self._channel: BlockingChannel | None = None  # the channel that replies go out on
         self._announced = False
         self._worker_inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -768,7 +792,7 @@ class OpExecutor:
         )
 
     def stop(self) -> None:
-        """Stop taking chunks; ``run()`` returns after the chunk in hand is finished."""
+        """Stop taking chunks; ``run()`` returns after the chunks in hand are finished."""
         self._stopping.set()
 
     def run(self) -> None:
@@ -808,7 +832,8 @@ class OpExecutor:
             self._stopping.set()
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
-        self._in_hand = None
+        self._in_hand, self._long_op_check = None, None
+        self._waiting.clear()  # a lost connection's chunks are back in the queue
         self._tick(connection)
         channel: BlockingChannel | None = None
         while not self._stopping.is_set():
@@ -843,13 +868,20 @@ class OpExecutor:
             raise BrokerError(f"the broker refused our queues: {exc}") from exc
 
     def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        """Serve chunks on ``channel`` until stopped, or until the broker cancels the consumer."""
-        # A chunk still running from a closed channel finishes first, so that
-        # the next one does not wait unacknowledged behind it.
+        """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left.
+
+        That is when the broker cancels our consumer, or when a long op made
+        us cancel the last one (see _on_long_op).
+        """
+        # Chunks waiting from a closed channel are back in the queue.
+        self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is channel)
+        self._consumers = []  # cancelled, or on a closed channel
+        # A chunk still running from a closed channel, or a long op, finishes
+        # first, so that the next one does not wait unacknowledged behind it.
         self._wait_for_chunk_in_hand(connection)
-        # One chunk at a time: fair dispatch, and a crash strands only one.
+        # One chunk at a time per consumer: fair dispatch, and a crash strands only one.
         channel.basic_qos(prefetch_count=1)
-        channel.basic_consume(self.QUEUE, functools.partial(self._on_message, connection))
+        self._add_consumer(connection, channel)
         if not self._announced:
             LOGGER.info(
                 "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
@@ -864,6 +896,7 @@ class OpExecutor:
         channel = self._channel
         if self._stopping.is_set() and channel is not None and channel.is_open:
             channel.stop_consuming()
+            self._consumers = []
         if connection.is_open:
             connection.call_later(0.5, lambda: self._tick(connection))
 
@@ -871,9 +904,53 @@ class OpExecutor:
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
 
     def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
-        # Short waits, so that a second signal is noticed promptly.
+        # Short waits, so that a second signal is noticed promptly. A chunk
+        # waiting behind the one in hand is started when that one is finished.
         while self._in_hand is not None and not self._aborting.is_set():
             connection.process_data_events(time_limit=0.5)
+
+    def _add_consumer(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        on_message = functools.partial(self._on_message, connection)
+        self._consumers.append(channel.basic_consume(self.QUEUE, on_message))
+
+    def _cancel_consumer(self, channel: BlockingChannel, consumer: str) -> None:
+        """Cancel one of our consumers, only ever one holding a chunk: nothing is on its way to it."""
+        if consumer in self._consumers and channel.is_open:
+            self._consumers.remove(consumer)
+            channel.basic_cancel(consumer)
+
+    # Pipelining. With one chunk at a time, each ack must settle through the
+    # quorum queue's log before the next chunk comes: for short ops, most of a
+    # server's time. So while ops are short, a second consumer (prefetch 1
+    # too: basic_qos changes only consumers created after it) takes the next
+    # chunk while this one runs. A chunk must never wait behind a long op while
+    # another server could run it: see _on_long_op.
+
+    def _pipeline_if_short(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        if (
+            0 < len(self._consumers) < self.MAX_PREFETCH  # a second consumer, not a first
+            and self._short_ops >= SHORT_OPS_TO_PIPELINE
+            and not self._stopping.is_set()
+            and channel is self._channel
+            and channel.is_open
+        ):
+            LOGGER.debug("ops are short: taking a chunk ahead")
+            self._add_consumer(connection, channel)
+
+    def _on_long_op(self, channel: BlockingChannel, tag: int) -> None:
+        """The op in hand has run SHORT_OP: take no chunk ahead, and give back any waiting behind it."""
+        if self._in_hand != tag or channel is not self._channel or not channel.is_open:
+            return
+        self._short_ops = 0
+        for chunk in list(self._waiting):
+            self._cancel_consumer(channel, chunk.consumer)
+            # Only once per chunk: a return counts towards its DELIVERY_LIMIT.
+            if not chunk.redelivered:
+                LOGGER.debug("gave back a chunk waiting behind a long op")
+                self._waiting.remove(chunk)
+                channel.basic_reject(chunk.tag, requeue=True)
+        if len(self._consumers) > 1:
+            self._cancel_consumer(channel, self._in_hand_from)
 
     def _on_message(
         self,
@@ -890,19 +967,35 @@ class OpExecutor:
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        self._in_hand = method.delivery_tag
+        chunk = _Chunk(
+            channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
+        )
+        if self._in_hand is None:
+            self._start(connection, chunk)
+            return
+        self._waiting.append(chunk)
+        if time.monotonic() - self._started > SHORT_OP:
+            self._on_long_op(channel, self._in_hand)
+
+    def _start(self, connection: pika.BlockingConnection, chunk: _Chunk) -> None:
+        self._in_hand, self._in_hand_from, self._started = chunk.tag, chunk.consumer, time.monotonic()
+        if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
+            check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
+            self._long_op_check = connection.call_later(SHORT_OP, check)
         # The op runs off this thread so that heartbeats keep flowing.
-        self._worker_inbox.put((connection, channel, method.delivery_tag, props, request))
+        self._worker_inbox.put((connection, chunk.channel, chunk.tag, chunk.props, chunk.request))
 
     def _work_forever(self) -> None:
-        """The worker thread: run each op handed over by _on_message, whatever it raises."""
+        """The worker thread: run each op handed over by _start, whatever it raises."""
         while True:
             connection, channel, tag, props, request = self._worker_inbox.get()
+            started = time.monotonic()
             try:
                 body = self._run(request, props.correlation_id)
             except BaseException as exc:  # SystemExit in an op must not end this thread
                 body = self._encode(self._error_reply(exc))
-            finish = functools.partial(self._finish, channel, tag, props, body)
+            short = time.monotonic() - started < SHORT_OP
+            finish = functools.partial(self._finish, connection, channel, tag, props, body, short)
             try:
                 connection.add_callback_threadsafe(finish)
             except pika.exceptions.AMQPError:
@@ -930,7 +1023,7 @@ class OpExecutor:
             time.perf_counter() - started,
         )
         try:
-            return json.dumps({"result": result}, allow_nan=False).encode()
+            return codec.dumps({"result": result})
         except (TypeError, ValueError, RecursionError) as exc:
             error = TypeError(f"the result is not JSON-serialisable: {_text(exc)}")
             LOGGER.warning("chunk %s: %s", chunk_id, error)
@@ -946,15 +1039,27 @@ class OpExecutor:
             error = {"type": "Error", "message": "the error cannot be encoded", "host": self.host}
             return json.dumps({"error": error}).encode()
 
-    def _finish(self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes) -> None:
+    def _finish(  # noqa: PLR0917 (a callback's arguments, bound by functools.partial)
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        body: bytes,
+        short: bool,
+    ) -> None:
         """On the connection's thread: reply first, then ack, so no chunk is acked unanswered.
 
         If the chunk's channel was closed meanwhile (the op ran past the
         broker's consumer_timeout), the chunk is already back in the queue:
         the reply still goes out, on the current channel, and the client
-        ignores the duplicate that follows.
+        ignores the duplicate that follows. Then the next chunk, if one waits.
         """
         self._in_hand = None
+        if self._long_op_check is not None:
+            connection.remove_timeout(self._long_op_check)
+            self._long_op_check = None
+        self._short_ops = self._short_ops + 1 if short else 0
         current = self._channel
         if current is None or not current.is_open:
             return
@@ -962,6 +1067,24 @@ class OpExecutor:
         current.basic_publish("", props.reply_to, body, reply_props)
         if channel is current:
             channel.basic_ack(tag)
+        while self._waiting and self._waiting[0].channel is not current:
+            self._waiting.popleft()  # back in the queue with its channel
+        if self._waiting:
+            self._start(connection, self._waiting.popleft())
+        else:
+            self._pipeline_if_short(connection, current)
+
+
+@dataclass
+class _Chunk:
+    """A chunk a server has received: where from, and the request in it."""
+
+    channel: BlockingChannel
+    tag: int
+    consumer: str  # the consumer tag it came through
+    redelivered: bool
+    props: BasicProperties
+    request: dict[str, Any]
 
 
 def _text(exc: BaseException) -> str:
@@ -995,7 +1118,7 @@ def _parse_request(props: BasicProperties, body: bytes) -> dict[str, Any]:
         )
     if not props.correlation_id:
         raise ValueError("no correlation_id")
-    request = json.loads(body)  # ValueError (or UnicodeDecodeError, a ValueError) if not JSON
+    request = codec.loads(body)  # ValueError (or UnicodeDecodeError, a ValueError) if not JSON
     if not isinstance(request, dict):
         raise ValueError("not a JSON object")
     if not isinstance(request.get("op"), str):
