@@ -6,15 +6,11 @@ like, in any order:
     python pikachat/chat.py [RABBIT_HOST] [--name NAME]        # Ctrl-D or Ctrl-C to leave
     printf 'hi all\\n' | python pikachat/chat.py --name ash     # says its lines, then leaves
 
+The lesson: one program that both consumes and publishes uses two
+connections, one per thread; it binds its queue before it says "joined", so
+that it hears every answer; and since the fanout exchange copies its own
+lines back to it too, it skips them by the sender id each message carries.
 Everyone sees "* ash joined" when you arrive and "* ash left" when you go.
-Your own lines are not echoed back: your terminal already shows what you
-typed. Other people's lines print as they come; in a terminal, above the
-line you are typing, which stays as you left it (pikachat/terminal.py).
-
-Receiving runs on a thread of its own, with a connection of its own: a pika
-BlockingConnection belongs to the thread that made it, and a thread waiting
-for deliveries cannot also wait for your typing. The two threads share
-nothing but the stop signal.
 
 Guarantees: those of receive.py (nothing from before you joined, each line
 at most once and in order while you are there) and send.py (a line is sent
@@ -25,65 +21,41 @@ start or a line could not be sent.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-import threading
 from collections.abc import Callable
 
 from pikachat.broker import BrokerError, redact, resolve
+from pikachat.cli import Lines, SecondSignalError, parse_arguments, setup_logging, stop_on_signals
 from pikachat.message import EXCHANGE, Message, render
 from pikachat.receive import Listener
-from pikachat.send import (
-    BlockedTooLongError,
-    Lines,
-    SecondSignalError,
-    Sender,
-    chat_name,
-    random_name,
-    send_lines,
-    setup_logging,
-    stop_on_signals,
-)
+from pikachat.send import BlockedTooLongError, Sender, send_lines
 from pikachat.terminal import Terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
 
 
-def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None] | None = None) -> int:
-    """Listen, join, send ``lines``, leave; return the exit status.
+def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
+    """Listen, join, send ``lines``, leave; return how many lines could not be sent.
 
     Raises BrokerError if the broker cannot be reached at start, or refuses
     the exchange or our queue later.
     """
 
     def show(message: Message) -> None:
+        # The exchange copies our own lines into our queue too: skip them.
         if message.sender_id != sender.id:
-            (print_line or print_now)(render(message))
+            print_line(render(message))
 
+    # Receiving gets a thread and a connection of its own: a BlockingConnection belongs to
+    # the thread that opened it, and a thread waiting for deliveries cannot wait for typing.
     listener = Listener(sender.url, show)
-    failure: list[BrokerError] = []
-
-    def listen() -> None:
-        try:
-            listener.run()
-        except BrokerError as exc:
-            failure.append(exc)
-            lines.stop()
-
-    receiving = threading.Thread(target=listen, name="receive")
-    receiving.start()
+    listener.start(on_failure=lines.stop)
     try:
-        # Listen before joining, so that every answer to "joined" is heard.
-        while not listener.ready.wait(0.1):
-            if failure:
-                raise failure[0]
-            if lines.stopped:
-                return 0
-        try:
-            sender.open()
-        except SecondSignalError:
+        # Bind our queue before saying "joined", so that every answer to it is heard.
+        if not listener.wait_ready(given_up=lambda: lines.stopped):
             return 0
+        sender.open()
         sender.send("", kind="join")
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
@@ -91,23 +63,17 @@ def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None] | None 
             redact(sender.url),
             sender.name,
         )
-        try:
-            failed = send_lines(sender, lines)
-        except BlockedTooLongError as exc:
-            LOGGER.error("%s", exc)
-            return 1
-        if failure:
-            raise failure[0]
-        if not lines.hurry:
+        failed = send_lines(sender, lines)
+        listener.check()  # did receiving fail for good?
+        if not lines.hurry:  # a second Ctrl-C: no goodbye
             sender.send("", kind="leave")
-        if failed:
-            LOGGER.error("%d line(s) could not be sent", failed)
-            return 1
-        return 0
+        return failed
     finally:
         sender.close()
-        listener.stop()
-        receiving.join()
+        listener.join()
+
+
+# The plumbing: arguments, the terminal, signals, exit status.
 
 
 def print_now(text: str) -> None:
@@ -115,11 +81,7 @@ def print_now(text: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rabbit_host", nargs="?", metavar="RABBIT_HOST", help="host name or amqp(s):// URL")
-    parser.add_argument("--name", type=chat_name, help="your name in the chat (default: a random one)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__.split("\n\n")[0], with_name=True)
     setup_logging(args.verbose)
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
@@ -133,15 +95,24 @@ def main() -> int:
                 handler.setStream(terminal.writer(sys.stderr))
     lines = Lines(terminal.lines if terminal else None)
     try:
-        sender = Sender(resolve(args.rabbit_host), args.name or random_name())
+        sender = Sender(resolve(args.rabbit_host), args.name)
         stop_on_signals(lines, sender)
-        return chat(sender, lines, terminal.print_above if terminal else None)
+        failed = chat(sender, lines, terminal.print_above if terminal else print_now)
     except BrokerError as exc:
         print(f"chat: {exc}", file=sys.stderr)
         return 1
+    except BlockedTooLongError as exc:
+        LOGGER.error("%s", exc)
+        return 1
+    except SecondSignalError:
+        return 0
     finally:
         if terminal:
             terminal.close()
+    if failed:
+        LOGGER.error("%d line(s) could not be sent", failed)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from pika.adapters.blocking_connection import BlockingChannel
-
+# The fanout exchange that senders publish to and receivers bind their queues to.
 EXCHANGE = "pikachat"
 KINDS = ("say", "join", "leave")
 # Bodies larger than this are not parsed at all.
@@ -47,15 +46,6 @@ class Message:
     sender_id: str
     text: str
     time: float
-
-
-def declare_exchange(channel: BlockingChannel) -> None:
-    """Declare the chat exchange, so that whoever starts first creates it.
-
-    Durable, so that it is still there after a broker restart; it stores no
-    messages either way.
-    """
-    channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
 
 
 def encode(message: Message) -> bytes:

@@ -1,32 +1,32 @@
-"""Show every chat line sent from now on: the listening half of pikachat.
+"""Show every chat line said from now on: the listening half of pikachat.
 
 Start it first, then pikachat/send.py or pikachat/chat.py, in any number of
 terminals:
 
     python pikachat/receive.py [RABBIT_HOST]     # Ctrl-C or SIGTERM to stop
 
-It prints each line as ``HH:MM:SS name: text`` on stdout; its log (ready,
-lost broker, skipped messages) goes to stderr.
+The lesson: a queue of its own (named by the broker, exclusive), bound to the
+fanout exchange, which copies every message into every bound queue; consumed
+with auto-ack. It prints each line as ``HH:MM:SS name: text`` on stdout; its
+log (ready, lost broker, skipped messages) goes to stderr.
 
-Guarantee: none for what was said before it started, or while it was away:
-the fanout exchange copies each message into the queues bound to it at that
-moment and keeps nothing. While it listens, each line arrives at most once,
-in the order each sender sent them. Messages are acknowledged on delivery
-(auto-ack): a chat line is worth showing now or not at all, and one lost in a
-crash is not worth the risk of showing it twice. If the broker goes away, the
-receiver says so and reconnects with capped back-off until stopped.
+Guarantee: at most once, in each sender's order, while it listens; nothing
+said before it started or while it was away (an exchange stores nothing). If
+the broker goes away, it says so and reconnects until stopped.
+
+It uses a BlockingConnection: start_consuming() runs the delivery callbacks
+on this thread, one at a time, and printing a line is quick.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import random
-import signal
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import pika
 import pika.exceptions
@@ -34,20 +34,58 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from pikachat.broker import BrokerError, close_quietly, connect, redact, resolve
-from pikachat.message import EXCHANGE, Message, declare_exchange, decode, render
+from pikachat.cli import on_signals, parse_arguments, setup_logging
+from pikachat.message import EXCHANGE, Message, decode, render
 
 LOGGER = logging.getLogger("pikachat.receive")
+
+
+def subscribe(channel: BlockingChannel, on_message: Callable[[Message], None]) -> None:
+    """Give us a queue of our own, bound to the exchange, and consume from it."""
+    # The same declaration as send.py's: whoever starts first creates the exchange.
+    channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
+    # "": the broker names the queue (amq.gen-…). exclusive: ours alone, and deleted
+    # when our connection closes, so a receiver that goes leaves nothing behind.
+    queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    # The binding: from now on the exchange copies every message into our queue too.
+    channel.queue_bind(queue, EXCHANGE)
+    # auto_ack: the broker forgets each line once sent to us. A chat line is worth
+    # showing now or not at all: one lost in a crash beats one shown twice, or late.
+    channel.basic_consume(queue, partial(deliver, on_message), auto_ack=True)
+
+
+def deliver(
+    on_message: Callable[[Message], None],
+    _channel: BlockingChannel,
+    _method: Basic.Deliver,
+    _properties: BasicProperties,
+    body: bytes,
+) -> None:
+    """Called by pika for each delivery: hand the message on; log and skip one that is not a chat message."""
+    try:
+        message = decode(body)  # anyone may publish to the exchange: check everything
+    except ValueError as exc:
+        LOGGER.warning("skipped a malformed message (%d bytes): %s", len(body), exc)
+        return
+    on_message(message)
+
+
+def show(message: Message) -> None:
+    print(render(message), flush=True)
+
+
+# The plumbing: staying subscribed while the broker comes and goes.
 
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
 
 
 class Listener:
-    """Receive every chat message through a private queue bound to EXCHANGE.
+    """Receive every chat message through a queue of our own bound to EXCHANGE.
 
     ``run()`` blocks until ``stop()`` is called (from any thread) and hands each
-    well-formed message to ``on_message``; malformed ones are logged and
-    skipped. It owns its BlockingConnection, so run it on one thread only.
+    well-formed message to ``on_message``. It owns its BlockingConnection, so
+    run it on one thread only: this one, or the one ``start()`` makes.
     """
 
     def __init__(self, url: str, on_message: Callable[[Message], None]) -> None:
@@ -57,6 +95,8 @@ class Listener:
         self._channel: BlockingChannel | None = None
         self._stopping = threading.Event()
         self.ready = threading.Event()  # set once the first queue is bound
+        self._thread: threading.Thread | None = None
+        self._failure: BrokerError | None = None
 
     def run(self) -> None:
         """Listen until stopped, reconnecting whenever the broker goes away.
@@ -92,12 +132,7 @@ class Listener:
 
     def _listen(self, channel: BlockingChannel) -> None:
         self._channel = channel
-        declare_exchange(channel)
-        # Server-named, and exclusive: it is ours alone and the broker deletes
-        # it when our connection closes, so a listener leaves nothing behind.
-        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        channel.queue_bind(queue, EXCHANGE)
-        channel.basic_consume(queue, self._deliver, auto_ack=True)
+        subscribe(channel, self._on_message)
         LOGGER.info("listening on exchange %r at %s", EXCHANGE, redact(self._url))
         self.ready.set()
         # stop() may have come while we set up; its callback found no consumer.
@@ -105,16 +140,6 @@ class Listener:
             channel.start_consuming()
         if not self._stopping.is_set():
             LOGGER.warning("the broker cancelled our subscription (queue deleted?); listening again")
-
-    def _deliver(
-        self, _channel: BlockingChannel, _method: Basic.Deliver, _props: BasicProperties, body: bytes
-    ) -> None:
-        try:
-            message = decode(body)
-        except ValueError as exc:
-            LOGGER.warning("skipped a malformed message (%d bytes): %s", len(body), exc)
-            return
-        self._on_message(message)
 
     def stop(self) -> None:
         """Make ``run()`` return soon; safe to call from any thread."""
@@ -130,47 +155,47 @@ class Listener:
         if self._channel is not None:
             self._channel.stop_consuming()
 
+    def start(self, on_failure: Callable[[], None]) -> None:
+        """Run ``run()`` on a thread of its own; if it fails, call ``on_failure`` (see ``check()``)."""
 
-def show(message: Message) -> None:
-    print(render(message), flush=True)
+        def run() -> None:
+            try:
+                self.run()
+            except BrokerError as exc:
+                self._failure = exc
+                on_failure()
+
+        self._thread = threading.Thread(target=run, name="receive")
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise the BrokerError that ended the thread ``start()`` made, if any."""
+        if self._failure is not None:
+            raise self._failure
+
+    def wait_ready(self, given_up: Callable[[], bool]) -> bool:
+        """Wait until our queue is bound (True) or ``given_up()`` (False); raise the thread's BrokerError."""
+        while not self.ready.wait(0.1):
+            self.check()
+            if given_up():
+                return False
+        return True
+
+    def join(self) -> None:
+        """Stop the thread ``start()`` made and wait for it."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rabbit_host", nargs="?", metavar="RABBIT_HOST", help="host name or amqp(s):// URL")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
-    args = parser.parse_args()
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not args.verbose:
-        # pika logs expected disconnections as errors, with tracebacks.
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
+    args = parse_arguments(__doc__.split("\n\n")[0], with_name=False)
+    setup_logging(args.verbose)
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         listener = Listener(resolve(args.rabbit_host), show)
-    except BrokerError as exc:
-        print(f"receive: {exc}", file=sys.stderr)
-        return 1
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        # Ask the listener to stop rather than raise: an exception raised in
-        # the middle of pika's I/O could leave the connection stuck.
-        if not stopping:
-            stopping.append(True)
-            listener.stop()
-
-    stopping: list[bool] = []
-    # Ctrl-C and SIGTERM (docker stop, kill) alike. SIGINT explicitly, too: a
-    # shell starting us in the background ignores it.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    try:
+        on_signals(listener.stop)
         listener.run()
     except BrokerError as exc:
         print(f"receive: {exc}", file=sys.stderr)
