@@ -1,20 +1,25 @@
 """Publish messages to the durable queue ``pc`` and wait for the broker's confirms.
 
 Pairs with pc/consumer.py; run it before or after the consumer, as often as
-you like.
+you like: the queue keeps the messages until a consumer takes them.
 
     python pc/producer.py my awesome message     # one message
     python pc/producer.py --count 10000 batch    # 'batch 1' .. 'batch 10000'
 
 Guarantee: exit status 0 means the broker has taken every message into the
 durable queue as a persistent message (publisher confirms), so it survives a
-broker restart. Confirms are pipelined: up to WINDOW messages are in flight at
-once, rather than one round trip per message. If the connection drops, the
-producer reconnects and publishes the unconfirmed messages again, so a consumer
-may see one twice but never misses one. Anything else ends in exit status 1
-with the reason: a message the broker returns (no queue ``pc`` to take it), or
-a broker that blocks the connection (memory or disk alarm) for longer than
-BLOCKED_FOR seconds (``?blocked_connection_timeout=`` in AMQP_URL overrides it).
+broker restart. If the connection drops, the unconfirmed messages are
+published again on the next one: a consumer may see one twice, never miss one.
+Anything else ends in exit status 1 with the reason: a message the broker
+returns (no queue ``pc`` to take it), or a broker that blocks the connection
+(memory or disk alarm) for longer than BLOCKED_FOR seconds
+(``?blocked_connection_timeout=`` in AMQP_URL overrides it).
+
+Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
+pipelined. Up to WINDOW messages are in flight at once and each confirm that
+comes back lets another one go, rather than one network round trip per
+message. The callbacks below run in the order things happen: connection
+open -> channel open -> confirms on -> queue declared -> publish -> confirm.
 
 Messages are plain UTF-8 text (content type ``text/plain``), readable by any
 client in any language.
@@ -37,19 +42,19 @@ from pc.workqueue import QUEUE, QUEUE_ARGUMENTS, inequivalent
 
 LOGGER = logging.getLogger("pc.producer")
 
+# Persistent: written to disk, so it survives a broker restart.
+PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
 # Unconfirmed messages allowed in flight; bounds memory on both sides, and
 # what goes round again after a reconnect. The broker confirms persistent
 # messages once they are on disk, in batches: a window of a few thousand keeps
 # us publishing while it writes.
 WINDOW = 5000
-# After losing the broker mid-run, keep trying this long before giving up.
-RECONNECT_FOR = 30.0
-MAX_BACKOFF = 5.0
 # A broker short of memory or disk stops reading from publishers until it
 # recovers; give up after this long, rather than wait silently for ever.
 BLOCKED_FOR = 60.0
-# Persistent: written to disk, so it survives a broker restart.
-PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
+# After losing the broker mid-run, keep trying this long before giving up.
+RECONNECT_FOR = 30.0
+MAX_BACKOFF = 5.0
 
 
 class Publisher:
@@ -81,7 +86,144 @@ class Publisher:
     def confirmed(self) -> int:
         return self._confirmed
 
+    # The story, in the order things happen ---------------------------------
+
+    def _connect(self, node: pika.URLParameters) -> None:
+        """Open a connection; each step below is the callback of the one before."""
+        self._connection = pika.SelectConnection(
+            node,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed,
+        )
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        self._ever_connected = self._opened = True
+        # A channel: the session we declare, publish and receive confirms on.
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        self._next_tag = 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        # A mandatory message the broker cannot route comes back here (basic.return).
+        channel.add_on_return_callback(self._on_returned)
+        # Publisher confirms: the broker now acks (or nacks) every message we
+        # publish on this channel, numbered 1, 2, 3... as we publish them.
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare())
+
+    def _declare(self) -> None:
+        assert self._channel is not None
+        self._declared = False
+        # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
+        # whichever starts first creates it. After a reconnection, only check
+        # that it is still there (passive): if it was deleted, so were the
+        # messages confirmed into it, and creating it again would hide that.
+        self._channel.queue_declare(
+            QUEUE,
+            durable=True,
+            arguments=QUEUE_ARGUMENTS,
+            passive=self._ever_declared,
+            callback=self._on_declared,
+        )
+
+    def _on_declared(self, _frame: Method) -> None:
+        self._declared = self._ever_declared = True
+        self._publish()
+
+    def _publish(self) -> None:
+        assert self._channel is not None
+        while self._todo and len(self._in_flight) < WINDOW:
+            index = self._todo.pop()
+            # The default exchange ("") routes by queue name. mandatory: if
+            # the queue is gone, the broker returns the message instead of
+            # confirming it into the void.
+            self._channel.basic_publish("", QUEUE, self._bodies[index], PROPERTIES, mandatory=True)
+            self._in_flight[self._next_tag] = index
+            self._next_tag += 1
+
+    def _on_confirm(self, frame: Method) -> None:
+        if self._failure is not None:
+            return  # e.g. the ack that follows a returned message: we are closing
+        method = frame.method
+        # One confirm may cover many messages: every tag up to this one (multiple).
+        tags = (
+            [tag for tag in self._in_flight if tag <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        if isinstance(method, pika.spec.Basic.Nack):
+            self._fail(BrokerError(f"the broker refused {len(tags)} message(s)"))
+            return
+        for tag in tags:
+            del self._in_flight[tag]
+        self._confirmed += len(tags)
+        if self._confirmed == len(self._bodies):
+            assert self._connection is not None
+            self._connection.close()  # all confirmed: run() returns
+        else:
+            self._publish()  # room in the window: send the next ones
+
+    def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
+        # The broker still acks a returned message (it was handled: by
+        # dropping it), so stop before that ack counts as delivered.
+        self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
+
+    # What goes wrong -------------------------------------------------------
+
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        # A channel error will not go away by retrying.
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
+                self._fail(BrokerError(inequivalent(reason.reply_text)))
+            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND, on reconnecting
+                self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
+            else:
+                self._fail(BrokerError(f"the broker closed the channel: {reason}"))
+
+    def _fail(self, error: BrokerError) -> None:
+        if self._failure is None:
+            self._failure = error
+        assert self._connection is not None
+        if self._connection.is_open:
+            self._connection.close()
+        elif self._connection.is_closed:
+            self._connection.ioloop.stop()
+        # else it is closing already: _on_connection_closed stops the loop.
+
+    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
+        LOGGER.warning(
+            "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
+            frame.method.reason,
+            connection.params.blocked_connection_timeout,
+        )
+
+    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        LOGGER.info("the broker has unblocked this connection")
+
+    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
+        self._attempts.append(error)
+        if not self._ever_connected and len(self._attempts) == len(self._nodes):
+            # No node was ever reachable: say why at once instead of retrying.
+            self._failure = explain(self._url, *self._attempts)
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._failure is None:
+            timeout = connection.params.blocked_connection_timeout
+            self._failure = BrokerError(
+                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
+            )
+        elif self._confirmed < len(self._bodies) and self._failure is None:
+            LOGGER.warning("connection closed: %s", reason)
+        connection.ioloop.stop()  # back to run()
+
+    # Reconnection ----------------------------------------------------------
+
     def run(self) -> None:
+        """Connect and publish until every body is confirmed; on a lost connection, again."""
         lost_since: float | None = None
         backoff = 0.5
         self._nodes = parameters(self._url)
@@ -91,15 +233,9 @@ class Publisher:
         while self._confirmed < len(self._bodies):
             self._opened = False
             self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
-            self._connection = pika.SelectConnection(
-                self._nodes[-1],
-                on_open_callback=self._on_connection_open,
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_connection_closed,
-            )
-            self._connection.add_on_connection_blocked_callback(self._on_blocked)
-            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
-            self._connection.ioloop.start()
+            self._connect(self._nodes[-1])
+            assert self._connection is not None
+            self._connection.ioloop.start()  # the callbacks run until one stops the loop
             if self._failure is not None:
                 raise self._failure
             if self._confirmed == len(self._bodies):
@@ -122,123 +258,6 @@ class Publisher:
             LOGGER.info("reconnecting in %.1f s; %d unconfirmed to publish again", backoff, unconfirmed)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
-
-    # Connection and channel set-up -----------------------------------------
-
-    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._ever_connected = self._opened = True
-        connection.channel(on_open_callback=self._on_channel_open)
-
-    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        self._attempts.append(error)
-        if not self._ever_connected and len(self._attempts) == len(self._nodes):
-            # No node was ever reachable: say why at once instead of retrying.
-            self._failure = explain(self._url, *self._attempts)
-        connection.ioloop.stop()
-
-    def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._failure is None:
-            timeout = connection.params.blocked_connection_timeout
-            self._failure = BrokerError(
-                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
-            )
-        elif self._confirmed < len(self._bodies) and self._failure is None:
-            LOGGER.warning("connection closed: %s", reason)
-        connection.ioloop.stop()
-
-    def _on_channel_open(self, channel: Channel) -> None:
-        self._channel = channel
-        self._next_tag = 1
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_returned)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare())
-
-    def _declare(self) -> None:
-        assert self._channel is not None
-        self._declared = False
-        # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
-        # whichever starts first creates it. After a reconnection, only check
-        # that it is still there: if it was deleted, so were the messages
-        # confirmed into it, and creating it again would hide that.
-        self._channel.queue_declare(
-            QUEUE,
-            durable=True,
-            arguments=QUEUE_ARGUMENTS,
-            passive=self._ever_declared,
-            callback=self._on_declared,
-        )
-
-    def _on_declared(self, _frame: Method) -> None:
-        self._declared = self._ever_declared = True
-        self._publish()
-
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        # A channel error will not go away by retrying.
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
-                self._fail(BrokerError(inequivalent(reason.reply_text)))
-            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND, on reconnecting
-                self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
-            else:
-                self._fail(BrokerError(f"the broker closed the channel: {reason}"))
-
-    # Publishing and confirms -----------------------------------------------
-
-    def _publish(self) -> None:
-        assert self._channel is not None
-        while self._todo and len(self._in_flight) < WINDOW:
-            index = self._todo.pop()
-            # mandatory: if the queue vanished, the broker returns the message
-            # instead of confirming it into the void.
-            self._channel.basic_publish("", QUEUE, self._bodies[index], PROPERTIES, mandatory=True)
-            self._in_flight[self._next_tag] = index
-            self._next_tag += 1
-
-    def _on_confirm(self, frame: Method) -> None:
-        if self._failure is not None:
-            return  # e.g. the ack that follows a returned message: we are closing
-        method = frame.method
-        tags = (
-            [tag for tag in self._in_flight if tag <= method.delivery_tag]
-            if method.multiple
-            else [method.delivery_tag]
-        )
-        if isinstance(method, pika.spec.Basic.Nack):
-            self._fail(BrokerError(f"the broker refused {len(tags)} message(s)"))
-            return
-        for tag in tags:
-            del self._in_flight[tag]
-        self._confirmed += len(tags)
-        if self._confirmed == len(self._bodies):
-            assert self._connection is not None
-            self._connection.close()
-        else:
-            self._publish()
-
-    def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
-        self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
-
-    def _fail(self, error: BrokerError) -> None:
-        if self._failure is None:
-            self._failure = error
-        assert self._connection is not None
-        if self._connection.is_open:
-            self._connection.close()
-        elif self._connection.is_closed:
-            self._connection.ioloop.stop()
-        # else it is closing already: _on_connection_closed stops the loop.
-
-    # Plumbing --------------------------------------------------------------
-
-    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
-        LOGGER.warning(
-            "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
-            frame.method.reason,
-            connection.params.blocked_connection_timeout,
-        )
-
-    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
-        LOGGER.info("the broker has unblocked this connection")
 
 
 def main() -> int:
