@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import sys
+from collections.abc import Callable, Iterator
 
 import pika
 import pytest
 
 from tests.conftest import (
+    ROOT,
     BrokerNode,
+    Proc,
     Spawn,
     messages_ready,
     queue_is_empty,
@@ -17,6 +22,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
+from tests.docs import doc_command
 from tests.faults.conftest import blocked_connections, memory_alarm
 
 RECEIVED = re.compile(r"#(\d+) received '(.*)'( \(redelivered\))?$")
@@ -36,6 +42,105 @@ def stop(consumer) -> None:
 def produce(spawn: Spawn, *args: str, **kwargs) -> None:
     proc = run_to_end(spawn, "pc/producer.py", *args, **kwargs)
     assert proc.popen.returncode == 0, proc.output
+
+
+# The commands the pages show, run as written ---------------------------------
+
+OUTPUT_OF = re.compile(r"<!--\s*output of:\s*(.*?)\s*-->\s*\n```text\n(.*?)^```", re.M | re.S)
+
+
+def output_shown(page: str, command: str) -> list[str]:
+    """The lines of the ```text block that ``page`` marks ``<!-- output of: COMMAND -->``."""
+    blocks = [body for cmd, body in OUTPUT_OF.findall((ROOT / page).read_text()) if cmd == command]
+    assert blocks, f"{page} shows no output of {command!r}"
+    return blocks[0].splitlines()
+
+
+def masked(line: str) -> str:
+    """A log line with what changes from run to run (time, broker address, speed) masked."""
+    line = re.sub(r"^\d\d:\d\d:\d\d ", "HH:MM:SS ", line)
+    line = re.sub(r" at amqps?://\S+?(;|$| )", r" at URL\1", line)
+    return re.sub(r"in [\d.]+ s \(\d+ msg/s", "in S s (N msg/s", line)
+
+
+def assert_shows(lines: list[str], shown: list[str]) -> None:
+    """The shown lines appear in ``lines``, masked, in order; ``...`` on the page stands for any lines."""
+    actual = [masked(line) for line in lines]
+    at = 0
+    for i, line in enumerate(shown):
+        if line == "...":
+            continue
+        want = masked(line)
+        # Right after a line (not after "..."), the next shown line must be the next line.
+        window = actual[at:] if i == 0 or shown[i - 1] == "..." else actual[at : at + 1]
+        assert want in window, f"the page shows {line!r}, the script printed:\n" + "\n".join(lines)
+        at += window.index(want) + 1
+
+
+@pytest.fixture
+def shell(amqp_url: str) -> Iterator[Callable[[str], Proc]]:
+    """Run a command as a page shows it: in bash, the venv's python first on PATH (as with pyclassrc)."""
+    started: list[Proc] = []
+
+    def _run(command: str) -> Proc:
+        env = {
+            **os.environ,
+            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "AMQP_URL": amqp_url,
+        }
+        proc = Proc(["bash", "-c", command], env, stdin=False)
+        started.append(proc)
+        return proc
+
+    yield _run
+    for proc in started:
+        proc.kill()
+
+
+@pytest.mark.parametrize("page", ["docs/pc.md", "README.md"])
+def test_the_lesson_runs_as_the_page_shows(shell: Callable[[str], Proc], amqp_url: str, page: str) -> None:
+    consumer = shell(doc_command("python pc/consumer.py"))
+    consumer.wait_for("waiting for messages")
+    one = shell(doc_command("python pc/producer.py my awesome message"))
+    assert one.wait(30) == 0, one.output
+    if page == "docs/pc.md":
+        many = shell(doc_command("python pc/producer.py --count 10000 batch"))
+        assert many.wait(120) == 0, many.output
+        consumer.wait_for("received 'batch 10000'", 60)
+        assert_shows(one.stderr_lines, output_shown(page, "python pc/producer.py my awesome message"))
+        assert_shows(many.stderr_lines, output_shown(page, "python pc/producer.py --count 10000 batch"))
+    else:
+        consumer.wait_for("received 'my awesome message'")
+    consumer.signal(signal.SIGINT)  # Ctrl-C
+    assert consumer.wait() == 0, consumer.output
+    assert_shows(consumer.stderr_lines, output_shown(page, "python pc/consumer.py"))
+    assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
+
+
+def test_two_slow_consumers_share_the_work_and_take_it_back_as_the_page_shows(
+    shell: Callable[[str], Proc],
+) -> None:
+    first = shell(doc_command("python pc/consumer.py --work 2"))
+    first.wait_for("waiting for messages")
+    second = shell(doc_command("python pc/consumer.py --work 2"))
+    second.wait_for("waiting for messages")
+    assert shell(doc_command("python pc/producer.py --count 4 task")).wait(30) == 0
+    # The broker deals the four out in turn, two to each at once (prefetch);
+    # each consumer handles its first for 2 s before it even logs its second.
+    wait_until(lambda: len(received(first)) + len(received(second)) == 2, 15, "one message each")
+    killed = first if received(first) == ["task 1"] else second
+    survivor = second if killed is first else first
+    assert (received(killed), received(survivor)) == (["task 1"], ["task 2"])
+    killed.signal(signal.SIGKILL)  # while it handles 'task 1': neither of its two was acked
+    killed.wait()
+    survivor.wait_for("received 'task 3' \\(redelivered\\)", 20)
+    assert received(survivor) == ["task 2", "task 4", "task 1", "task 3"]
+    assert_shows(survivor.stderr_lines, output_shown("docs/pc.md", "python pc/consumer.py --work 2"))
+
+
+# The behaviour behind the lesson ----------------------------------------------
 
 
 def test_messages_sent_before_the_consumer_starts_arrive_in_order(spawn: Spawn, amqp_url: str) -> None:
