@@ -1,13 +1,29 @@
-"""A distop server offering three sample ops: ``nop``, ``pow`` and ``plusone``.
+"""A distop server: it takes chunks off the work queue, runs the op they name, and replies.
 
-Start one or more (each takes one chunk at a time), before or after a client:
+Pairs with distop/client.py and distop/caller.py; start one or more servers, before or after them
+(chunks wait in the queue). Guarantee: a chunk is acked only after its reply is published, so a
+server that dies mid-chunk loses nothing: the broker gives the chunk to another server.
 
     python distop/callee.py                  # broker from AMQP_URL, else localhost
     python distop/callee.py rabbit.example   # or a host name / amqp(s):// URL
 
-Ctrl-C or SIGTERM stops it after the chunk in hand (a second one at once; the
-chunk then goes back to the queue). Pairs with distop/caller.py and
-distop/client.py.
+What happens to each chunk (the calls are in OpExecutor, distop/ops.py):
+
+1. The server declares the work queue WORK_QUEUE, "distop.chunks": durable, a quorum queue
+   with a delivery limit, so a chunk that kills every server that takes it is dead-lettered.
+   Every server declares and consumes the same queue, so they share its chunks.
+2. It consumes with prefetch 1: the broker hands it one chunk at a time, so a free server gets
+   the next chunk (fair dispatch). While ops are very short, it takes one more chunk ahead.
+3. A chunk is a JSON message {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}}; its
+   properties say where the answer goes: reply_to, the client's private reply queue, and
+   correlation_id, "JOB_ID:START" (the job, and where the chunk starts in the job's data).
+4. The op is the method of that name below; it runs on a worker thread, so that the connection
+   (a BlockingConnection) keeps answering heartbeats during a long op.
+5. The server publishes {"result": ...} (or {"error": ...} if the op raised) to reply_to, with
+   the same correlation_id, and only then acks the chunk: the broker forgets it.
+
+Each chunk is one log line: "chunk JOB_ID:START: pow on 4 items in 0.000 s". Ctrl-C or SIGTERM
+stops it after the chunk in hand (a second one at once; the chunk then goes back to the queue).
 """
 
 from __future__ import annotations
@@ -18,20 +34,30 @@ import sys
 from typing import Any
 
 from distop.errors import BrokerError
-from distop.ops import OpExecutor
+from distop.ops import WORK_QUEUE, OpExecutor
 
 
 class SampleExecutor(OpExecutor):
-    """Each method is an op; its name is the client's OP_NAME."""
+    """Three ops. A method's name is the op's name: the client's OP_NAME picks it."""
+
+    # The queue every server of these ops consumes from (the default, shown here): servers on one
+    # queue share its chunks, so all must offer the same ops. Clients publish to the same QUEUE.
+    QUEUE = WORK_QUEUE
 
     def nop(self, chunk: list[Any]) -> list[Any]:
         return chunk
 
+    # Keyword arguments given to the client's call(esp=2) arrive as keyword arguments.
     def pow(self, chunk: list[float], esp: float = 1) -> list[float]:
         return [x**esp for x in chunk]
 
     def plusone(self, chunk: list[float]) -> list[float]:
         return [x + 1 for x in chunk]
+
+
+# --------------------------------------------------------------------------
+# Command line and logging
+# --------------------------------------------------------------------------
 
 
 def serve(executor_class: type[OpExecutor], description: str) -> int:
@@ -49,7 +75,7 @@ def serve(executor_class: type[OpExecutor], description: str) -> int:
         # pika logs expected disconnections as errors, with tracebacks.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
-        executor_class(args.rabbit_host).run()
+        executor_class(args.rabbit_host).run()  # serves until Ctrl-C or SIGTERM
     except BrokerError as exc:
         print(f"callee: {exc}", file=sys.stderr)
         return 1

@@ -1,10 +1,20 @@
-"""A distop client: two ``pow`` jobs in flight at once, collected later.
+"""A distop client with two jobs in flight at once: call() returns at once, get_result() waits.
 
-``call()`` returns at once, so the caller starts both jobs, does other work,
-and only then blocks in ``get_result()``. Needs servers (distop/callee.py);
-they may start after this script, since chunks wait in a durable queue.
+Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
+Guarantee: every chunk is processed, and a server's error comes back as an exception here.
 
     python distop/caller.py [RABBIT_HOST]
+
+What a job is, on the wire (the calls are in DistOp, distop/ops.py):
+
+- call() gives the job an id (a uuid), splits the data into chunks (split()), and publishes each
+  chunk as a persistent message to the work queue "distop.chunks", with publisher confirms.
+- Each chunk carries reply_to, the name of this client's reply queue (exclusive: the broker named
+  it for this connection and deletes it with it), and correlation_id "JOB_ID:START", the job and
+  where the chunk starts in the data. A server's reply quotes the same correlation_id, which is
+  how the client knows which job, and which place in it, a partial result belongs to.
+- So several jobs can be in flight on one client: their replies share the reply queue and are
+  told apart by job id. get_result(job_id) waits for one partial per chunk, then gather()s them.
 """
 
 from __future__ import annotations
@@ -15,18 +25,42 @@ import sys
 from typing import Any
 
 from distop.errors import DistOpError
-from distop.ops import DistOp
+from distop.ops import DistOp, split
 
 TIMEOUT = 60.0
 
 
 class PowOp(DistOp):
-    """Raise every item to a power, on the servers."""
+    """Raise every item to a power, on the servers: the op is SampleExecutor.pow in callee.py."""
 
     OP_NAME = "pow"
 
     def gather(self, partials: dict[int, list[Any]]) -> list[Any]:
+        # {start index: partial result}, in order: concatenate them.
         return [x for part in partials.values() for x in part]
+
+
+def start_job(op: DistOp, name: str, **params: Any) -> str:
+    """Publish a job's chunks and return its id at once; show the correlation ids its replies will carry."""
+    job_id = op.call(**params)
+    ids = ", ".join(f"{job_id[:8]}...:{start}" for start, _chunk in split(op.data, op.group_size))
+    print(f"{name}: job {job_id[:8]}..., chunks queued on {op.QUEUE!r} with correlation ids {ids}")
+    return job_id
+
+
+def run(rabbit_host: str | None) -> None:
+    with PowOp(data=list(range(10)), group_size=3, rabbit_host=rabbit_host) as op:
+        squares = start_job(op, "squares", esp=2)  # params reach the op: pow(chunk, esp=2)
+        cubes = start_job(op, "cubes", esp=3)
+        # The servers work while this process does something else.
+        print(f"meanwhile, here: sum(range(10**6)) = {sum(range(10**6))}")
+        print("squares:", op.get_result(squares, timeout=TIMEOUT))  # blocks for 3 partials
+        print("cubes:  ", op.get_result(cubes, timeout=TIMEOUT))
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
 
 
 def main() -> int:
@@ -35,15 +69,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-
     try:
-        with PowOp(data=list(range(10)), group_size=3, rabbit_host=args.rabbit_host) as op:
-            squares = op.call(esp=2)
-            cubes = op.call(esp=3)
-            print(f"started jobs {squares[:8]} and {cubes[:8]}; doing other work meanwhile")
-            print(f"other work: sum(range(10**6)) = {sum(range(10**6))}")
-            print("squares:", op.get_result(squares, timeout=TIMEOUT))
-            print("cubes:  ", op.get_result(cubes, timeout=TIMEOUT))
+        run(args.rabbit_host)
     except (DistOpError, TimeoutError) as exc:
         print(f"caller: {exc}", file=sys.stderr)
         return 1

@@ -1,14 +1,26 @@
-"""Run one distop job from the command line and print its result as JSON.
+"""Run one distop job from the command line: scatter range(SIZE) over the servers, print the result.
 
-Needs servers offering the op (distop/callee.py); they may start later.
+Pairs with distop/callee.py, the servers offering the op; start them before or after this script
+(the chunks wait in the durable work queue). Guarantee: the result is exact and complete, or the
+script says in one line why not (a server's op raised, a poison chunk, the broker, the timeout).
 
     python distop/client.py                                   # pow over range(30), 3 chunks
     python distop/client.py --op pow --param esp=3 --size 1000 --chunks 8
     python distop/client.py rabbit.example --op plusone --timeout 10
 
-A progress bar shows partial results arriving when stderr is a terminal.
-Exit status: 0 with the result, 1 when the job fails (a server's op raised,
-a poison chunk, the broker, the timeout), 2 on bad arguments.
+The job, step by step (the calls are in DistOp, distop/ops.py):
+
+1. call() splits range(SIZE) into CHUNKS chunks and publishes each one, persistent and confirmed
+   by the broker, to the work queue "distop.chunks", which the servers share; each server takes
+   one chunk at a time. call() returns the job id at once.
+2. Each server publishes its partial result to this client's reply queue (reply_to: a queue the
+   broker named for this connection), tagged with the chunk's correlation_id, "JOB_ID:START".
+3. get_result() waits until one partial per chunk has arrived. The progress bar counts them:
+   one tick per partial result taken off the reply queue. Then gather() joins them in order.
+4. A chunk that every server taking it dies on is dead-lettered after 5 deliveries; the dead
+   letter comes back to this same reply queue, and get_result() raises PoisonChunkError.
+
+Exit status: 0 with the result as JSON on stdout, 1 when the job fails, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ class ConcatOp(DistOp):
     OP_NAME = "nop"
 
     def gather(self, partials: dict[int, Any]) -> list[Any]:
+        # {start index: partial result}, already in order of start index.
         result: list[Any] = []
         for part in partials.values():
             result.extend(part if isinstance(part, list) else [part])
@@ -38,8 +51,26 @@ class ConcatOp(DistOp):
 
 
 def make_op(name: str) -> type[ConcatOp]:
-    """A ConcatOp subclass for the op called ``name``."""
+    """A ConcatOp subclass for the op called ``name`` (the servers' method of that name)."""
     return type(f"{name.title()}Op", (ConcatOp,), {"OP_NAME": name})
+
+
+def run_job(op: DistOp, params: dict[str, Any], timeout: float, quiet: bool) -> Any:
+    """Publish the job's chunks, then wait for their partial results, counting them on a progress bar."""
+    op.call(**params)  # one message per chunk on the work queue; returns at once
+    # One tick per partial result arrived on our reply queue. disable=None: only when stderr is a terminal.
+    with tqdm(total=op.group_size, unit="partial", disable=True if quiet else None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total  # fewer chunks than asked when the data is shorter
+            bar.update(done - bar.n)
+
+        return op.get_result(timeout=timeout, progress=progress)
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -89,18 +120,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
-    op_class = make_op(args.op)
     try:
-        with op_class(list(range(args.size)), args.chunks, args.rabbit_host) as op:
-            op.call(**dict(args.param))
-            # disable=None: a bar only when stderr is a terminal.
-            with tqdm(total=op.group_size, unit="chunk", disable=True if args.quiet else None) as bar:
-
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
-
-                result = op.get_result(timeout=args.timeout, progress=progress)
+        with make_op(args.op)(list(range(args.size)), args.chunks, args.rabbit_host) as op:
+            result = run_job(op, dict(args.param), args.timeout, args.quiet)
     except (DistOpError, TimeoutError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 1

@@ -5,11 +5,11 @@ logs=$(mktemp -d)
 servers=()
 trap 'kill "${servers[@]}" 2>/dev/null || true; rm -rf "$logs"' EXIT
 
-echo "--- the client starts first: its chunks wait in the durable queue"
+echo "--- the client starts first: its six chunks wait in the durable queue distop.chunks"
 python distop/client.py --op pow --param esp=2 --size 24 --chunks 6 --timeout 60 > "$logs/result" &
 client=$!
 
-echo "--- three servers start and share the six chunks"
+echo "--- three servers consume that queue and share the chunks; each replies to the client's reply queue"
 for i in 1 2 3; do
     python distop/callee.py 2> >(sed "s/^/    [server $i] /" >&2) &
     servers+=($!)

@@ -46,7 +46,7 @@ from tests.conftest import (
 )
 
 SERVER = "tests/distop_server.py"
-README = (ROOT / "README.md").read_text()
+LESSON = (ROOT / "docs" / "distop.md").read_text()
 
 
 class ListOp(DistOp):
@@ -64,21 +64,6 @@ def start_server(spawn: Spawn, *args: str, **kwargs: Any) -> Proc:
     server = spawn(SERVER, *args, **kwargs)
     server.wait_for("serving")
     return server
-
-
-def test_readme_example_runs_as_written(spawn: Spawn, tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    client = next(b for b in blocks if "class FooOp(DistOp)" in b)
-    server = next(b for b in blocks if "class FooExecutor(OpExecutor)" in b)
-    (tmp_path / "foo_caller.py").write_text(client)
-    (tmp_path / "foo_callee.py").write_text(server)
-
-    callee = spawn(str(tmp_path / "foo_callee.py"))
-    caller = run_to_end(spawn, str(tmp_path / "foo_caller.py"))
-    assert caller.popen.returncode == 0, caller.output
-    assert caller.stdout_lines == [str(list(range(30)))]
-    assert "Traceback" not in callee.output
 
 
 def test_results_come_back_in_order(spawn: Spawn, amqp_url: str) -> None:
@@ -321,11 +306,11 @@ def test_a_poison_chunk_becomes_an_error_not_a_hang(spawn: Spawn, amqp_url: str)
     assert server.wait() == 3  # the last one to take it died too
     deliveries = deaths + 1
     assert deliveries == DELIVERY_LIMIT + 1
-    # The README says the same.
-    promise = re.search(r"Poison chunks end.\*\* A chunk delivered (\d+) times.*?a (\d+)th", README, re.S)
+    # The lesson says the same.
+    promise = re.search(r"Poison chunks end.\*\* A chunk delivered (\d+) times.*?a (\d+)th", LESSON, re.S)
     assert promise is not None
     assert (int(promise[1]), int(promise[2])) == (deliveries, deliveries + 1)
-    assert f"more than `DELIVERY_LIMIT`, {DELIVERY_LIMIT}, times" in " ".join(README.split())
+    assert f"more than `DELIVERY_LIMIT`, {DELIVERY_LIMIT}, times" in " ".join(LESSON.split())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
