@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pika
 import pytest
@@ -26,6 +26,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
+from tests.docs import doc_command
 from tests.faults.conftest import memory_alarm
 
 EXCHANGE = "pikachat"
@@ -581,3 +582,88 @@ def test_a_channel_closed_under_a_blocked_line_costs_one_line(
     assert sender.count("'two'") == 2  # blocked, then not sent
     assert sender.stderr_lines[-1].endswith("1 line(s) could not be sent")
     assert "Traceback" not in sender.output
+
+
+# The lesson page's commands, run as written, and what it says you will see.
+
+PAGE = (ROOT / "docs/pikachat.md").read_text()
+RECEIVER_SEES = """\
+10:41:00 INFO listening on exchange 'pikachat' at amqp://guest@localhost:5672/%2F
+10:41:09 * misty joined
+10:41:12 misty: hi all
+10:41:15 brock: hi misty
+10:41:20 ash: hello everyone
+10:41:20 ash: bye
+10:41:30 * misty left
+"""
+NOBODY_HEARS = (
+    "10:40:58 INFO sending to exchange 'pikachat' at amqp://guest@localhost:5672/%2F as ash;"
+    " one message per line, Ctrl-D to end\n"
+    "10:40:58 WARNING 'hello?' reached no one: nobody is listening\n"
+)
+
+
+def masked(lines: list[str]) -> list[str]:
+    """Lines with the clock and the broker's address masked: they differ from run to run."""
+    lines = [CLOCK.sub(r"HH:MM:SS \2", line) for line in lines]
+    return [re.sub(r" at amqp://\S+", " at URL", line) for line in lines]
+
+
+@pytest.fixture
+def shell(amqp_url: str) -> Iterator[Callable[..., Proc]]:
+    """Run a command line as a page shows it, with the venv's python first on PATH; killed at the end."""
+    started: list[Proc] = []
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "AMQP_URL": amqp_url,
+    }
+
+    def run(command: str, stdin: bool = False) -> Proc:
+        proc = Proc(["bash", "-c", command], env, stdin)
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        proc.kill()
+
+
+def test_the_lesson_runs_as_the_page_shows(shell: Callable[..., Proc]) -> None:
+    assert RECEIVER_SEES in PAGE
+    assert RECEIVER_SEES in (ROOT / "README.md").read_text()
+    receiver = shell(doc_command("python pikachat/receive.py"))
+    receiver.wait_for(READY, stream="stderr")
+    misty = shell(doc_command("python pikachat/chat.py --name misty"), stdin=True)
+    receiver.wait_for(r"\* misty joined$")
+    misty.send("hi all")
+    receiver.wait_for(r"misty: hi all$")
+    brock = shell(doc_command("python pikachat/send.py --name brock"), stdin=True)
+    brock.send("hi misty")
+    receiver.wait_for(r"brock: hi misty$")
+    brock.close_stdin()  # Ctrl-D
+    assert brock.wait() == 0, brock.output
+    ash = shell(doc_command(r"printf 'hello everyone\nbye\n' | python pikachat/send.py --name ash"))
+    assert ash.wait() == 0, ash.output
+    misty.wait_for(r"ash: bye$")
+    misty.close_stdin()
+    assert misty.wait() == 0, misty.output
+    receiver.wait_for(r"\* misty left$")
+    receiver.signal(signal.SIGINT)
+    assert receiver.wait() == 0, receiver.output
+
+    expected = masked(RECEIVER_SEES.splitlines())
+    assert masked(receiver.stderr_lines[:1]) == expected[:1]
+    assert masked(receiver.stdout_lines) == expected[1:]
+    # chat.py shows the same, less misty's own lines.
+    others = [line for line in expected[1:] if not re.search(r"misty:|\* misty", line)]
+    assert masked(misty.stdout_lines) == others
+
+
+def test_a_line_nobody_hears_comes_back_as_the_page_shows(shell: Callable[..., Proc]) -> None:
+    assert NOBODY_HEARS in PAGE
+    sender = shell(doc_command(r"printf 'hello?\n' | python pikachat/send.py --name ash"))
+    assert sender.wait() == 0, sender.output
+    assert masked(sender.stderr_lines) == masked(NOBODY_HEARS.splitlines())
