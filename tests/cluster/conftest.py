@@ -13,6 +13,7 @@ again for the next one. Every node is killed at the end, whatever happened.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import tempfile
@@ -42,8 +43,12 @@ class ClusterNode(BrokerNode):
         assert self.process is not None
         pid = int((self.base / "beam.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
+        # Then whatever else runs in the node's process group (the server
+        # script, the VM's helper processes): one of them may hold the node's
+        # listening socket, where new connections would hang instead of being refused.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
-        self.kill()  # whatever the VM left behind in its process group
 
     def __repr__(self) -> str:
         return self.name
