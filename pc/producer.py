@@ -66,12 +66,14 @@ class Publisher:
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        self._url = url
+        # What to publish, and where each message stands.
         self._bodies = bodies
         self._todo = list(range(len(bodies)))[::-1]  # a stack: next index at the end
-        self._in_flight: dict[int, int] = {}  # delivery tag -> body index
-        self._next_tag = 1
+        self._in_flight: dict[int, int] = {}  # published, not confirmed: delivery tag -> body index
+        self._next_tag = 1  # the broker numbers a channel's messages 1, 2, 3... for its confirms
         self._confirmed = 0
+        # The connection, and what went wrong with it.
+        self._url = url
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None
         self._failure: BrokerError | None = None
@@ -84,6 +86,7 @@ class Publisher:
 
     @property
     def confirmed(self) -> int:
+        """How many messages the broker has confirmed so far."""
         return self._confirmed
 
     # The story, in the order things happen ---------------------------------
