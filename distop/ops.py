@@ -776,6 +776,7 @@ class OpExecutor:
         self._long_op_check: object = None  # the timer that looks again at SHORT_OP into it
         self._waiting: collections.deque[_Chunk] = collections.deque()  # received, not started
         self._consumers: list[str] = []  # ours on self._channel: 2 while taking a chunk ahead
+        self._ahead: str | None = None  # the one of them that takes a chunk ahead
         self._short_ops = 0  # ops in a row shorter than SHORT_OP
         self._channel: BlockingChannel | None = None  # the channel that replies go out on
         self._announced = False
@@ -875,7 +876,7 @@ class OpExecutor:
         """
         # Chunks waiting from a closed channel are back in the queue.
         self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is channel)
-        self._consumers = []  # cancelled, or on a closed channel
+        self._consumers, self._ahead = [], None  # cancelled, or on a closed channel
         # A chunk still running from a closed channel, or a long op, finishes
         # first, so that the next one does not wait unacknowledged behind it.
         self._wait_for_chunk_in_hand(connection)
@@ -896,7 +897,7 @@ class OpExecutor:
         channel = self._channel
         if self._stopping.is_set() and channel is not None and channel.is_open:
             channel.stop_consuming()
-            self._consumers = []
+            self._consumers, self._ahead = [], None
         if connection.is_open:
             connection.call_later(0.5, lambda: self._tick(connection))
 
@@ -909,33 +910,46 @@ class OpExecutor:
         while self._in_hand is not None and not self._aborting.is_set():
             connection.process_data_events(time_limit=0.5)
 
-    def _add_consumer(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+    def _add_consumer(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
+    ) -> None:
         on_message = functools.partial(self._on_message, connection)
-        self._consumers.append(channel.basic_consume(self.QUEUE, on_message))
+        # A lower priority: the broker gives it a chunk only while every
+        # server's first consumer has one.
+        arguments = {"x-priority": -1} if ahead else None
+        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
+        self._consumers.append(consumer)
+        if ahead:
+            self._ahead = consumer
 
     def _cancel_consumer(self, channel: BlockingChannel, consumer: str) -> None:
         """Cancel one of our consumers, only ever one holding a chunk: nothing is on its way to it."""
         if consumer in self._consumers and channel.is_open:
             self._consumers.remove(consumer)
+            if consumer == self._ahead:
+                self._ahead = None
             channel.basic_cancel(consumer)
 
     # Pipelining. With one chunk at a time, each ack must settle through the
     # quorum queue's log before the next chunk comes: for short ops, most of a
     # server's time. So while ops are short, a second consumer (prefetch 1
     # too: basic_qos changes only consumers created after it) takes the next
-    # chunk while this one runs. A chunk must never wait behind a long op while
+    # chunk while this one runs, but only when every server has one already
+    # (consumer priority). A chunk must never wait behind a long op while
     # another server could run it: see _on_long_op.
 
     def _pipeline_if_short(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         if (
-            0 < len(self._consumers) < self.MAX_PREFETCH  # a second consumer, not a first
+            self._consumers
+            and self._ahead is None
+            and self.MAX_PREFETCH > 1
             and self._short_ops >= SHORT_OPS_TO_PIPELINE
             and not self._stopping.is_set()
             and channel is self._channel
             and channel.is_open
         ):
             LOGGER.debug("ops are short: taking a chunk ahead")
-            self._add_consumer(connection, channel)
+            self._add_consumer(connection, channel, ahead=True)
 
     def _on_long_op(self, channel: BlockingChannel, tag: int) -> None:
         """The op in hand has run SHORT_OP: take no chunk ahead, and give back any waiting behind it."""
@@ -949,8 +963,8 @@ class OpExecutor:
                 LOGGER.debug("gave back a chunk waiting behind a long op")
                 self._waiting.remove(chunk)
                 channel.basic_reject(chunk.tag, requeue=True)
-        if len(self._consumers) > 1:
-            self._cancel_consumer(channel, self._in_hand_from)
+        if len(self._consumers) > 1 and self._in_hand_from == self._ahead:
+            self._cancel_consumer(channel, self._ahead)  # it holds the op in hand
 
     def _on_message(
         self,
@@ -1065,8 +1079,19 @@ class OpExecutor:
             return
         reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
         current.basic_publish("", props.reply_to, body, reply_props)
+        # Left with only the consumer that takes chunks ahead (a long op made
+        # us cancel the other): swap it for a first consumer while it holds this chunk.
+        swap = (
+            channel is current
+            and self._consumers == [self._in_hand_from] == [self._ahead]
+            and not self._stopping.is_set()
+        )
+        if swap:
+            self._cancel_consumer(channel, self._in_hand_from)
         if channel is current:
             channel.basic_ack(tag)
+        if swap:
+            self._add_consumer(connection, current)
         while self._waiting and self._waiting[0].channel is not current:
             self._waiting.popleft()  # back in the queue with its channel
         if self._waiting:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from distop.ops import WORK_QUEUE, DistOp
-from tests.conftest import Spawn, rabbitmqctl, wait_until
+from tests.conftest import Spawn, messages_ready, rabbitmqctl, wait_until
 
 SERVER = "tests/distop_server.py"
 LONG_OP = 1.0  # seconds: far longer than a round trip to the broker
@@ -37,17 +37,25 @@ def short_jobs(amqp_url: str) -> None:
             assert op.get_result(timeout=60) == list(range(400))
 
 
-def test_a_server_takes_a_chunk_ahead_while_ops_are_short_and_stops_at_a_long_one(
-    spawn: Spawn, amqp_url: str, vhost: str
+def test_a_server_takes_a_chunk_ahead_while_ops_are_short_and_gives_it_back_behind_a_long_one(
+    spawn: Spawn, amqp_url: str, vhost: str, tmp_path: Path
 ) -> None:
     spawn(SERVER).wait_for("serving")
     wait_until(lambda: consumers(vhost) == 1, 10, "the server's consumer")
     short_jobs(amqp_url)
     wait_until(lambda: consumers(vhost) == 2, 10, "a second consumer after short ops")
-    with SleepOp([0], 1, amqp_url) as op:
-        op.call(seconds=LONG_OP)
-        wait_until(lambda: consumers(vhost) == 1, LONG_OP, "one consumer again during a long op")
-        assert op.get_result(timeout=30) == [0]
+    log = tmp_path / "runs.log"
+    with SleepOp([0], 1, amqp_url) as long_op, ListOp([1], 1, amqp_url) as short_op:
+        # Long enough for rabbitmqctl to look, even on a busy machine.
+        long_op.call(seconds=5 * LONG_OP, log=str(log))
+        wait_until(log.exists, 10, "the long op to start")
+        short_op.call()
+        # The second consumer took the short chunk, then gave it back rather than keep it waiting.
+        wait_until(lambda: consumers(vhost) == 1, 4 * LONG_OP, "one consumer again during a long op")
+        assert messages_ready(amqp_url, WORK_QUEUE) == 1
+        assert long_op.get_result(timeout=30) == [0]
+        assert short_op.get_result(timeout=30) == [1]
+    assert log.read_text().splitlines() == ["start 0"]
 
 
 def test_a_chunk_never_waits_behind_a_long_op(spawn: Spawn, amqp_url: str, tmp_path: Path) -> None:
