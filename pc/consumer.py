@@ -12,9 +12,10 @@ handled, so a consumer that dies with messages in hand loses none of them: the
 broker delivers them again (marked "redelivered") to the next consumer. Acks
 go out in batches (see ACK_EVERY), so the price is that a message may be
 handled twice: those handled since the last ack, fewer than ACK_EVERY per
-crash. If the broker goes away, the consumer reconnects with back-off; if the
-broker cancels it (the queue was deleted), it declares the queue again and
-consumes again.
+crash. A message that kills every consumer taking it is delivered at most 6
+times, then moved to the queue ``pc.dead`` (pc/workqueue.py). If the broker
+goes away, the consumer reconnects with back-off; if the broker cancels it
+(the queue was deleted), it declares the queue again and consumes again.
 
 Any body is shown and acknowledged: UTF-8 text as text, anything else as
 escaped bytes. No message is dropped for its format.
@@ -39,7 +40,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from pc.broker import BrokerError, connect, redact, resolve
-from pc.workqueue import QUEUE, QUEUE_ARGUMENTS, inequivalent
+from pc.workqueue import (
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    QUEUE,
+    QUEUE_ARGUMENTS,
+    inequivalent,
+)
 
 LOGGER = logging.getLogger("pc.consumer")
 
@@ -62,20 +69,24 @@ MAX_BACKOFF = 5.0
 SHOW_AT_MOST = 1000
 
 
+# Set by Ctrl-C or SIGTERM (see main): take no more messages, close, exit 0.
+STOPPING = threading.Event()
+
+
 # The story: declare, consume, handle, ack ----------------------------------
 
 
-def listen(
-    connection: pika.BlockingConnection, quiet: bool, work: float, stopping: threading.Event
-) -> tuple[Acker, threading.Event]:
+def listen(connection: pika.BlockingConnection, quiet: bool, work: float) -> tuple[Acker, threading.Event]:
     """Declare the queue and consume from it on a new channel.
 
     Returns the channel's Acker, and an Event set if the broker cancels the consumer.
     """
     channel = connection.channel()
-    # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
-    # whichever starts first creates it.
     try:
+        # Where pc sends a message over its delivery limit (pc/workqueue.py).
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+        # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
+        # whichever starts first creates it.
         channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 406:  # PRECONDITION_FAILED: it exists with other arguments
@@ -85,103 +96,68 @@ def listen(
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
     acker = Acker(channel)
-    # The broker cancels our consumer if the queue is deleted; without a
-    # callback, pika's BlockingChannel would then wait silently forever.
+    # Consumer cancel notification: the broker tells us when it ends our
+    # consumer (the queue was deleted); without a callback, pika's
+    # BlockingChannel would then wait silently forever.
     cancelled = threading.Event()
     channel.add_on_cancel_callback(lambda _frame: cancelled.set())
     # Manual acks (auto_ack=False, the default): a message stays the broker's
     # until we ack it, and goes to another consumer if we die first.
-    channel.basic_consume(QUEUE, make_handler(acker, quiet, work, stopping))
+    channel.basic_consume(QUEUE, make_handler(acker, quiet, work))
     return acker, cancelled
 
 
-def make_handler(acker: Acker, quiet: bool, work: float, stopping: threading.Event):
+def make_handler(acker: Acker, quiet: bool, work: float):
     """Return the on-message callback: handle, then ack."""
 
     def on_message(
         channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
     ) -> None:
-        if stopping.is_set():
+        if STOPPING.is_set():
             return  # not acked: it goes back to the queue when we close
         if not quiet:
             note = " (redelivered)" if method.redelivered else ""
             LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
-        # Stands in for real work, cut short by Ctrl-C (then not acked). Work
-        # much longer than the heartbeat interval belongs on another thread
-        # (see distop).
-        if work and stopping.wait(work):
-            return
+        if not pretend_to_work(work):
+            return  # cut short by Ctrl-C: not acked
         # Ack after handling, never before. The simple form is
         #     channel.basic_ack(delivery_tag=method.delivery_tag)
-        # Acker sends the same ack for a batch of handled messages at once.
+        # Acker (below) sends the same ack for a batch of handled messages at once.
         acker.handled(method.delivery_tag)
 
     return on_message
 
 
-class Acker:
-    """Acknowledges handled messages on one channel in batches (an ack each ran at a third of the speed).
-
-    A multi-ack of delivery tag T acknowledges every unacknowledged delivery
-    up to T on the channel. Deliveries are handled one at a time, in order, so
-    each of those has been handled (or rejected already): the ack still comes
-    only after handling.
-    """
-
-    def __init__(self, channel: BlockingChannel) -> None:
-        self.channel = channel
-        self._last_tag = 0
-        self._waiting = 0  # handled, not yet acknowledged
-        self._acked_at = time.monotonic()
-
-    def handled(self, delivery_tag: int) -> None:
-        """Note that a message has been handled; ack the batch if it is due."""
-        self._last_tag = delivery_tag
-        self._waiting += 1
-        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
-            self.flush()
-        elif self._waiting == 1:
-            # In case no other message comes to fill the batch.
-            self.channel.connection.call_later(ACK_DELAY, self.flush)
-
-    def flush(self) -> None:
-        """Acknowledge every handled message not acknowledged yet."""
-        if self._waiting and self.channel.is_open:
-            self.channel.basic_ack(self._last_tag, multiple=True)
-            self._waiting = 0
-            self._acked_at = time.monotonic()
-
-
 # Reconnection and plumbing -------------------------------------------------
 
 
-def consume(url: str, stopping: threading.Event, quiet: bool = False, work: float = 0.0) -> None:
-    """Consume until ``stopping`` is set; reconnect if the broker goes away.
+def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
+    """Consume until STOPPING is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails or the broker stays away
     for RECONNECT_FOR seconds.
     """
     lost_since: float | None = None
     backoff = 0.5
-    while not stopping.is_set():
+    while not STOPPING.is_set():
         try:
             connection = connect(url)
         except BrokerError:
             if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
                 raise
             LOGGER.info("broker still unreachable; retrying in %.1f s", backoff)
-            stopping.wait(backoff)
+            STOPPING.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         lost_since, backoff = None, 0.5
         acker: Acker | None = None
         try:
-            while not stopping.is_set():
-                acker, cancelled = listen(connection, quiet, work, stopping)
+            while not STOPPING.is_set():
+                acker, cancelled = listen(connection, quiet, work)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
                 # Short waits rather than start_consuming(): the signal handler
-                # only sets `stopping`, and we notice it here, between frames.
-                while not stopping.is_set() and not cancelled.is_set():
+                # only sets STOPPING, and we notice it here, between frames.
+                while not STOPPING.is_set() and not cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
                 if cancelled.is_set():
                     # Messages handled but not acked went with the queue.
@@ -193,6 +169,15 @@ def consume(url: str, stopping: threading.Event, quiet: bool = False, work: floa
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
+
+
+def pretend_to_work(seconds: float) -> bool:
+    """Stand in for real work (--work); False if Ctrl-C cut it short.
+
+    Work much longer than the heartbeat interval belongs on another thread
+    (see distop): this thread must keep pika's I/O going.
+    """
+    return not (seconds and STOPPING.wait(seconds))
 
 
 def show(body: bytes) -> str:
@@ -232,6 +217,42 @@ def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
         pass
 
 
+# An optimisation: acks in batches ------------------------------------------
+
+
+class Acker:
+    """Acknowledges handled messages on one channel in batches (an ack each ran at a third of the speed).
+
+    A multi-ack of delivery tag T acknowledges every unacknowledged delivery
+    up to T on the channel. Deliveries are handled one at a time, in order, so
+    each of those has been handled (or rejected already): the ack still comes
+    only after handling.
+    """
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+        self._last_tag = 0
+        self._waiting = 0  # handled, not yet acknowledged
+        self._acked_at = time.monotonic()
+
+    def handled(self, delivery_tag: int) -> None:
+        """Note that a message has been handled; ack the batch if it is due."""
+        self._last_tag = delivery_tag
+        self._waiting += 1
+        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
+            self.flush()
+        elif self._waiting == 1:
+            # In case no other message comes to fill the batch.
+            self.channel.connection.call_later(ACK_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Acknowledge every handled message not acknowledged yet."""
+        if self._waiting and self.channel.is_open:
+            self.channel.basic_ack(self._last_tag, multiple=True)
+            self._waiting = 0
+            self._acked_at = time.monotonic()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no log line per message")
@@ -254,12 +275,11 @@ def main() -> int:
     # Ctrl-C and SIGTERM (docker stop, kill) only raise a flag: an exception
     # raised in the middle of pika's I/O could leave the connection stuck.
     # SIGINT explicitly, too: a shell starting us in the background ignores it.
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
-    signal.signal(signal.SIGINT, lambda _signum, _frame: stopping.set())
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: STOPPING.set())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
 
     try:
-        consume(resolve(), stopping, args.quiet, args.work)
+        consume(resolve(), args.quiet, args.work)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1

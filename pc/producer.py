@@ -18,8 +18,9 @@ returns (no queue ``pc`` to take it), or a broker that blocks the connection
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined. Up to WINDOW messages are in flight at once and each confirm that
 comes back lets another one go, rather than one network round trip per
-message. The callbacks below run in the order things happen: connection
-open -> channel open -> confirms on -> queue declared -> publish -> confirm.
+message (pc/send_one.py shows that simpler way, for one message). The
+callbacks below run in the order things happen: connection open -> channel
+open -> confirms on -> queues declared -> publish -> confirm.
 
 Messages are plain UTF-8 text (content type ``text/plain``), readable by any
 client in any language.
@@ -31,6 +32,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 
 import pika
 import pika.exceptions
@@ -38,7 +40,13 @@ from pika.channel import Channel
 from pika.frame import Method
 
 from pc.broker import BrokerError, explain, parameters, redact, resolve
-from pc.workqueue import QUEUE, QUEUE_ARGUMENTS, inequivalent
+from pc.workqueue import (
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    QUEUE,
+    QUEUE_ARGUMENTS,
+    inequivalent,
+)
 
 LOGGER = logging.getLogger("pc.producer")
 
@@ -66,28 +74,16 @@ class Publisher:
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        # What to publish, and where each message stands.
-        self._bodies = bodies
-        self._todo = list(range(len(bodies)))[::-1]  # a stack: next index at the end
-        self._in_flight: dict[int, int] = {}  # published, not confirmed: delivery tag -> body index
-        self._next_tag = 1  # the broker numbers a channel's messages 1, 2, 3... for its confirms
-        self._confirmed = 0
-        # The connection, and what went wrong with it.
         self._url = url
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None
-        self._failure: BrokerError | None = None
-        self._ever_connected = False
-        self._opened = False  # did the latest connection attempt get through?
-        self._nodes: list[pika.URLParameters] = []  # each connection attempt tries the next
-        self._attempts: list[BaseException] = []  # why each node failed, until one answers
-        self._declared = False  # on this connection
-        self._ever_declared = False
+        self._outbox = Outbox(bodies)  # what to publish, what is in flight, how many confirmed
+        self._state = State()  # how the connection attempts went, and what went wrong
 
     @property
     def confirmed(self) -> int:
         """How many messages the broker has confirmed so far."""
-        return self._confirmed
+        return self._outbox.confirmed
 
     # The story, in the order things happen ---------------------------------
 
@@ -103,13 +99,13 @@ class Publisher:
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._ever_connected = self._opened = True
+        self._state.connected()
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
-        self._next_tag = 1
+        self._outbox.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         # A mandatory message the broker cannot route comes back here (basic.return).
         channel.add_on_return_callback(self._on_returned)
@@ -119,7 +115,17 @@ class Publisher:
 
     def _declare(self) -> None:
         assert self._channel is not None
-        self._declared = False
+        self._state.declared = False
+        # Where pc sends a message over its delivery limit (pc/workqueue.py).
+        self._channel.queue_declare(
+            DEAD_LETTER_QUEUE,
+            durable=True,
+            arguments=DEAD_LETTER_QUEUE_ARGUMENTS,
+            callback=self._declare_queue,
+        )
+
+    def _declare_queue(self, _frame: Method) -> None:
+        assert self._channel is not None
         # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
         # whichever starts first creates it. After a reconnection, only check
         # that it is still there (passive): if it was deleted, so were the
@@ -128,50 +134,43 @@ class Publisher:
             QUEUE,
             durable=True,
             arguments=QUEUE_ARGUMENTS,
-            passive=self._ever_declared,
+            passive=self._state.ever_declared,
             callback=self._on_declared,
         )
 
     def _on_declared(self, _frame: Method) -> None:
-        self._declared = self._ever_declared = True
+        self._state.declared = self._state.ever_declared = True
         self._publish()
 
     def _publish(self) -> None:
         assert self._channel is not None
-        while self._todo and len(self._in_flight) < WINDOW:
-            index = self._todo.pop()
+        # Up to WINDOW messages in flight; each confirm makes room for more.
+        while (body := self._outbox.next_body()) is not None:
             # The default exchange ("") routes by queue name. mandatory: if
             # the queue is gone, the broker returns the message instead of
             # confirming it into the void.
-            self._channel.basic_publish("", QUEUE, self._bodies[index], PROPERTIES, mandatory=True)
-            self._in_flight[self._next_tag] = index
-            self._next_tag += 1
+            self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
-        if self._failure is not None:
-            return  # e.g. the ack that follows a returned message: we are closing
+        if self._state.failure is not None:
+            return  # e.g. the ack that follows a returned message (_on_returned): we are closing
         method = frame.method
         # One confirm may cover many messages: every tag up to this one (multiple).
-        tags = (
-            [tag for tag in self._in_flight if tag <= method.delivery_tag]
-            if method.multiple
-            else [method.delivery_tag]
-        )
+        count = self._outbox.settle(method.delivery_tag, method.multiple)
         if isinstance(method, pika.spec.Basic.Nack):
-            self._fail(BrokerError(f"the broker refused {len(tags)} message(s)"))
+            self._fail(BrokerError(f"the broker refused {count} message(s)"))
             return
-        for tag in tags:
-            del self._in_flight[tag]
-        self._confirmed += len(tags)
-        if self._confirmed == len(self._bodies):
+        self._outbox.confirmed += count
+        if self._outbox.done:
             assert self._connection is not None
             self._connection.close()  # all confirmed: run() returns
         else:
             self._publish()  # room in the window: send the next ones
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
-        # The broker still acks a returned message (it was handled: by
-        # dropping it), so stop before that ack counts as delivered.
+        # For a mandatory message it cannot route, the broker sends basic.return
+        # first and then basic.ack: the ack only means "dealt with" (dropped).
+        # So fail here, at the return, and _on_confirm ignores the ack after it.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
     # What goes wrong -------------------------------------------------------
@@ -179,16 +178,16 @@ class Publisher:
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         # A channel error will not go away by retrying.
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
+            if reason.reply_code == 406 and not self._state.declared:  # PRECONDITION_FAILED
                 self._fail(BrokerError(inequivalent(reason.reply_text)))
-            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND, on reconnecting
+            elif reason.reply_code == 404 and not self._state.declared:  # NOT_FOUND, on reconnecting
                 self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
             else:
                 self._fail(BrokerError(f"the broker closed the channel: {reason}"))
 
     def _fail(self, error: BrokerError) -> None:
-        if self._failure is None:
-            self._failure = error
+        if self._state.failure is None:
+            self._state.failure = error
         assert self._connection is not None
         if self._connection.is_open:
             self._connection.close()
@@ -207,19 +206,20 @@ class Publisher:
         LOGGER.info("the broker has unblocked this connection")
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        self._attempts.append(error)
-        if not self._ever_connected and len(self._attempts) == len(self._nodes):
+        state = self._state
+        state.attempts.append(error)
+        if not state.ever_connected and len(state.attempts) == len(state.nodes):
             # No node was ever reachable: say why at once instead of retrying.
-            self._failure = explain(self._url, *self._attempts)
+            state.failure = explain(self._url, *state.attempts)
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._failure is None:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._state.failure is None:
             timeout = connection.params.blocked_connection_timeout
-            self._failure = BrokerError(
+            self._state.failure = BrokerError(
                 f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
             )
-        elif self._confirmed < len(self._bodies) and self._failure is None:
+        elif not self._outbox.done and self._state.failure is None:
             LOGGER.warning("connection closed: %s", reason)
         connection.ioloop.stop()  # back to run()
 
@@ -227,30 +227,29 @@ class Publisher:
 
     def run(self) -> None:
         """Connect and publish until every body is confirmed; on a lost connection, again."""
+        state = self._state
         lost_since: float | None = None
         backoff = 0.5
-        self._nodes = parameters(self._url)
-        for node in self._nodes:
+        state.nodes = parameters(self._url)
+        for node in state.nodes:
             if node.blocked_connection_timeout is None:  # not set in the URL
                 node.blocked_connection_timeout = BLOCKED_FOR
-        while self._confirmed < len(self._bodies):
-            self._opened = False
-            self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
-            self._connect(self._nodes[-1])
+        while not self._outbox.done:
+            state.opened = False
+            state.nodes.append(state.nodes.pop(0))  # try the next node (the first, the first time)
+            self._connect(state.nodes[-1])
             assert self._connection is not None
             self._connection.ioloop.start()  # the callbacks run until one stops the loop
-            if self._failure is not None:
-                raise self._failure
-            if self._confirmed == len(self._bodies):
+            if state.failure is not None:
+                raise state.failure
+            if self._outbox.done:
                 return
-            if not self._ever_connected:
+            if not state.ever_connected:
                 continue  # no node answered yet: try the next one at once
             # The connection dropped: everything unconfirmed goes round again.
-            unconfirmed = len(self._in_flight)
-            self._todo.extend(sorted(self._in_flight.values(), reverse=True))
-            self._in_flight.clear()
+            unconfirmed = self._outbox.requeue_in_flight()
             now = time.monotonic()
-            if self._opened:
+            if state.opened:
                 # It was up for a while: a new outage gets its own time budget.
                 lost_since, backoff = now, 0.5
             lost_since = lost_since if lost_since is not None else now
@@ -261,6 +260,68 @@ class Publisher:
             LOGGER.info("reconnecting in %.1f s; %d unconfirmed to publish again", backoff, unconfirmed)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+# Bookkeeping -----------------------------------------------------------------
+
+
+class Outbox:
+    """The messages to publish, and where each stands: to send, in flight (not confirmed yet), confirmed."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+        self.confirmed = 0
+        self._todo = list(range(len(bodies)))[::-1]  # a stack: next index at the end
+        self._in_flight: dict[int, int] = {}  # delivery tag -> body index
+        self._next_tag = 1  # the broker numbers a channel's messages 1, 2, 3... for its confirms
+
+    @property
+    def done(self) -> bool:
+        """Has every message been confirmed?"""
+        return self.confirmed == len(self.bodies)
+
+    def new_channel(self) -> None:
+        """A new channel numbers its messages from 1 again."""
+        self._next_tag = 1
+
+    def next_body(self) -> bytes | None:
+        """The next body to publish, noted as in flight; None if none is left or WINDOW are in flight."""
+        if not self._todo or len(self._in_flight) >= WINDOW:
+            return None
+        index = self._todo.pop()
+        self._in_flight[self._next_tag] = index
+        self._next_tag += 1
+        return self.bodies[index]
+
+    def settle(self, delivery_tag: int, multiple: bool) -> int:
+        """Take the messages a confirm (or nack) covers out of the window; return how many."""
+        tags = [tag for tag in self._in_flight if tag <= delivery_tag] if multiple else [delivery_tag]
+        for tag in tags:
+            del self._in_flight[tag]
+        return len(tags)
+
+    def requeue_in_flight(self) -> int:
+        """Put every unconfirmed message back to be sent first, in order; return how many."""
+        count = len(self._in_flight)
+        self._todo.extend(sorted(self._in_flight.values(), reverse=True))
+        self._in_flight.clear()
+        return count
+
+
+@dataclass
+class State:
+    """How the connection attempts went: what run() and the callbacks decide by."""
+
+    nodes: list[pika.URLParameters] = field(default_factory=list)  # each attempt tries the next
+    attempts: list[BaseException] = field(default_factory=list)  # why each node failed, until one answers
+    ever_connected: bool = False
+    opened: bool = False  # did the latest connection attempt get through?
+    declared: bool = False  # on this connection
+    ever_declared: bool = False
+    failure: BrokerError | None = None  # set: stop, and run() raises it
+
+    def connected(self) -> None:
+        self.ever_connected = self.opened = True
 
 
 def main() -> int:

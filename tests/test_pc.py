@@ -140,6 +140,18 @@ def test_two_slow_consumers_share_the_work_and_take_it_back_as_the_page_shows(
     assert_shows(survivor.stderr_lines, output_shown("docs/pc.md", "python pc/consumer.py --work 2"))
 
 
+def test_send_one_publishes_one_confirmed_persistent_message_as_the_page_shows(
+    shell: Callable[[str], Proc], amqp_url: str
+) -> None:
+    proc = shell(doc_command("python pc/send_one.py Hello"))
+    assert proc.wait(30) == 0, proc.output
+    assert proc.stdout.splitlines() == output_shown("docs/pc.md", "python pc/send_one.py Hello")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        _method, props, body = connection.channel().basic_get("pc", auto_ack=True)
+    assert body == b"Hello"
+    assert (props.content_type, props.delivery_mode) == ("text/plain", 2)
+
+
 # The behaviour behind the lesson ----------------------------------------------
 
 
@@ -274,24 +286,73 @@ def test_the_producer_sends_plain_text(spawn: Spawn, amqp_url: str) -> None:
     assert props.delivery_mode == 2
 
 
+# (what an older pc left, how it declared the queue)
+OLDER_QUEUES = {
+    "classic": ("pc", {}),
+    "quorum without a dead-letter queue": ("pc", {"x-queue-type": "quorum", "x-delivery-limit": 5}),
+    "pc.dead with other arguments": ("pc.dead", {"x-max-length": 10}),
+}
+
+
+@pytest.mark.parametrize("older", OLDER_QUEUES)
 @pytest.mark.parametrize("script", ["pc/producer.py", "pc/consumer.py"])
-def test_a_classic_queue_left_by_an_older_pc_is_one_line_saying_what_to_do(
-    spawn: Spawn, amqp_url: str, vhost: str, script: str
+def test_a_queue_left_by_an_older_pc_is_one_line_saying_what_to_do(
+    spawn: Spawn, amqp_url: str, vhost: str, script: str, older: str
 ) -> None:
+    queue, arguments = OLDER_QUEUES[older]
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-        connection.channel().queue_declare("pc", durable=True)  # classic, as pc declared it before
+        connection.channel().queue_declare(queue, durable=True, arguments=arguments)
     proc = run_to_end(spawn, script)
     assert proc.popen.returncode == 1, proc.output
     assert len(proc.stderr_lines) == 1, proc.stderr
-    assert f"rabbitmqctl delete_queue -p {vhost} pc" in proc.stderr
+    assert f"queue {queue!r} exists with other arguments" in proc.stderr
+    assert f"rabbitmqctl delete_queue -p {vhost} {queue}'" in proc.stderr
     assert "PRECONDITION_FAILED" in proc.stderr and "Traceback" not in proc.output
 
 
-def test_the_queue_is_a_quorum_queue_with_a_delivery_limit(spawn: Spawn, vhost: str) -> None:
+def test_the_queues_are_a_quorum_queue_with_a_delivery_limit_and_a_bounded_dead_letter_queue(
+    spawn: Spawn, vhost: str
+) -> None:
     produce(spawn)
     out = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "type", "arguments")
-    assert out.split("\t")[:2] == ["pc", "quorum"]
-    assert '{"x-delivery-limit",5}' in out
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
+    assert set(rows) == {"pc", "pc.dead"}
+    kind, arguments = rows["pc"]
+    assert kind == "quorum"
+    assert '{"x-delivery-limit",5}' in arguments
+    assert '{"x-dead-letter-exchange",[]}' in arguments
+    assert '{"x-dead-letter-routing-key","pc.dead"}' in arguments
+    assert rows["pc.dead"] == ["classic", '[{"x-max-length",10000}]']
+
+
+def test_a_message_over_the_delivery_limit_is_kept_in_pc_dead(spawn: Spawn, amqp_url: str) -> None:
+    produce(spawn, "poison")
+    # A consumer that gives the message back every time, as one that crashes on it would.
+    shown: list[bytes] = []
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+
+        def give_back() -> bool:
+            method, _props, body = channel.basic_get("pc")
+            if method is not None:
+                shown.append(body)
+                channel.basic_nack(method.delivery_tag, requeue=True)
+            return messages_ready(amqp_url, "pc.dead") == 1
+
+        wait_until(give_back, 30, "the message to be dead-lettered")
+        assert shown == [b"poison"] * 6, "delivered once and given back 5 times, then dead-lettered"
+        assert messages_ready(amqp_url, "pc") == 0
+        _method, props, body = channel.basic_get("pc.dead", auto_ack=True)
+    assert body == b"poison" and props.delivery_mode == 2
+    assert props.headers["x-first-death-queue"] == "pc"
+    assert props.headers["x-first-death-reason"] == "delivery_limit"
+    # The pc consumer is not shown it a 7th time.
+    consumer = spawn("pc/consumer.py")
+    consumer.wait_for("waiting for messages")
+    produce(spawn, "after the poison")
+    consumer.wait_for("received 'after the poison'")
+    assert received(consumer) == ["after the poison"]
+    stop(consumer)
 
 
 def test_the_consumer_declares_and_consumes_again_when_its_queue_is_deleted(spawn: Spawn, vhost: str) -> None:

@@ -24,6 +24,7 @@ GOOD = f"{SHARED_BROKER}/%2F"
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "pc/producer.py": (),
     "pc/consumer.py": (),
+    "pc/send_one.py": (),
     "distop/callee.py": (),
     "distop/client.py": ("--timeout", "5"),
     "distop/caller.py": (),

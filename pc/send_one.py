@@ -1,0 +1,30 @@
+"""The simplest correct publish: one message to the queue ``pc``, confirmed. pc/producer.py: many at once."""
+
+import sys
+
+import pika
+
+from pc.broker import BrokerError, connect, resolve
+from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+
+PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
+
+
+def main() -> int:
+    text = " ".join(sys.argv[1:]) or "Hello World!"
+    try:
+        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
+            channel = connection.channel()
+            channel.confirm_delivery()  # basic_publish now returns once the broker has the message safe
+            channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/consumer.py does
+            # Persistent: on disk. mandatory: if no queue takes it, UnroutableError, not a silent drop.
+            channel.basic_publish("", QUEUE, text.encode(), PERSISTENT, mandatory=True)
+    except (BrokerError, pika.exceptions.AMQPError) as exc:
+        print(f"send_one: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {text!r} to {QUEUE!r} (confirmed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
