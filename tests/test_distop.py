@@ -525,7 +525,7 @@ def reply_queue_of(vhost: str) -> str:
 def test_hostile_replies_are_dropped_and_nothing_is_published_again(
     spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="distop.ops")
+    caplog.set_level(logging.DEBUG, logger="distop")
     with ListOp([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
         job = op.call()  # no server yet: its 2 chunks wait in the queue
         wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 2, 10, "the chunks in the queue")
@@ -574,7 +574,7 @@ def test_an_unexpected_error_in_the_client_fails_its_jobs(
     def broken(*_args: object) -> None:
         raise RuntimeError("a bug in the client")
 
-    monkeypatch.setattr("distop.ops._dead_letter_error", broken)
+    monkeypatch.setattr("distop.dist_op.dead_letter_error", broken)
     with ListOp([1, 2], rabbit_host=amqp_url) as op:
         job = op.call()
         wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 1, 10, "the chunk in the queue")
@@ -637,7 +637,7 @@ class Gate:
 def test_a_connect_that_timed_out_is_tried_again(
     spawn: Spawn, amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("distop.ops.CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr("distop.dist_op.CONNECT_TIMEOUT", 1.0)
     parts = urllib.parse.urlsplit(amqp_url)
     gate = Gate((parts.hostname or "", parts.port or 5672))
     try:
@@ -676,7 +676,7 @@ def test_close_wakes_a_thread_waiting_for_a_result(amqp_url: str) -> None:
 def test_a_cancelled_job_is_forgotten_and_not_published_again(
     amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="distop.ops")
+    caplog.set_level(logging.WARNING, logger="distop")
     with ListOp([1, 2], group_size=2, rabbit_host=amqp_url) as op:
         dropped, kept = op.call(), op.call()  # no server: 4 chunks wait
         wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 4, 10, "4 chunks in the queue")
@@ -713,7 +713,7 @@ def queued_jobs(amqp_url: str) -> Counter[str]:
 def test_nacked_chunks_are_published_again_on_a_new_channel(
     spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="distop.ops")
+    caplog.set_level(logging.WARNING, logger="distop")
     # A full queue that refuses publishes: the broker nacks them, as a channel
     # stuck on a dead cluster leader does.
     policy = json.dumps({"max-length": 1, "overflow": "reject-publish"})

@@ -134,7 +134,7 @@ class NopOp(DistOp):
 def test_distop_client_ignores_200_malformed_replies(
     spawn: Spawn, amqp_url: str, vhost: str, report: Report, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="distop.ops")
+    caplog.set_level(logging.DEBUG, logger="distop")
     started = time.monotonic()
     with NopOp([1, 2, 3, 4], group_size=2, rabbit_host=amqp_url) as op:
         job = op.call()  # no server yet: the job waits

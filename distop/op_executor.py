@@ -1,0 +1,448 @@
+"""The server side of distop: OpExecutor takes chunks off the work queue, runs their op, and replies.
+
+Read distop/protocol.py first (the queues and the messages). For each chunk, in order:
+
+1. _declare: the dead-letter exchange and queue, and the work queue, as the clients declare them;
+2. _consume: prefetch 1, so that the broker hands this server one chunk at a time and a free server
+   gets the next (fair dispatch); then consume the work queue;
+3. _on_message: check the chunk (a malformed one is rejected without requeue: dead-lettered), and
+   hand it to the worker thread, which runs the op (_run) whatever it raises;
+4. _finish: publish the reply to the chunk's reply_to with its correlation_id, and only then ack the
+   chunk, so that a server that dies mid-chunk loses nothing: the broker gives it to another server.
+
+Why a BlockingConnection with a worker thread: one chunk at a time reads best as plain calls, and
+pika answers the broker's heartbeats only while the connection's thread is inside pika. So the op
+runs on a worker thread while the connection's thread waits in start_consuming(); the result comes
+back with add_callback_threadsafe, since a BlockingConnection belongs to the thread that opened it.
+An op may run for minutes without the broker taking the server for dead.
+
+While ops are very short, a server also takes the next chunk ahead (see "Taking a chunk ahead"),
+and gives it back as soon as an op runs long.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.frame import Method
+from pika.spec import Basic, BasicProperties
+
+from distop import codec
+from distop.broker import connect, parameters, redact, resolve
+from distop.errors import BrokerError
+from distop.protocol import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    JSON,
+    MAX_BACKOFF,
+    RECONNECT_FOR,
+    WORK_QUEUE,
+    WORK_QUEUE_ARGUMENTS,
+    error_text,
+    parse_request,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+# A server takes a chunk ahead (a second consumer) after this many ops in a
+# row shorter than SHORT_OP, about a round trip to the broker; it stops as soon
+# as an op runs longer, and gives back the chunk waiting behind it.
+SHORT_OP = 0.005
+SHORT_OPS_TO_PIPELINE = 3
+
+
+class UnknownOpError(Exception):
+    """Raised on the server, and sent back, when a chunk names an op it does not have."""
+
+
+class OpExecutor:
+    """The server side: subclass it with one method per op, ``def op(self, chunk, **params)``.
+
+    ``run()`` serves chunks from the work queue until Ctrl-C or SIGTERM (or
+    ``stop()`` from another thread). All servers on one queue must offer the
+    same ops; give another set of ops its own QUEUE, on both sides.
+    """
+
+    QUEUE: ClassVar[str] = WORK_QUEUE
+    # Chunks in hand at most: 2 takes one ahead while ops are short; 1 never does.
+    MAX_PREFETCH: ClassVar[int] = 2
+
+    def __init__(self, rabbit_host: str | None = None) -> None:
+        self._url = resolve(rabbit_host)
+        parameters(self._url)
+        self.host = socket.gethostname()
+        self._ops = self.ops()
+        self._stopping = threading.Event()
+        self._aborting = threading.Event()
+        self._in_hand: int | None = None  # delivery tag of the chunk being worked on
+        self._in_hand_from = ""  # the consumer it came through
+        self._started = 0.0  # when its op started
+        self._long_op_check: object = None  # the timer that looks again at SHORT_OP into it
+        self._waiting: collections.deque[_Chunk] = collections.deque()  # received, not started
+        self._consumers: list[str] = []  # ours on self._channel: 2 while taking a chunk ahead
+        self._ahead: str | None = None  # the one of them that takes a chunk ahead
+        self._short_ops = 0  # ops in a row shorter than SHORT_OP
+        self._channel: BlockingChannel | None = None  # the channel that replies go out on
+        self._announced = False
+        self._worker_inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    @classmethod
+    def ops(cls) -> list[str]:
+        """The names of the ops this executor offers: its public methods."""
+        base = set(dir(OpExecutor))
+        return sorted(
+            name
+            for name in dir(cls)
+            if not name.startswith("_") and name not in base and callable(getattr(cls, name))
+        )
+
+    # The RabbitMQ story, in the order things happen --------------------------
+
+    def _declare(self, channel: BlockingChannel) -> None:
+        """Declare our queues; BrokerError if the broker refuses them."""
+        try:
+            # Where the work queue sends the chunks it gives up on; a headers exchange.
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+            # No binding arguments: this queue gets every dead letter.
+            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+            # The work queue, declared exactly as the clients declare it (or the broker refuses).
+            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # E.g. a queue of that name exists with other arguments: retrying won't help.
+            raise BrokerError(f"the broker refused our queues: {exc}") from exc
+
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left.
+
+        That is when the broker cancels our consumer, or when a long op made
+        us cancel the last one (see _on_long_op).
+        """
+        # Chunks waiting from a closed channel are back in the queue.
+        self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is channel)
+        self._consumers, self._ahead = [], None  # cancelled, or on a closed channel
+        # A chunk still running from a closed channel, or a long op, finishes
+        # first, so that the next one does not wait unacknowledged behind it.
+        self._wait_for_chunk_in_hand(connection)
+        # One chunk at a time per consumer: fair dispatch, and a crash strands only one.
+        channel.basic_qos(prefetch_count=1)
+        self._add_consumer(connection, channel)
+        if not self._announced:
+            LOGGER.info(
+                "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
+            )
+            self._announced = True
+        # Returns once _tick() calls stop_consuming(), or the broker cancels
+        # our consumer; raises ChannelClosedByBroker if it closes the channel.
+        channel.start_consuming()
+
+    def _add_consumer(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
+    ) -> None:
+        on_message = functools.partial(self._on_message, connection)
+        # A lower priority: the broker gives it a chunk only while every
+        # server's first consumer has one.
+        arguments = {"x-priority": -1} if ahead else None
+        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
+        self._consumers.append(consumer)
+        if ahead:
+            self._ahead = consumer
+
+    def _on_message(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            request = parse_request(props, body)
+        except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
+            # Requeueing it would only bring it back; the dead-letter queue keeps it.
+            LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            return
+        chunk = _Chunk(
+            channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
+        )
+        if self._in_hand is None:
+            self._start(connection, chunk)
+            return
+        self._waiting.append(chunk)
+        if time.monotonic() - self._started > SHORT_OP:
+            self._on_long_op(channel, self._in_hand)
+
+    def _start(self, connection: pika.BlockingConnection, chunk: _Chunk) -> None:
+        self._in_hand, self._in_hand_from, self._started = chunk.tag, chunk.consumer, time.monotonic()
+        if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
+            check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
+            self._long_op_check = connection.call_later(SHORT_OP, check)
+        # The op runs off this thread so that heartbeats keep flowing.
+        self._worker_inbox.put((connection, chunk.channel, chunk.tag, chunk.props, chunk.request))
+
+    def _work_forever(self) -> None:
+        """The worker thread: run each op handed over by _start, whatever it raises."""
+        while True:
+            connection, channel, tag, props, request = self._worker_inbox.get()
+            started = time.monotonic()
+            try:
+                body = self._run(request, props.correlation_id)
+            except BaseException as exc:  # SystemExit in an op must not end this thread
+                body = self._encode(self._error_reply(exc))
+            short = time.monotonic() - started < SHORT_OP
+            finish = functools.partial(self._finish, connection, channel, tag, props, body, short)
+            try:
+                connection.add_callback_threadsafe(finish)
+            except pika.exceptions.AMQPError:
+                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
+                self._in_hand = None
+
+    def _run(self, request: dict[str, Any], chunk_id: str) -> bytes:
+        """Run the op and return the encoded reply: its result, or the error it raised."""
+        name = request["op"]
+        if name not in self._ops:
+            error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
+            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            return self._encode(self._error_reply(error))
+        started = time.perf_counter()
+        try:
+            result = getattr(self, name)(request["chunk"], **request["params"])
+        except BaseException as exc:  # even SystemExit becomes an error reply
+            LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, error_text(exc))
+            return self._encode(self._error_reply(exc))
+        LOGGER.info(
+            "chunk %s: %s on %d items in %.3f s",
+            chunk_id,
+            name,
+            len(request["chunk"]),
+            time.perf_counter() - started,
+        )
+        try:
+            return codec.dumps({"result": result})
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = TypeError(f"the result is not JSON-serialisable: {error_text(exc)}")
+            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            return self._encode(self._error_reply(error))
+
+    def _finish(  # noqa: PLR0917 (a callback's arguments, bound by functools.partial)
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        body: bytes,
+        short: bool,
+    ) -> None:
+        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered.
+
+        If the chunk's channel was closed meanwhile (the op ran past the
+        broker's consumer_timeout), the chunk is already back in the queue:
+        the reply still goes out, on the current channel, and the client
+        ignores the duplicate that follows. Then the next chunk, if one waits.
+        """
+        self._in_hand = None
+        if self._long_op_check is not None:
+            connection.remove_timeout(self._long_op_check)
+            self._long_op_check = None
+        self._short_ops = self._short_ops + 1 if short else 0
+        current = self._channel
+        if current is None or not current.is_open:
+            return
+        reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
+        # To the client's own queue, through the default exchange, quoting the chunk's correlation_id.
+        current.basic_publish("", props.reply_to, body, reply_props)
+        # Left with only the consumer that takes chunks ahead (a long op made
+        # us cancel the other): swap it for a first consumer while it holds this chunk.
+        swap = (
+            channel is current
+            and self._consumers == [self._in_hand_from] == [self._ahead]
+            and not self._stopping.is_set()
+        )
+        if swap:
+            self._cancel_consumer(channel, self._in_hand_from)
+        if channel is current:
+            channel.basic_ack(tag)  # only now: until here, a server that dies leaves the chunk to another
+        if swap:
+            self._add_consumer(connection, current)
+        while self._waiting and self._waiting[0].channel is not current:
+            self._waiting.popleft()  # back in the queue with its channel
+        if self._waiting:
+            self._start(connection, self._waiting.popleft())
+        else:
+            self._pipeline_if_short(connection, current)
+
+    # Taking a chunk ahead. With one chunk at a time, each ack must settle through the
+    # quorum queue's log before the next chunk comes: for short ops, most of a
+    # server's time. So while ops are short, a second consumer (prefetch 1
+    # too: basic_qos changes only consumers created after it) takes the next
+    # chunk while this one runs, but only when every server has one already
+    # (consumer priority). A chunk must never wait behind a long op while
+    # another server could run it: see _on_long_op.
+
+    def _pipeline_if_short(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        if (
+            self._consumers
+            and self._ahead is None
+            and self.MAX_PREFETCH > 1
+            and self._short_ops >= SHORT_OPS_TO_PIPELINE
+            and not self._stopping.is_set()
+            and channel is self._channel
+            and channel.is_open
+        ):
+            LOGGER.debug("ops are short: taking a chunk ahead")
+            self._add_consumer(connection, channel, ahead=True)
+
+    def _on_long_op(self, channel: BlockingChannel, tag: int) -> None:
+        """The op in hand has run SHORT_OP: take no chunk ahead, and give back any waiting behind it."""
+        if self._in_hand != tag or channel is not self._channel or not channel.is_open:
+            return
+        self._short_ops = 0
+        for chunk in list(self._waiting):
+            self._cancel_consumer(channel, chunk.consumer)
+            # Only once per chunk: a return counts towards its DELIVERY_LIMIT.
+            if not chunk.redelivered:
+                LOGGER.debug("gave back a chunk waiting behind a long op")
+                self._waiting.remove(chunk)
+                channel.basic_reject(chunk.tag, requeue=True)
+        if len(self._consumers) > 1 and self._in_hand_from == self._ahead:
+            self._cancel_consumer(channel, self._ahead)  # it holds the op in hand
+
+    def _cancel_consumer(self, channel: BlockingChannel, consumer: str) -> None:
+        """Cancel one of our consumers, only ever one holding a chunk: nothing is on its way to it."""
+        if consumer in self._consumers and channel.is_open:
+            self._consumers.remove(consumer)
+            if consumer == self._ahead:
+                self._ahead = None
+            channel.basic_cancel(consumer)
+
+    # Plumbing: reconnection, channels the broker closes, signals, replies that cannot be encoded ---
+
+    def run(self) -> None:
+        """Serve until stopped. Raises BrokerError if the broker cannot be reached
+        at first, stays away for RECONNECT_FOR seconds, or refuses our queues."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+        # One worker thread for the executor's life (daemon: a second Ctrl-C
+        # must not wait for an op to finish).
+        threading.Thread(target=self._work_forever, name="distop-op", daemon=True).start()
+        lost_since: float | None = None
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                connection = connect(self._url)
+            except BrokerError:
+                if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            lost_since, backoff = None, 0.5
+            try:
+                self._serve(connection)
+            except pika.exceptions.AMQPConnectionError as exc:
+                LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
+                lost_since = time.monotonic()
+            except pika.exceptions.AMQPChannelError as exc:
+                raise BrokerError(f"the broker refused: {exc}") from exc
+
+    def stop(self) -> None:
+        """Stop taking chunks; ``run()`` returns after the chunks in hand are finished."""
+        self._stopping.set()
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        if self._stopping.is_set():
+            self._aborting.set()  # a second Ctrl-C: give the chunk back now
+        else:
+            LOGGER.info("stopping after the chunk in hand (again to stop at once)")
+            self._stopping.set()
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        self._in_hand, self._long_op_check = None, None
+        self._waiting.clear()  # a lost connection's chunks are back in the queue
+        self._tick(connection)
+        channel: BlockingChannel | None = None
+        while not self._stopping.is_set():
+            if channel is None or channel.is_closed:
+                channel = connection.channel()
+                channel.add_on_cancel_callback(self._on_cancelled)
+                self._channel = channel
+            self._declare(channel)
+            if self._stopping.is_set():
+                break
+            try:
+                self._consume(connection, channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                # The connection is fine; only this channel is gone, and with
+                # it the chunk in hand went back to the queue.
+                LOGGER.warning("%s; serving on a new channel", _channel_closed_reason(exc))
+                connection.process_data_events(time_limit=1.0)  # no busy loop if it happens again
+        self._wait_for_chunk_in_hand(connection)
+        connection.close()  # anything still unacked goes back to the queue
+        LOGGER.info("stopped")
+
+    def _tick(self, connection: pika.BlockingConnection) -> None:
+        """Every half second, on the connection's thread: stop consuming once asked to stop."""
+        channel = self._channel
+        if self._stopping.is_set() and channel is not None and channel.is_open:
+            channel.stop_consuming()
+            self._consumers, self._ahead = [], None
+        if connection.is_open:
+            connection.call_later(0.5, lambda: self._tick(connection))
+
+    def _on_cancelled(self, _frame: Method) -> None:
+        LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
+
+    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
+        # Short waits, so that a second signal is noticed promptly. A chunk
+        # waiting behind the one in hand is started when that one is finished.
+        while self._in_hand is not None and not self._aborting.is_set():
+            connection.process_data_events(time_limit=0.5)
+
+    def _error_reply(self, exc: BaseException) -> dict[str, Any]:
+        return {"error": {"type": type(exc).__name__, "message": error_text(exc), "host": self.host}}
+
+    def _encode(self, reply: dict[str, Any]) -> bytes:
+        try:
+            return json.dumps(reply).encode()
+        except Exception:  # say something rather than nothing
+            error = {"type": "Error", "message": "the error cannot be encoded", "host": self.host}
+            return json.dumps({"error": error}).encode()
+
+
+@dataclass
+class _Chunk:
+    """A chunk a server has received: where from, and the request in it."""
+
+    channel: BlockingChannel
+    tag: int
+    consumer: str  # the consumer tag it came through
+    redelivered: bool
+    props: BasicProperties
+    request: dict[str, Any]
+
+
+def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:
+    """One line saying why the broker closed a channel, and what to do when we know."""
+    if exc.reply_code == 406 and "acknowledgement" in exc.reply_text and "timed out" in exc.reply_text:
+        return (
+            "the broker closed the channel: a chunk's op ran past its consumer_timeout, so the chunk went "
+            "back to the queue (raise consumer_timeout in rabbitmq.conf, or per queue with the "
+            "x-consumer-timeout argument on RabbitMQ 3.12+)"
+        )
+    return f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"
