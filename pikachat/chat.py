@@ -35,6 +35,8 @@ from pikachat.terminal import Terminal
 LOGGER = logging.getLogger("pikachat.chat")
 
 
+# No pika call in this file: it joins send.py's (open_channel, publish: confirms, mandatory)
+# to receive.py's (subscribe: a queue of our own bound to the fanout exchange). Read those first.
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
     """Listen, join, send ``lines``, leave; return how many lines could not be sent.
 

@@ -46,6 +46,7 @@ def subscribe(channel: BlockingChannel, on_message: Callable[[Message], None]) -
     channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
     # "": the broker names the queue (amq.gen-…). exclusive: ours alone, and deleted
     # when our connection closes, so a receiver that goes leaves nothing behind.
+    # auto_delete: deleted, too, as soon as we stop consuming, though still connected.
     queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
     # The binding: from now on the exchange copies every message into our queue too.
     channel.queue_bind(queue, EXCHANGE)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import re
 import sys
 import time
 import uuid
@@ -30,10 +29,10 @@ from collections.abc import Iterator
 
 import pika
 import pika.exceptions
-import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pikachat.broker import BrokerError, addresses, close_quietly, connect, explain, redact, resolve
+from pikachat.blocked import watch_blocked, with_blocked_timeout
+from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
 from pikachat.cli import Lines, SecondSignalError, parse_arguments, setup_logging, stop_on_signals
 from pikachat.message import EXCHANGE, MAX_TEXT, Message, encode
 
@@ -43,6 +42,13 @@ LOGGER = logging.getLogger("pikachat.send")
 # receiver's temporary queue, gone after a broker restart anyway; writing the
 # line to disk would cost time and keep nothing.
 PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
+# After losing the broker, wait this long before reconnecting, doubling up to MAX_BACKOFF.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 5.0
+
+
+class BlockedTooLongError(Exception):
+    """The broker blocked a line past the timeout: sending more would only block again."""
 
 
 def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
@@ -86,7 +92,7 @@ class Sender:
     """
 
     def __init__(self, url: str, name: str) -> None:
-        self.url = with_blocked_timeout(url)
+        self.url = with_blocked_timeout(url)  # give up on a publish blocked for long (blocked.py)
         self.name = name
         self.id = uuid.uuid4().hex  # lets chat.py tell its own messages from others'
         self.busy = False  # inside pika, waiting for the broker (see cli.stop_on_signals)
@@ -96,6 +102,7 @@ class Sender:
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
         self._in_hand = ""
+        self._blocked_for = 0.0
 
     def send(self, text: str, kind: str = "say") -> bool:
         """Publish one message and wait for its confirm; return False (logged) if it was not sent.
@@ -104,83 +111,42 @@ class Sender:
         """
         what = self._in_hand = _preview(text) if kind == "say" else f"the {kind} notice"
         try:
-            with self._inside_pika():
-                self._check()  # a connection that died while we were idle
-                if self._channel is None:
-                    self.open()
-                assert self._channel is not None
-                publish(self._channel, Message(kind, self.name, self.id, text, time.time()))
-        except pika.exceptions.UnroutableError:
-            # Returned by the broker: the exchange had no queue bound.
+            with self._ready_channel() as channel:
+                publish(channel, Message(kind, self.name, self.id, text, time.time()))
+        except pika.exceptions.UnroutableError:  # returned by the broker: no queue was bound
             LOGGER.warning("%s reached no one: nobody is listening", what)
-        except pika.exceptions.NackError:
-            LOGGER.error("could not send %s: the broker refused it", what)
-            return False
-        except pika.exceptions.AMQPChannelError as exc:
-            # e.g. the exchange was deleted; a new channel declares it again.
-            self._drop()
-            LOGGER.error("could not send %s: the broker closed the channel: %s", what, exc)
-            return False
+            return True
         except pika.exceptions.ConnectionBlockedTimeout:  # before its base class, AMQPConnectionError
-            self._drop()
-            timeout = self._blocked_timeout()
-            raise BlockedTooLongError(f"gave up on {what}: the broker blocked it for {timeout:g} s") from None
+            raise BlockedTooLongError(
+                f"gave up on {what}: the broker blocked it for {self._blocked_for:g} s"
+            ) from None
+        # Not sent, or not known to be: a line is never sent again, since it would
+        # show twice if the first copy went out. It is reported instead.
+        except pika.exceptions.NackError:
+            why = "the broker refused it"
+        except pika.exceptions.AMQPChannelError as exc:  # e.g. the exchange was deleted
+            why = f"the broker closed the channel: {exc}"
         except pika.exceptions.AMQPConnectionError as exc:
-            # It may or may not have gone out; sending it again could show
-            # it twice, so it is reported instead.
-            self._drop()
-            LOGGER.error("could not send %s: lost the broker (%s)", what, type(exc).__name__)
-            return False
+            why = f"lost the broker ({type(exc).__name__})"
         except BrokerError as exc:  # no broker to reconnect to
-            LOGGER.error("could not send %s: %s", what, exc)
-            return False
-        except SecondSignalError:
-            # A second Ctrl-C while the broker held the line: it may or may
-            # not have gone out, and the connection is left mid-publish.
-            self._abandon()
-            LOGGER.error("could not send %s: stopped before the broker confirmed it", what)
-            return False
-        return True
-
-    # The plumbing: reconnecting, a broker that blocks us, a second Ctrl-C.
+            why = str(exc)
+        except SecondSignalError:  # a second Ctrl-C while the broker held the line
+            why = "stopped before the broker confirmed it"
+        else:
+            return True
+        LOGGER.error("could not send %s: %s", what, why)
+        return False
 
     def open(self) -> None:
         """Connect (open_channel); raise BrokerError if it cannot, SecondSignalError on a second Ctrl-C."""
         with self._inside_pika():
             connection, self._channel = open_channel(self.url)
         self._connection = connection
-        # A broker short of memory or disk stops reading from a publisher and
-        # says "Connection.Blocked" as our line arrives: tell the user now.
-        # (BlockingConnection's own callback would wait until after the publish.)
-        connection._impl.add_on_connection_blocked_callback(self._on_blocked)
-        connection._impl.add_on_connection_unblocked_callback(self._on_unblocked)
+        # A broker short of memory or disk blocks publishers: tell the user at once.
+        self._blocked_for = watch_blocked(connection, self._on_blocked, self._on_unblocked)
         if self._lost:
             LOGGER.info("reconnected to %s", redact(self.url))
         self._lost, self._backoff = False, FIRST_BACKOFF
-
-    @contextlib.contextmanager
-    def _inside_pika(self) -> Iterator[None]:
-        """Mark the time spent waiting for the broker, when a second Ctrl-C may interrupt."""
-        busy, self.busy = self.busy, True
-        try:
-            yield
-        finally:
-            self.busy = busy
-
-    def _on_blocked(self, _connection: object, frame: pika.frame.Method) -> None:
-        LOGGER.warning(
-            "the broker is blocking publishers (%s): %s waits, for %g s at most",
-            frame.method.reason or "no reason given",
-            self._in_hand,
-            self._blocked_timeout(),
-        )
-
-    def _on_unblocked(self, _connection: object, _frame: pika.frame.Method) -> None:
-        LOGGER.info("the broker takes messages again")
-
-    def _blocked_timeout(self) -> float:
-        found = re.search(r"blocked_connection_timeout=([\d.]+)", self.url)
-        return float(found.group(1)) if found else 0.0
 
     def keep_alive(self) -> None:
         """Serve the connection while idle; after losing it, try to reconnect with capped back-off."""
@@ -197,6 +163,55 @@ class Sender:
             LOGGER.debug("%s", exc)
             self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def close(self) -> None:
+        """Close the connection; a second Ctrl-C leaves it unclosed."""
+        self._drop()
+
+    # The plumbing: reconnecting, a broker that blocks us, a second Ctrl-C.
+
+    @contextlib.contextmanager
+    def _ready_channel(self) -> Iterator[BlockingChannel]:
+        """An open channel, reconnecting if need be; drop the connection if it fails under us.
+
+        A second Ctrl-C in there (SecondSignalError) leaves the connection
+        without a close handshake, which a broker that blocks us would never answer.
+        """
+        try:
+            with self._inside_pika():
+                self._check()  # a connection that died while we were idle
+                if self._channel is None:
+                    self.open()
+                assert self._channel is not None
+                yield self._channel
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
+            raise  # the broker's answer about one message: the channel is fine
+        except SecondSignalError:
+            self._abandon()
+            raise
+        except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
+            self._drop()  # the next line opens a new channel, and declares the exchange again
+            raise
+
+    @contextlib.contextmanager
+    def _inside_pika(self) -> Iterator[None]:
+        """Mark the time spent waiting for the broker, when a second Ctrl-C may interrupt."""
+        busy, self.busy = self.busy, True
+        try:
+            yield
+        finally:
+            self.busy = busy
+
+    def _on_blocked(self, reason: str) -> None:
+        LOGGER.warning(
+            "the broker is blocking publishers (%s): %s waits, for %g s at most",
+            reason,
+            self._in_hand,
+            self._blocked_for,
+        )
+
+    def _on_unblocked(self) -> None:
+        LOGGER.info("the broker takes messages again")
 
     def _check(self) -> None:
         """Answer heartbeats, and notice a lost broker before a line is lost with it."""
@@ -221,10 +236,6 @@ class Sender:
         self._connection = self._channel = None
         self._lost, self._retry_at = True, 0.0
 
-    def close(self) -> None:
-        """Close the connection; a second Ctrl-C leaves it unclosed."""
-        self._drop()
-
 
 def send_lines(sender: Sender, lines: Lines) -> int:
     """Send every non-blank line until the lines end; return how many could not be sent."""
@@ -240,28 +251,6 @@ def send_lines(sender: Sender, lines: Lines) -> int:
         if not sender.send(line[:MAX_TEXT]):
             failed += 1
     return failed
-
-
-FIRST_BACKOFF = 0.5
-MAX_BACKOFF = 5.0
-# How long a publish may stay blocked by the broker (memory or disk alarm)
-# before the sender gives up, unless the URL sets blocked_connection_timeout.
-BLOCKED_TIMEOUT = 60
-
-
-class BlockedTooLongError(Exception):
-    """The broker blocked a line past the timeout: sending more would only block again."""
-
-
-def with_blocked_timeout(url: str) -> str:
-    """Return ``url`` with pika's blocked_connection_timeout at BLOCKED_TIMEOUT where an address sets none."""
-
-    def one(address: str) -> str:
-        if "blocked_connection_timeout=" in address:
-            return address
-        return f"{address}{'&' if '?' in address else '?'}blocked_connection_timeout={BLOCKED_TIMEOUT}"
-
-    return ",".join(one(address) for address in addresses(url))
 
 
 def _preview(text: str) -> str:
