@@ -112,8 +112,10 @@ def test_a_late_receiver_hears_nothing_said_before_it_came(spawn: Spawn) -> None
 
 
 def test_a_line_nobody_hears_is_reported_and_the_sender_exits_0(spawn: Spawn) -> None:
-    sender = say(spawn, "into the void", name="ash")
+    sender = say(spawn, "into the void", "and again", name="ash")
     assert "'into the void' reached no one: nobody is listening" in sender.stderr
+    assert "'and again' reached no one: nobody is listening" in sender.stderr
+    assert "reconnected" not in sender.stderr  # a returned line leaves the connection as it was
     assert "Traceback" not in sender.output
 
 
