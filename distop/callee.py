@@ -7,7 +7,7 @@ server that dies mid-chunk loses nothing: the broker gives the chunk to another 
     python distop/callee.py                  # broker from AMQP_URL, else localhost
     python distop/callee.py rabbit.example   # or a host name / amqp(s):// URL
 
-What happens to each chunk (the calls are in OpExecutor, distop/ops.py):
+What happens to each chunk (the calls are in OpExecutor, distop/op_executor.py):
 
 1. The server declares the work queue WORK_QUEUE, "distop.chunks": durable, a quorum queue
    with a delivery limit, so a chunk that kills every server that takes it is dead-lettered.

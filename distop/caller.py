@@ -5,7 +5,7 @@ Guarantee: every chunk is processed, and a server's error comes back as an excep
 
     python distop/caller.py [RABBIT_HOST]
 
-What a job is, on the wire (the calls are in DistOp, distop/ops.py):
+What a job is, on the wire (the calls are in DistOp, distop/dist_op.py):
 
 - call() gives the job an id (a uuid), splits the data into chunks (split()), and publishes each
   chunk as a persistent message to the work queue "distop.chunks", with publisher confirms.

@@ -8,7 +8,7 @@ script says in one line why not (a server's op raised, a poison chunk, the broke
     python distop/client.py --op pow --param esp=3 --size 1000 --chunks 8
     python distop/client.py rabbit.example --op plusone --timeout 10
 
-The job, step by step (the calls are in DistOp, distop/ops.py):
+The job, step by step (the calls are in DistOp, distop/dist_op.py):
 
 1. call() splits range(SIZE) into CHUNKS chunks and publishes each one, persistent and confirmed
    by the broker, to the work queue "distop.chunks", which the servers share; each server takes
