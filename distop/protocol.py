@@ -56,8 +56,10 @@ WORK_QUEUE_ARGUMENTS = {
     "x-delivery-limit": DELIVERY_LIMIT,
     "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
 }
-# The dead-letter queue keeps rejected and poison chunks for inspection, bounded.
-DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 10_000}
+# The dead-letter queue keeps rejected and poison chunks for inspection, bounded. A quorum queue too, so
+# that on a cluster it lives on every node: a classic one lives on one node, and servers that lose that
+# node would be refused their declarations.
+DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 10_000}
 JSON = "application/json"
 # A correlation id as clients make them: the job id (uuid4 hex) and a start index.
 CORRELATION_ID = re.compile(r"([0-9a-f]{32}):([0-9]{1,18})", re.ASCII)

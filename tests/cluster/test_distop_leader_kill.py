@@ -42,14 +42,6 @@ class AffineOp(DistOp):
         return [x for part in partials.values() for x in part]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "distop.dead is a classic queue, homed on the node of the first server to declare it; when that "
-        "node dies, a server that reconnects is refused its declaration (404 NOT_FOUND, home node down) "
-        "and exits 1"
-    ),
-)
 def test_20_jobs_complete_exactly_when_the_work_queues_leader_dies(
     spawn: Spawn, cluster: Cluster, cluster_vhost: str, tmp_path: Path, report: Report
 ) -> None:
