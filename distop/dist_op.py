@@ -52,6 +52,7 @@ from distop.protocol import (
     dead_letter_error,
     decode_reply,
     error_text,
+    refused,
     split,
 )
 
@@ -427,7 +428,7 @@ class _ClientLink(threading.Thread):
         if not self._reply_queue:
             # A declaration refused, e.g. the work queue exists with other
             # arguments: retrying won't help.
-            self._give_up(BrokerError(f"the broker refused our queues: {reason}"))
+            self._give_up(BrokerError(refused(reason)))
         elif self._connection is not None and self._connection.is_open:
             # Our replies were consumed on it: start over on a new connection.
             LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)

@@ -54,6 +54,7 @@ from distop.protocol import (
     WORK_QUEUE_ARGUMENTS,
     error_text,
     parse_request,
+    refused,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class OpExecutor:
             channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
         except pika.exceptions.ChannelClosedByBroker as exc:
             # E.g. a queue of that name exists with other arguments: retrying won't help.
-            raise BrokerError(f"the broker refused our queues: {exc}") from exc
+            raise BrokerError(refused(exc)) from exc
 
     def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left.

@@ -151,3 +151,15 @@ def error_text(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def refused(reason: BaseException) -> str:
+    """Say why the broker refused our declarations, and what to do when a queue was declared otherwise."""
+    found = re.search(r"inequivalent arg .* for queue '([^']+)'", str(reason))
+    if not found:
+        return f"the broker refused our queues: {reason}"
+    queue = found[1]
+    return (
+        f"the broker refused our queues: queue {queue!r} exists with other arguments, perhaps from an older "
+        f"distop: delete it with 'rabbitmqctl delete_queue {queue}' (its messages go with it); {reason}"
+    )

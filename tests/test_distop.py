@@ -469,6 +469,7 @@ def test_a_server_exits_1_when_its_queue_is_declared_otherwise(spawn: Spawn, amq
     assert server.wait() == 1
     assert len(server.stderr_lines) == 1 and "refused" in server.stderr, server.stderr
     assert "PRECONDITION_FAILED" in server.stderr
+    assert f"delete it with 'rabbitmqctl delete_queue {WORK_QUEUE}'" in server.stderr
 
 
 @pytest.mark.parametrize(
