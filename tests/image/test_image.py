@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SHARED_BROKER, Spawn, queue_depth, wait_until
+from tests.conftest import ROOT, SHARED_BROKER, Spawn, queue_is_empty, wait_until
+from tests.docs import doc_command
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,14 +34,6 @@ CI = os.environ.get("CI") == "true"
 # podman without a registry: chroot isolation (no nested namespaces here), the
 # host's network for pip, and the base image from local storage when present.
 PODMAN_BUILD_FLAGS = ["--isolation=chroot", "--network=host", "--pull=missing"]
-
-
-def readme_command(prefix: str) -> list[str]:
-    """The README's command line for the image that starts with ``prefix``, without its comment."""
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith(prefix) and "distopsrv" in line:
-            return shlex.split(line.partition("#")[0])
-    pytest.fail(f"the README has no line starting {prefix!r}")
 
 
 def grace_period() -> float:
@@ -113,7 +106,7 @@ class Image:
 @pytest.fixture(scope="module")
 def image(engine: Engine) -> Iterator[Image]:
     """The image built by the README's command, under a tag of its own; removed afterwards."""
-    build = readme_command("docker build")
+    build = shlex.split(doc_command("docker build -t distopsrv ."))
     assert build == ["docker", "build", "-t", "distopsrv", "."], build
     tag = f"distopsrv:test-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
@@ -135,7 +128,9 @@ class Fleet:
     def start(self, amqp_url: str, *extra: str, command: tuple[str, ...] = ()) -> list[float]:
         """Run SERVERS containers as the README does (``run -d -e AMQP_URL=... image``) and wait
         until each is serving; return the seconds each took from ``run`` to its "serving" line."""
-        run = readme_command("docker run")
+        run = shlex.split(
+            doc_command("docker run -d -e AMQP_URL=amqp://guest:guest@rabbit-host:5672/%2F distopsrv")
+        )
         assert run[:3] == ["docker", "run", "-d"] and run[-1] == "distopsrv", run
         startup = []
         for _ in range(SERVERS):
@@ -201,7 +196,7 @@ def test_containers_serve_a_job_as_non_root_and_stop_cleanly(
 ) -> None:
     engine, grace = fleet.engine, grace_period()
     # The README's stop command allows the compose file's grace period.
-    stop = readme_command("docker stop")
+    stop = shlex.split(doc_command("docker stop -t 30 $(docker ps -q --filter ancestor=distopsrv)"))
     assert stop[:4] == ["docker", "stop", "-t", f"{grace:.0f}"], stop
     startup = fleet.start(amqp_url)
 
@@ -284,7 +279,7 @@ def test_docker_stop_lets_each_container_finish_its_chunk(
     assert client.wait(30) == 0, client.output
     assert json.loads(client.stdout) == list(range(30))
     assert started() == SERVERS, "a chunk ran twice"
-    assert queue_depth(vhost, "distop.chunks") == 0
+    assert queue_is_empty(f"{SHARED_BROKER}/{vhost}", "distop.chunks")
     record_property(
         "figures",
         f"{engine.name}: {SERVERS} containers stopped mid-chunk ({seconds} s op) finished it and "
