@@ -48,15 +48,18 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> ob
         time.sleep(0.05)
 
 
-def rabbitmqctl(*args: str, node: BrokerNode | None = None) -> str:
-    """Run rabbitmqctl against the shared broker, or against ``node``."""
+def rabbitmqctl(*args: str, node: BrokerNode | None = None, timeout: float = 60) -> str:
+    """Run rabbitmqctl against the shared broker, or against ``node``; RuntimeError if it fails or hangs."""
     if node is None:
         command = [*SHARED_RABBITMQCTL, *args]
         env = None
     else:
         command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node.name, *args]
         env = node.env
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60, env=env)
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(command)} took more than {timeout} s") from exc
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
     return done.stdout
@@ -299,16 +302,17 @@ class BrokerNode:
         )
         log.close()
         try:
-            rabbitmqctl("await_startup", "--timeout", "60", node=self)
+            # The CLI itself takes seconds to start on a busy machine: give it time beyond its own timeout.
+            rabbitmqctl("await_startup", "--timeout", "60", node=self, timeout=90)
         except RuntimeError:
             # The CLI may ask before the node has registered itself; ask again.
-            wait_until(self._answers, 60, f"private broker {self.name} to start")
+            wait_until(self._answers, 120, f"private broker {self.name} to start")
 
     def _answers(self) -> bool:
         if not self.running:
             pytest.fail(f"private broker exited:\n{(self.base / 'server.out').read_text()[-2000:]}")
         try:
-            rabbitmqctl("await_startup", "--timeout", "5", node=self)
+            rabbitmqctl("await_startup", "--timeout", "5", node=self, timeout=30)
         except RuntimeError:
             return False
         return True
