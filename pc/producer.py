@@ -9,11 +9,12 @@ you like: the queue keeps the messages until a consumer takes them.
 Guarantee: exit status 0 means the broker has taken every message into the
 durable queue as a persistent message (publisher confirms), so it survives a
 broker restart. If the connection drops, the unconfirmed messages are
-published again on the next one: a consumer may see one twice, never miss one.
-Anything else ends in exit status 1 with the reason: a message the broker
-returns (no queue ``pc`` to take it), or a broker that blocks the connection
-(memory or disk alarm) for longer than BLOCKED_FOR seconds
-(``?blocked_connection_timeout=`` in AMQP_URL overrides it).
+published again on the next one, and the messages the broker refuses (nacks)
+on a new channel: a consumer may see one twice, never miss one. Anything else
+ends in exit status 1 with the reason: a message the broker returns (no queue
+``pc`` to take it), nacks that go on for NACKED_FOR seconds, or a broker that
+blocks the connection (memory or disk alarm) for longer than BLOCKED_FOR
+seconds (``?blocked_connection_timeout=`` in AMQP_URL overrides it).
 
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined. Up to WINDOW messages are in flight at once and each confirm that
@@ -63,6 +64,12 @@ BLOCKED_FOR = 60.0
 # After losing the broker mid-run, keep trying this long before giving up.
 RECONNECT_FOR = 30.0
 MAX_BACKOFF = 5.0
+# After a nack, publish again on a new channel after NACK_BACKOFF seconds,
+# doubled each time up to MAX_NACK_BACKOFF; give up after NACKED_FOR seconds
+# of nacks with no ack in between.
+NACK_BACKOFF = 0.1
+MAX_NACK_BACKOFF = 2.0
+NACKED_FOR = 30.0
 
 
 class Publisher:
@@ -154,12 +161,16 @@ class Publisher:
     def _on_confirm(self, frame: Method) -> None:
         if self._state.failure is not None:
             return  # e.g. the ack that follows a returned message (_on_returned): we are closing
+        if self._channel is None or frame.channel_number != self._channel.channel_number:
+            return  # from a channel given up after a nack: its messages are to be published again
         method = frame.method
+        if isinstance(method, pika.spec.Basic.Nack):
+            # The broker refused them: publish them again, on a new channel (_on_nack).
+            self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
+            return
         # One confirm may cover many messages: every tag up to this one (multiple).
         count = self._outbox.settle(method.delivery_tag, method.multiple)
-        if isinstance(method, pika.spec.Basic.Nack):
-            self._fail(BrokerError(f"the broker refused {count} message(s)"))
-            return
+        self._state.acked()
         self._outbox.confirmed += count
         if self._outbox.done:
             assert self._connection is not None
@@ -175,7 +186,43 @@ class Publisher:
 
     # What goes wrong -------------------------------------------------------
 
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+    def _on_nack(self, refused: int) -> None:
+        """The broker refused ``refused`` messages: publish every unconfirmed one again on a new channel.
+
+        Not on the same channel: on a RabbitMQ 3.10 cluster, a channel opened
+        just as a node died can keep pointing at the queue's dead leader, and
+        nack everything published on it until that node is back. A new channel
+        finds the new leader. A message nacked may have been taken after all,
+        so it may arrive twice.
+        """
+        state = self._state
+        now = time.monotonic()
+        state.nacked_since = state.nacked_since if state.nacked_since is not None else now
+        if now - state.nacked_since >= NACKED_FOR:
+            self._fail(BrokerError(f"the broker refused every message for {NACKED_FOR:.0f} s; giving up"))
+            return
+        channel, self._channel = self._channel, None  # its confirms and close are ignored from now on
+        again = self._outbox.requeue_in_flight()
+        LOGGER.warning(
+            "the broker refused %d message(s); publishing %d again on a new channel in %.1f s",
+            refused,
+            again,
+            state.nack_backoff,
+        )
+        assert channel is not None and self._connection is not None
+        channel.close()
+        connection = self._connection
+        connection.ioloop.call_later(state.nack_backoff, lambda: self._open_channel(connection))
+        state.nack_backoff = min(state.nack_backoff * 2, MAX_NACK_BACKOFF)
+
+    def _open_channel(self, connection: pika.SelectConnection) -> None:
+        # As after a reconnection: confirms on, queues declared (pc passively), publish.
+        if connection is self._connection and connection.is_open and self._state.failure is None:
+            connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._channel:
+            return  # one given up after a nack
         # A channel error will not go away by retrying.
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             if reason.reply_code == 406 and not self._state.declared:  # PRECONDITION_FAILED
@@ -293,8 +340,12 @@ class Outbox:
         self._next_tag += 1
         return self.bodies[index]
 
+    def covered(self, delivery_tag: int, multiple: bool) -> int:
+        """How many messages in flight a confirm (or nack) covers."""
+        return sum(1 for tag in self._in_flight if tag <= delivery_tag) if multiple else 1
+
     def settle(self, delivery_tag: int, multiple: bool) -> int:
-        """Take the messages a confirm (or nack) covers out of the window; return how many."""
+        """Take the messages a confirm covers out of the window; return how many."""
         tags = [tag for tag in self._in_flight if tag <= delivery_tag] if multiple else [delivery_tag]
         for tag in tags:
             del self._in_flight[tag]
@@ -318,10 +369,15 @@ class State:
     opened: bool = False  # did the latest connection attempt get through?
     declared: bool = False  # on this connection
     ever_declared: bool = False
+    nacked_since: float | None = None  # when the broker began to nack, with no ack since
+    nack_backoff: float = NACK_BACKOFF  # the pause before the next new channel after a nack
     failure: BrokerError | None = None  # set: stop, and run() raises it
 
     def connected(self) -> None:
         self.ever_connected = self.opened = True
+
+    def acked(self) -> None:
+        self.nacked_since, self.nack_backoff = None, NACK_BACKOFF
 
 
 def main() -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pika
@@ -399,6 +401,67 @@ def test_messages_returned_then_acked_are_one_line_and_exit_1(
         "producer: the broker could not route a message to queue 'pc' (0 of 6000 confirmed)"
     )
     assert "Traceback" not in producer.output
+
+
+def refuse_publishes(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    """Make the broker nack what is published to ``pc``: a policy that caps it at 1 message, then fill it.
+
+    A quorum queue enforces its length between publishes: the first messages
+    overfill it and are confirmed; from then on it refuses (nacks) each one,
+    as a channel left pointing at a dead cluster leader does.
+    """
+    policy = json.dumps({"max-length": 1, "overflow": "reject-publish"})
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "full", "^pc$", policy)
+    produce(spawn, "--count", "2", "fill")
+    wait_until(lambda: (messages_ready(amqp_url, "pc") or 0) >= 1, 10, "a full queue")
+
+
+REFUSED = re.compile(
+    r"WARNING the broker refused \d+ message\(s\); publishing \d+ again on a new channel in [\d.]+ s$"
+)
+
+
+def test_nacked_messages_are_published_again_on_a_new_channel(
+    spawn: Spawn, amqp_url: str, vhost: str
+) -> None:
+    refuse_publishes(spawn, amqp_url, vhost)
+    producer = spawn("pc/producer.py", "--count", "5", "again")
+    wait_until(
+        lambda: producer.count("WARNING the broker refused") >= 3 or producer.popen.poll() is not None,
+        15,
+        "three refusals",
+    )
+    assert producer.popen.poll() is None, producer.output  # still trying
+    rabbitmqctl("clear_policy", "-p", vhost, "full")
+    assert producer.wait(30) == 0, producer.output
+    assert "Traceback" not in producer.output
+    refusals = [line for line in producer.stderr_lines if "refused" in line]
+    assert all(REFUSED.search(line) for line in refusals), refusals
+    # Published again after a growing pause (0.1 s, 0.2 s...), not in a tight loop.
+    assert len(refusals) <= 10, refusals
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        bodies = []
+        while (got := channel.basic_get("pc", auto_ack=True))[0] is not None:
+            bodies.append(got[2].decode())
+    # Every message confirmed, so every one is there: once, or twice if the broker nacked
+    # a message it had taken after all.
+    assert {b for b in bodies if b.startswith("again")} == {f"again {i}" for i in range(1, 6)}, bodies
+
+
+def test_a_producer_nacked_for_30_s_gives_up_with_one_line(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    refuse_publishes(spawn, amqp_url, vhost)
+    started = time.monotonic()
+    producer = spawn("pc/producer.py", "--count", "3", "refused")
+    assert producer.wait(45) == 1, producer.output
+    elapsed = time.monotonic() - started
+    assert 30 <= elapsed < 40, elapsed
+    assert producer.stderr_lines[-1] == (
+        "producer: the broker refused every message for 30 s; giving up (0 of 3 confirmed)"
+    )
+    assert "Traceback" not in producer.output
+    # Each new channel after a longer pause, up to 2 s: some 20 tries in 30 s.
+    assert 10 <= producer.count("WARNING the broker refused") <= 25, producer.output
 
 
 def test_a_blocked_producer_says_so_at_once_and_carries_on_when_unblocked(
