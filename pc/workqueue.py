@@ -26,8 +26,13 @@ QUEUE_ARGUMENTS = {
     "x-dead-letter-exchange": "",
     "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
 }
-# Durable, and bounded: when full, the oldest dead letter makes room for the new one.
-DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 10_000}
+DEAD_LETTER_QUEUE_ARGUMENTS = {
+    # Replicated too: a classic queue lives on one node of a cluster, and
+    # while that node is down every declaration of it fails (404).
+    "x-queue-type": "quorum",
+    # Bounded: when full, the oldest dead letter makes room for the new one.
+    "x-max-length": 10_000,
+}
 
 
 def inequivalent(reply_text: str) -> str:

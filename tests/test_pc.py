@@ -292,7 +292,8 @@ def test_the_producer_sends_plain_text(spawn: Spawn, amqp_url: str) -> None:
 OLDER_QUEUES = {
     "classic": ("pc", {}),
     "quorum without a dead-letter queue": ("pc", {"x-queue-type": "quorum", "x-delivery-limit": 5}),
-    "pc.dead with other arguments": ("pc.dead", {"x-max-length": 10}),
+    "pc.dead with other arguments": ("pc.dead", {"x-queue-type": "quorum", "x-max-length": 10}),
+    "classic pc.dead": ("pc.dead", {"x-max-length": 10_000}),
 }
 
 
@@ -312,7 +313,7 @@ def test_a_queue_left_by_an_older_pc_is_one_line_saying_what_to_do(
     assert "PRECONDITION_FAILED" in proc.stderr and "Traceback" not in proc.output
 
 
-def test_the_queues_are_a_quorum_queue_with_a_delivery_limit_and_a_bounded_dead_letter_queue(
+def test_the_queues_are_a_quorum_queue_with_a_delivery_limit_and_a_bounded_quorum_dead_letter_queue(
     spawn: Spawn, vhost: str
 ) -> None:
     produce(spawn)
@@ -324,7 +325,9 @@ def test_the_queues_are_a_quorum_queue_with_a_delivery_limit_and_a_bounded_dead_
     assert '{"x-delivery-limit",5}' in arguments
     assert '{"x-dead-letter-exchange",[]}' in arguments
     assert '{"x-dead-letter-routing-key","pc.dead"}' in arguments
-    assert rows["pc.dead"] == ["classic", '[{"x-max-length",10000}]']
+    kind, arguments = rows["pc.dead"]
+    assert kind == "quorum", "replicated, so that losing one node of a cluster does not lose it"
+    assert '{"x-max-length",10000}' in arguments
 
 
 def test_a_message_over_the_delivery_limit_is_kept_in_pc_dead(spawn: Spawn, amqp_url: str) -> None:
