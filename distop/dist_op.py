@@ -1,15 +1,19 @@
 """The client side of distop: DistOp scatters a job's chunks over the servers and gathers their replies.
 
-Read distop/protocol.py first (the queues and the messages). A DistOp hands each job to _ClientLink,
-a thread that owns the connection; on every (re)connection it:
+Pairs with distop/op_executor.py (the servers); read distop/protocol.py first (the queues, the
+messages). Guarantee: every chunk of a job is published with a publisher confirm, again after a
+reconnection or a nack, until its partial result is in; get_result() then returns them gathered, in
+order, or raises one error saying why not (an op raised, a poison chunk, the broker, the timeout).
 
-1. declares the dead-letter exchange and the work queue, as the servers do;
-2. declares its reply queue, exclusive and named by the broker, and binds it to the dead-letter
-   exchange on its client id, so that its own dead chunks come back to it;
-3. consumes the reply queue, and files each reply under its job by correlation_id "JOB_ID:START";
-4. publishes each chunk, persistent, on a channel in confirm mode (publisher confirms, up to
-   PUBLISH_WINDOW in flight), with reply_to and correlation_id, and publishes again what was not
-   confirmed, or whose reply was lost with a connection.
+Read it in this order:
+
+1. DistOp, the interface: call() publishes a job and returns its id at once; get_result() waits.
+2. _ClientLink, the RabbitMQ story, in the order things happen on each (re)connection: connect,
+   open a channel, declare the dead-letter exchange and the work queue, declare our own reply queue
+   and bind it to the dead-letter exchange, consume the replies, put a second channel in confirm
+   mode, publish the chunks, count the confirms, file each reply under its job.
+3. The plumbing: the publishing channel replaced after a nack (_Publisher), reconnection, the jobs'
+   bookkeeping (_Job). The guard around every callback is in distop/io_thread.py.
 
 Why a SelectConnection on a thread of its own, not a BlockingConnection: call() must return at once
 while replies keep arriving, confirms are pipelined rather than waited for one by one, and jobs in
@@ -20,7 +24,6 @@ only hands jobs over (add_callback_threadsafe) and waits on a condition in get_r
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import logging
 import threading
@@ -40,6 +43,7 @@ from pika.spec import Basic, BasicProperties
 from distop import codec
 from distop.broker import explain, parameters, redact, resolve
 from distop.errors import BrokerError, DistOpError, RemoteError
+from distop.io_thread import guarded
 from distop.protocol import (
     CLIENT_HEADER,
     CORRELATION_ID,
@@ -66,23 +70,124 @@ MAX_NACK_BACKOFF = 2.0
 CONNECT_TIMEOUT = 60.0
 
 
-def _guarded(method: Callable[..., None]) -> Callable[..., None]:
-    """Wrap an I/O-thread callback: a bug in it fails the pending jobs instead of the connection.
+# The interface, used from the caller's thread --------------------------------
 
-    pika takes an exception escaping a callback for a lost connection (it
-    reconnects and every pending chunk is published again) or ends its loop
-    (and ``get_result()`` would wait forever).
+
+class DistOp:
+    """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
+
+    ``data`` is a non-empty list of JSON-serialisable items, split into
+    ``group_size`` chunks (one per server). ``rabbit_host`` is a host name or
+    an amqp(s):// URL; without it, ``AMQP_URL``, then localhost. Nothing
+    connects until the first ``call()``. Use it as a context manager, or call
+    ``close()``, to release the connection.
     """
 
-    @functools.wraps(method)
-    def wrapper(self: _ClientLink, *args: Any) -> None:
-        try:
-            method(self, *args)
-        except Exception as exc:
-            LOGGER.exception("unexpected error in the client's I/O thread")
-            self._give_up(DistOpError(f"the distop client failed: {type(exc).__name__}: {error_text(exc)}"))
+    OP_NAME: str = ""  # the name of the servers' op; set per object if chosen at run time
+    QUEUE: ClassVar[str] = WORK_QUEUE
 
-    return wrapper
+    def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
+        self.data = _checked_data(self, data, group_size)
+        self.group_size = group_size
+        self._url = resolve(rabbit_host)
+        parameters(self._url)  # a malformed URL fails here, not at the first call
+        self._cond = threading.Condition()  # guards _jobs; notified when a job changes
+        self._jobs: dict[str, _Job] = {}
+        self._link: _ClientLink | None = None
+
+    def gather(self, partials: dict[int, Any]) -> Any:
+        """Combine the partial results, given as ``{start_index: partial}`` in order.
+
+        The default returns the partials as a list, in order.
+        """
+        return list(partials.values())
+
+    def call(self, **params: Any) -> str:
+        """Publish one chunk per server and return the job id at once.
+
+        ``params`` reach the server's op as keyword arguments. Raises
+        BrokerError if the broker cannot be reached, TypeError if ``params``
+        are not JSON-serialisable.
+        """
+        _check_json(params, "params")
+        job_id = uuid.uuid4().hex
+        requests = {
+            start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
+            for start, chunk in split(self.data, self.group_size)
+        }
+        if self._link is None or self._link.failed:
+            self._link = None
+            link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
+            link.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
+            self._link = link
+        self._link.submit(_Job(job_id, requests))  # the I/O thread publishes its chunks
+        return job_id
+
+    def get_result(
+        self,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Block until every partial of the job is in; return ``gather(partials)``.
+
+        ``job_id`` may be left out when exactly one job is pending (else
+        ValueError). ``progress(done, total)`` is called, in this thread, as
+        partials arrive. Raises TimeoutError once ``timeout`` seconds pass (the
+        job stays pending: you may wait again), RemoteError if a server's op
+        raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
+        the broker was lost for good.
+        """
+        with self._cond:
+            job = _pending_job(self._jobs, job_id)
+            job.wait_done(self._cond, timeout, progress, self.OP_NAME)  # TimeoutError: the job stays
+            self._jobs.pop(job.id, None)
+        if job.error is not None:
+            raise job.error
+        if progress is not None:
+            progress(len(job.partials), len(job.requests))
+        return self.gather(dict(sorted(job.partials.items())))
+
+    def pending(self) -> list[str]:
+        """The ids of the jobs called but not yet collected."""
+        with self._cond:
+            return list(self._jobs)
+
+    def cancel(self, job_id: str) -> None:
+        """Give up on a job: forget it, and never publish its chunks again.
+
+        Chunks already in the queue still run (a queue cannot take a message
+        back); their replies are dropped. A thread waiting for the job in
+        ``get_result()`` gets DistOpError. Raises ValueError for an unknown job.
+        """
+        with self._cond:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                raise ValueError(f"no pending job {job_id!r}")
+            job.fail(DistOpError(f"job {job_id} was cancelled"))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Close the connection; jobs still pending fail (``get_result()`` raises DistOpError).
+
+        The object stays usable: the next ``call()`` connects again.
+        """
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        with self._cond:
+            for job in self._jobs.values():
+                job.fail(DistOpError(f"job {job.id}: the client was closed before the job completed"))
+            self._cond.notify_all()
+
+    def __enter__(self) -> DistOp:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# The RabbitMQ story, on the I/O thread: each callback starts the next step ----
 
 
 class _ClientLink(threading.Thread):
@@ -101,33 +206,29 @@ class _ClientLink(threading.Thread):
         self._cond = cond  # guards jobs and _new; notified when a job changes
         self._jobs = jobs
         self._new: list[str] = []  # job ids submitted since the last (re)connection
-        self._client_id = uuid.uuid4().hex
+        self._client_id = uuid.uuid4().hex  # our dead chunks come back to us on this header
         self._ioloop = IOLoop()
         self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None  # declarations, then the reply consumer
+        self._reply_queue = ""  # set only while this connection's reply queue is consumed
+        self._publisher = _Publisher()  # the channel the chunks go out on, and their confirms
+        self._outbox: collections.deque[tuple[str, int]] = collections.deque()  # (job id, start)
+        self._republish_all = False  # set by each new connection
+        # Plumbing: connection attempts, reconnection, the caller's wait for the first connection.
         self._nodes = parameters(url)  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
-        self._channel: Channel | None = None  # declarations, then the reply consumer
-        self._publisher: Channel | None = None  # chunks out, once in confirm mode
-        self._publisher_opening: Channel | None = None  # the publishing channel, from its opening on
-        self._reply_queue = ""  # set only while this connection's reply queue is consumed
-        self._outbox: collections.deque[tuple[str, int]] = collections.deque()
-        self._unconfirmed: dict[int, tuple[str, int]] = {}
-        self._next_tag = 1
-        self._republish_all = False
         self._ready = threading.Event()
         self._error: DistOpError | None = None
         self._ever_connected = False
         self._lost_since: float | None = None
         self._backoff = 0.5
-        self._nack_backoff = NACK_BACKOFF
         self._closing = False
         self.failed = False
 
-    # The RabbitMQ story, in the order things happen: each callback starts the next step.
-
-    @_guarded
+    @guarded
     def _connect(self) -> None:
         self._nodes.append(self._nodes.pop(0))  # try the next node (the first, the first time)
+        # Asynchronous: every step below is a callback that pika calls when the broker answers.
         self._connection = pika.SelectConnection(
             self._nodes[-1],
             on_open_callback=self._on_open,
@@ -136,40 +237,42 @@ class _ClientLink(threading.Thread):
             custom_ioloop=self._ioloop,
         )
 
-    @_guarded
+    @guarded
     def _on_open(self, connection: pika.SelectConnection) -> None:
+        # A channel: a lightweight session inside the connection; AMQP commands go on one.
         connection.channel(on_open_callback=self._on_channel_open)
 
-    @_guarded
+    @guarded
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
-        # Set-up runs as a chain: each step's callback starts the next one.
-        # First the dead-letter exchange, where the work queue sends the chunks it gives up on.
+        # The dead-letter exchange, where the work queue sends the chunks it gives up on. A headers
+        # exchange routes on message headers, not on a routing key. Declared alike by every server.
         channel.exchange_declare(
             DEAD_LETTER_EXCHANGE, "headers", durable=True, callback=self._declare_work_queue
         )
 
-    @_guarded
+    @guarded
     def _declare_work_queue(self, _frame: Method) -> None:
         assert self._channel is not None
-        # Durable, quorum, with a delivery limit and the dead-letter exchange: as the servers declare it.
+        # Durable, quorum, with a delivery limit and the dead-letter exchange, exactly as the servers
+        # declare it: whoever comes first creates it, so a client may start before any server.
         self._channel.queue_declare(
             self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._declare_reply_queue
         )
 
-    @_guarded
+    @guarded
     def _declare_reply_queue(self, _frame: Method) -> None:
         assert self._channel is not None
-        # Exclusive and server-named: it lives and dies with this connection.
+        # Exclusive and server-named ("amq.gen-..."): ours alone, deleted with this connection.
         self._channel.queue_declare("", exclusive=True, callback=self._bind_reply_queue)
 
-    @_guarded
+    @guarded
     def _bind_reply_queue(self, frame: Method) -> None:
         assert self._channel is not None
-        queue_name = frame.method.queue
-        # Chunks carry our client id; when one is dead-lettered, this binding
-        # brings the dead letter back to us.
+        queue_name = frame.method.queue  # the name the broker chose
+        # Chunks carry our client id in a header, and a dead-lettered chunk keeps its headers: this
+        # binding brings our dead chunks back to us. x-match all: every header listed must match.
         self._channel.queue_bind(
             queue_name,
             DEAD_LETTER_EXCHANGE,
@@ -177,7 +280,7 @@ class _ClientLink(threading.Thread):
             callback=lambda _frame: self._consume_replies(queue_name),
         )
 
-    @_guarded
+    @guarded
     def _consume_replies(self, queue_name: str) -> None:
         assert self._channel is not None
         # auto_ack: a reply's only destination is this process's memory.
@@ -188,41 +291,26 @@ class _ClientLink(threading.Thread):
 
     def _open_publisher(self) -> None:
         if self._connection is not None and self._connection.is_open and self._reply_queue:
+            # A second channel for publishing: one given up after a nack leaves the consumer alone.
             self._connection.channel(on_open_callback=self._on_publisher_open)
 
-    @_guarded
+    @guarded
     def _on_publisher_open(self, channel: Channel) -> None:
-        self._publisher_opening = channel
+        self._publisher.opened(channel)
         channel.add_on_close_callback(self._on_publisher_closed)
         # Publisher confirms: the broker acks each chunk once the queue has it (on disk: it is persistent).
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_publisher_ready(channel))
 
-    @_guarded
+    @guarded
     def _on_publisher_ready(self, channel: Channel) -> None:
-        if channel is not self._publisher_opening:
-            return
-        self._publisher = channel
-        self._next_tag = 1
-        self._unconfirmed.clear()
+        if not self._publisher.ready(channel):
+            return  # given up meanwhile
         if self._republish_all:
             self._republish_all = False
-            self._ever_connected = True
-            self._lost_since, self._backoff = None, 0.5
-            # Whatever was in flight on a lost connection goes out again:
-            # replies to the old reply queue are gone, duplicates are ignored.
-            with self._cond:
-                self._new.clear()
-                self._outbox = collections.deque(
-                    (job.id, start)
-                    for job in self._jobs.values()
-                    if not job.done
-                    for start in job.requests
-                    if start not in job.partials
-                )
-            self._ready.set()
+            self._republish_pending()  # replies to the old reply queue are gone with it
         self._publish()
 
-    @_guarded
+    @guarded
     def _publish_new(self) -> None:
         with self._cond:
             for job_id in self._new:
@@ -231,10 +319,10 @@ class _ClientLink(threading.Thread):
         self._publish()
 
     def _publish(self) -> None:
-        channel = self._publisher
+        channel = self._publisher.channel
         if channel is None or not channel.is_open or not self._reply_queue:
             return
-        while self._outbox and len(self._unconfirmed) < PUBLISH_WINDOW:
+        while self._outbox and len(self._publisher.unconfirmed) < PUBLISH_WINDOW:
             job_id, start = self._outbox.popleft()
             with self._cond:
                 job = self._jobs.get(job_id)
@@ -251,40 +339,21 @@ class _ClientLink(threading.Thread):
                 headers={CLIENT_HEADER: self._client_id},
             )
             channel.basic_publish("", self._queue, body, properties)
-            self._unconfirmed[self._next_tag] = (job_id, start)
-            self._next_tag += 1
+            self._publisher.published((job_id, start))  # its confirm will name it by delivery tag
 
-    @_guarded
+    @guarded
     def _on_confirm(self, frame: Method) -> None:
-        if self._publisher is None or frame.channel_number != self._publisher.channel_number:
+        if not self._publisher.is_current(frame):
             return  # from a channel given up after a nack: its chunks are in the outbox again
-        method = frame.method
-        if method.multiple:
-            # Tags go in increasing: stop at the first beyond, not scan all 1,000.
-            tags = list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self._unconfirmed))
-        else:
-            tags = [method.delivery_tag]
-        if isinstance(method, Basic.Nack):
-            # Publishing again on the same channel may never succeed: on a
-            # cluster, a channel can keep pointing at a queue leader that died,
-            # and nack everything. A new channel finds the new leader.
-            LOGGER.warning(
-                "the broker refused %d chunk(s); publishing again on a new channel in %.1f s",
-                len(tags),
-                self._nack_backoff,
-            )
-            channel = self._publisher
-            self._publisher = self._publisher_opening = None
-            self._publish_again_later()
-            if channel is not None and channel.is_open:
-                channel.close()
+        if isinstance(frame.method, Basic.Nack):
+            # The broker could not take them: on a new channel, after a pause (see _Publisher).
+            count = len(self._publisher.tags(frame.method))
+            self._publish_again_later(f"the broker refused {count} chunk(s)")
             return
-        for tag in tags:
-            self._unconfirmed.pop(tag, None)
-        self._nack_backoff = NACK_BACKOFF
-        self._publish()
+        self._publisher.confirmed(frame.method)
+        self._publish()  # room in the window for more
 
-    @_guarded
+    @guarded
     def _on_reply(
         self, _channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
@@ -297,14 +366,15 @@ class _ClientLink(threading.Thread):
                 "dropped a reply whose correlation_id is not JOB:START: %.80r", props.correlation_id
             )
             return
-        job_id, start = match[1], int(match[2])
+        job_id, start = match[1], int(match[2])  # which job, and where in its data
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None or job.done or start not in job.requests or start in job.partials:
                 LOGGER.debug("dropped a reply for %s: unknown, late or duplicate", correlation_id)
                 return
             headers = props.headers if isinstance(props.headers, dict) else {}
-            # A dead letter is the chunk itself, come back through our binding on the dead-letter exchange.
+            # A dead letter is the chunk itself, come back through our binding on the dead-letter
+            # exchange; the broker's x-death header says why it died.
             if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:
                 job.error = dead_letter_error(job_id, start, headers)
             else:
@@ -337,7 +407,7 @@ class _ClientLink(threading.Thread):
         with self._cond:
             self._jobs[job.id] = job
             self._new.append(job.id)
-        self._ioloop.add_callback_threadsafe(self._publish_new)
+        self._ioloop.add_callback_threadsafe(self._publish_new)  # only this thread may use pika
 
     def close(self) -> None:
         self._closing = True
@@ -346,7 +416,7 @@ class _ClientLink(threading.Thread):
             if threading.current_thread() is not self:
                 self.join(10)
 
-    # Plumbing on the I/O thread: the loop, reconnection, refusals, shutdown ---
+    # Plumbing on the I/O thread: the loop, reconnection, republishing, refusals, shutdown ---
 
     def run(self) -> None:
         try:
@@ -362,14 +432,32 @@ class _ClientLink(threading.Thread):
             self._ready.set()
             self._ioloop.close()
 
-    @_guarded
+    def _republish_pending(self) -> None:
+        """A new connection is ready: every chunk whose result has not arrived goes out again.
+
+        Replies sent to a lost connection's reply queue are gone with it; duplicates are ignored.
+        """
+        self._ever_connected = True
+        self._lost_since, self._backoff = None, 0.5
+        with self._cond:
+            self._new.clear()
+            self._outbox = collections.deque(
+                (job.id, start)
+                for job in self._jobs.values()
+                if not job.done
+                for start in job.requests
+                if start not in job.partials
+            )
+        self._ready.set()
+
+    @guarded
     def _shutdown(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.close()  # _on_closed stops the loop
         else:
             self._ioloop.stop()
 
-    @_guarded
+    @guarded
     def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
         self._attempts.append(error)
         if self._ever_connected or len(self._attempts) < len(self._nodes):
@@ -378,13 +466,13 @@ class _ClientLink(threading.Thread):
             # Never reached any node: say why at once rather than retry.
             self._give_up(explain(self._url, *self._attempts))
 
-    @_guarded
+    @guarded
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         # Nothing of this connection may be used again: not its channels, and
         # not its reply queue, which the broker deletes with it.
-        self._channel = self._publisher = self._publisher_opening = None
+        self._channel = None
+        self._publisher.forget()
         self._reply_queue = ""
-        self._unconfirmed.clear()
         if self._closing or self.failed:
             self._ioloop.stop()
             return
@@ -417,11 +505,10 @@ class _ClientLink(threading.Thread):
     def _fail_pending(self, error: DistOpError) -> None:
         with self._cond:
             for job in self._jobs.values():
-                if not job.done:
-                    job.error = error
+                job.fail(error)
             self._cond.notify_all()
 
-    @_guarded
+    @guarded
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             return
@@ -434,179 +521,93 @@ class _ClientLink(threading.Thread):
             LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
             self._connection.close()
 
-    @_guarded
+    @guarded
     def _on_publisher_closed(self, channel: Channel, reason: Exception) -> None:
-        if channel is not self._publisher_opening:
-            return  # one we closed on purpose
-        self._publisher = self._publisher_opening = None
+        if channel is not self._publisher.opening:
+            return  # one we gave up on purpose
         if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._publisher.forget()
             return
-        LOGGER.warning("the broker closed the publishing channel (%s); opening another", reason)
-        self._publish_again_later()
+        self._publish_again_later(f"the broker closed the publishing channel ({reason})")
 
-    def _publish_again_later(self) -> None:
-        """Put every unconfirmed chunk back in the outbox; publish on a new channel after a pause."""
-        self._outbox.extendleft(reversed([self._unconfirmed[tag] for tag in sorted(self._unconfirmed)]))
-        self._unconfirmed.clear()
-        self._ioloop.call_later(self._nack_backoff, self._reopen_publisher)
-        self._nack_backoff = min(self._nack_backoff * 2, MAX_NACK_BACKOFF)
+    def _publish_again_later(self, why: str) -> None:
+        """Give up the publishing channel; its unconfirmed chunks go out first on a new one, after a pause."""
+        chunks, pause = self._publisher.give_up()
+        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
+        self._outbox.extendleft(reversed(chunks))
+        self._ioloop.call_later(pause, self._reopen_publisher)
 
-    @_guarded
+    @guarded
     def _reopen_publisher(self) -> None:
-        if self._publisher_opening is None:
+        if self._publisher.opening is None:
             self._open_publisher()
 
 
-# The interface, used from the caller's thread, and the jobs' bookkeeping --------
+class _Publisher:
+    """The channel the chunks are published on, in confirm mode, and the chunks it has not confirmed.
 
-
-class DistOp:
-    """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
-
-    ``data`` is a non-empty list of JSON-serialisable items, split into
-    ``group_size`` chunks (one per server). ``rabbit_host`` is a host name or
-    an amqp(s):// URL; without it, ``AMQP_URL``, then localhost. Nothing
-    connects until the first ``call()``. Use it as a context manager, or call
-    ``close()``, to release the connection.
+    A channel that nacks is given up, not published on again: on a cluster, a
+    channel can keep pointing at a queue leader that died, and nack everything
+    (RabbitMQ before 3.12.5); a new channel finds the new leader. The pause
+    before the next channel doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF,
+    and starts again from NACK_BACKOFF at the first ack.
     """
 
-    OP_NAME: ClassVar[str] = ""
-    QUEUE: ClassVar[str] = WORK_QUEUE
+    def __init__(self) -> None:
+        self.opening: Channel | None = None  # the newest channel, from its opening on
+        self.channel: Channel | None = None  # the same, once in confirm mode: publish on it
+        self.unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start)
+        self._next_tag = 1
+        self._backoff = NACK_BACKOFF
 
-    def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
-        if not self.OP_NAME:
-            raise TypeError(f"{type(self).__name__} must set OP_NAME to the name of the server's op")
-        data = list(data)
-        if not data:
-            raise ValueError("data must be a non-empty list")
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"group_size must be an int, not {type(group_size).__name__}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1, not {group_size}")
-        _check_json(data, "data")
-        self.data = data
-        self.group_size = group_size
-        self._url = resolve(rabbit_host)
-        parameters(self._url)  # a malformed URL fails here, not at the first call
-        self._cond = threading.Condition()
-        self._jobs: dict[str, _Job] = {}
-        self._link: _ClientLink | None = None
+    def opened(self, channel: Channel) -> None:
+        self.opening = channel
 
-    def gather(self, partials: dict[int, Any]) -> Any:
-        """Combine the partial results, given as ``{start_index: partial}`` in order.
+    def ready(self, channel: Channel) -> bool:
+        """``channel`` is in confirm mode: publish on it, if it was not given up meanwhile."""
+        if channel is not self.opening:
+            return False
+        self.channel = channel
+        self._next_tag = 1  # a channel numbers its deliveries from 1
+        self.unconfirmed.clear()
+        return True
 
-        The default returns the partials as a list, in order.
-        """
-        return list(partials.values())
+    def published(self, chunk: tuple[str, int]) -> None:
+        self.unconfirmed[self._next_tag] = chunk
+        self._next_tag += 1
 
-    def call(self, **params: Any) -> str:
-        """Publish one chunk per server and return the job id at once.
+    def is_current(self, frame: Method) -> bool:
+        return self.channel is not None and frame.channel_number == self.channel.channel_number
 
-        ``params`` reach the server's op as keyword arguments. Raises
-        BrokerError if the broker cannot be reached, TypeError if ``params``
-        are not JSON-serialisable.
-        """
-        _check_json(params, "params")
-        job_id = uuid.uuid4().hex
-        requests = {
-            start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
-            for start, chunk in split(self.data, self.group_size)
-        }
-        if self._link is None or self._link.failed:
-            self._link = None
-            link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
-            link.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
-            self._link = link
-        self._link.submit(_Job(job_id, requests))
-        return job_id
+    def tags(self, method: Basic.Ack | Basic.Nack) -> list[int]:
+        """The delivery tags an ack or nack covers (``multiple``: every tag up to its own)."""
+        if method.multiple:
+            # Tags go in increasing: stop at the first beyond, not scan all 1,000.
+            return list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self.unconfirmed))
+        return [method.delivery_tag]
 
-    def get_result(
-        self,
-        job_id: str | None = None,
-        timeout: float | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> Any:
-        """Block until every partial of the job is in; return ``gather(partials)``.
+    def confirmed(self, method: Basic.Ack) -> None:
+        for tag in self.tags(method):
+            self.unconfirmed.pop(tag, None)
+        self._backoff = NACK_BACKOFF
 
-        ``job_id`` may be left out when exactly one job is pending (else
-        ValueError). ``progress(done, total)`` is called, in this thread, as
-        partials arrive. Raises TimeoutError once ``timeout`` seconds pass (the
-        job stays pending: you may wait again), RemoteError if a server's op
-        raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
-        the broker was lost for good.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            job = self._pending_job(job_id)
-            job.watched = job.watched or progress is not None
-            reported = -1
-            while not job.done:
-                if progress is not None and len(job.partials) != reported:
-                    reported = len(job.partials)
-                    progress(reported, len(job.requests))
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"job {job.id}: {len(job.partials)} of {len(job.requests)} partial results "
-                        f"within {timeout} s (is a server serving {self.OP_NAME!r}?)"
-                    )
-                self._cond.wait(remaining)
-            self._jobs.pop(job.id, None)
-        if job.error is not None:
-            raise job.error
-        if progress is not None:
-            progress(len(job.partials), len(job.requests))
-        return self.gather(dict(sorted(job.partials.items())))
+    def give_up(self) -> tuple[list[tuple[str, int]], float]:
+        """Close and forget the channel; return its unconfirmed chunks, in order, and the pause to wait."""
+        channel = self.channel
+        chunks = [self.unconfirmed[tag] for tag in sorted(self.unconfirmed)]
+        self.forget()
+        pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_NACK_BACKOFF)
+        if channel is not None and channel.is_open:
+            channel.close()
+        return chunks, pause
 
-    def pending(self) -> list[str]:
-        """The ids of the jobs called but not yet collected."""
-        with self._cond:
-            return list(self._jobs)
+    def forget(self) -> None:
+        """The channel is gone (or its connection is): nothing of it may be used again."""
+        self.channel = self.opening = None
+        self.unconfirmed.clear()
 
-    def cancel(self, job_id: str) -> None:
-        """Give up on a job: forget it, and never publish its chunks again.
 
-        Chunks already in the queue still run (a queue cannot take a message
-        back); their replies are dropped. A thread waiting for the job in
-        ``get_result()`` gets DistOpError. Raises ValueError for an unknown job.
-        """
-        with self._cond:
-            job = self._jobs.pop(job_id, None)
-            if job is None:
-                raise ValueError(f"no pending job {job_id!r}")
-            if not job.done:
-                job.error = DistOpError(f"job {job_id} was cancelled")
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Close the connection; jobs still pending fail (``get_result()`` raises DistOpError).
-
-        The object stays usable: the next ``call()`` connects again.
-        """
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-        with self._cond:
-            for job in self._jobs.values():
-                if not job.done:
-                    job.error = DistOpError(f"job {job.id}: the client was closed before the job completed")
-            self._cond.notify_all()
-
-    def __enter__(self) -> DistOp:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def _pending_job(self, job_id: str | None) -> _Job:
-        if job_id is None:
-            if len(self._jobs) != 1:
-                raise ValueError(f"{len(self._jobs)} jobs are pending: say which one with job_id")
-            return next(iter(self._jobs.values()))
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise ValueError(f"no pending job {job_id!r}") from None
+# The jobs' bookkeeping -----------------------------------------------------------
 
 
 @dataclass
@@ -622,6 +623,59 @@ class _Job:
     @property
     def done(self) -> bool:
         return self.error is not None or len(self.partials) == len(self.requests)
+
+    def fail(self, error: DistOpError) -> None:
+        if not self.done:
+            self.error = error
+
+    def wait_done(
+        self,
+        cond: threading.Condition,
+        timeout: float | None,
+        progress: Callable[[int, int], None] | None,
+        op_name: str,
+    ) -> None:
+        """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.watched = self.watched or progress is not None
+        reported = -1
+        while not self.done:
+            if progress is not None and len(self.partials) != reported:
+                reported = len(self.partials)
+                progress(reported, len(self.requests))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(
+                    f"job {self.id}: {len(self.partials)} of {len(self.requests)} partial results "
+                    f"within {timeout} s (is a server serving {op_name!r}?)"
+                )
+            cond.wait(remaining)
+
+
+def _pending_job(jobs: dict[str, _Job], job_id: str | None) -> _Job:
+    if job_id is None:
+        if len(jobs) != 1:
+            raise ValueError(f"{len(jobs)} jobs are pending: say which one with job_id")
+        return next(iter(jobs.values()))
+    try:
+        return jobs[job_id]
+    except KeyError:
+        raise ValueError(f"no pending job {job_id!r}") from None
+
+
+def _checked_data(op: DistOp, data: list[Any], group_size: int) -> list[Any]:
+    """``data`` as a list, once DistOp's arguments are checked: TypeError or ValueError if wrong."""
+    if not op.OP_NAME:
+        raise TypeError(f"{type(op).__name__} must set OP_NAME to the name of the server's op")
+    data = list(data)
+    if not data:
+        raise ValueError("data must be a non-empty list")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, not {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, not {group_size}")
+    _check_json(data, "data")
+    return data
 
 
 def _check_json(value: object, name: str) -> None:
