@@ -38,9 +38,11 @@ from distop.ops import DistOp
 
 
 class ConcatOp(DistOp):
-    """Any op whose partial results are lists: gather concatenates them in order."""
+    """The op named on the command line; its partial results are lists, concatenated in order."""
 
-    OP_NAME = "nop"
+    def __init__(self, op_name: str, data: list[Any], chunks: int, rabbit_host: str | None) -> None:
+        self.OP_NAME = op_name  # the servers' method to run: chosen at run time, so set on the object
+        super().__init__(data, chunks, rabbit_host)
 
     def gather(self, partials: dict[int, Any]) -> list[Any]:
         # {start index: partial result}, already in order of start index.
@@ -50,22 +52,18 @@ class ConcatOp(DistOp):
         return result
 
 
-def make_op(name: str) -> type[ConcatOp]:
-    """A ConcatOp subclass for the op called ``name`` (the servers' method of that name)."""
-    return type(f"{name.title()}Op", (ConcatOp,), {"OP_NAME": name})
+def run_job(args: argparse.Namespace) -> Any:
+    """Scatter range(SIZE) as CHUNKS chunks, then gather their partial results, counting them on a bar."""
+    with ConcatOp(args.op, list(range(args.size)), args.chunks, args.rabbit_host) as op:
+        op.call(**dict(args.param))  # one persistent message per chunk on the work queue; returns at once
+        # One tick per partial result arrived on our reply queue. disable=None: only on a terminal.
+        with tqdm(total=op.group_size, unit="partial", disable=True if args.quiet else None) as bar:
 
+            def progress(done: int, total: int) -> None:
+                bar.total = total  # fewer chunks than asked when the data is shorter
+                bar.update(done - bar.n)
 
-def run_job(op: DistOp, params: dict[str, Any], timeout: float, quiet: bool) -> Any:
-    """Publish the job's chunks, then wait for their partial results, counting them on a progress bar."""
-    op.call(**params)  # one message per chunk on the work queue; returns at once
-    # One tick per partial result arrived on our reply queue. disable=None: only when stderr is a terminal.
-    with tqdm(total=op.group_size, unit="partial", disable=True if quiet else None) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total  # fewer chunks than asked when the data is shorter
-            bar.update(done - bar.n)
-
-        return op.get_result(timeout=timeout, progress=progress)
+            return op.get_result(timeout=args.timeout, progress=progress)  # waits for every partial
 
 
 # --------------------------------------------------------------------------
@@ -121,8 +119,7 @@ def main() -> int:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
     try:
-        with make_op(args.op)(list(range(args.size)), args.chunks, args.rabbit_host) as op:
-            result = run_job(op, dict(args.param), args.timeout, args.quiet)
+        result = run_job(args)
     except (DistOpError, TimeoutError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 1
