@@ -49,13 +49,17 @@ def start_job(op: DistOp, name: str, **params: Any) -> str:
 
 
 def run(rabbit_host: str | None) -> None:
+    # Nothing connects yet: the first call() opens the connection and its exclusive reply queue.
     with PowOp(data=list(range(10)), group_size=3, rabbit_host=rabbit_host) as op:
-        squares = start_job(op, "squares", esp=2)  # params reach the op: pow(chunk, esp=2)
+        # 3 persistent chunks to the durable work queue, each confirmed by the broker: pow(chunk, esp=2).
+        squares = start_job(op, "squares", esp=2)
+        # Same reply queue: the replies of the two jobs are told apart by their correlation_id.
         cubes = start_job(op, "cubes", esp=3)
         # The servers work while this process does something else.
         print(f"meanwhile, here: sum(range(10**6)) = {sum(range(10**6))}")
-        print("squares:", op.get_result(squares, timeout=TIMEOUT))  # blocks for 3 partials
+        print("squares:", op.get_result(squares, timeout=TIMEOUT))  # blocks for 3 replies, then gathers
         print("cubes:  ", op.get_result(cubes, timeout=TIMEOUT))
+    # Leaving the block closes the connection: the broker deletes the reply queue with it.
 
 
 # --------------------------------------------------------------------------
