@@ -26,17 +26,28 @@ import sys
 from collections.abc import Callable
 
 from pikachat.broker import BrokerError, redact, resolve
-from pikachat.cli import Lines, SecondSignalError, parse_arguments, setup_logging, stop_on_signals
+from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, render
 from pikachat.receive import Listener
-from pikachat.send import BlockedTooLongError, Sender, send_lines
+from pikachat.send import Sender
+from pikachat.sender_plumbing import BlockedTooLongError, SecondSignalError, send_lines, stop_on_signals
 from pikachat.terminal import Terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
 
 
-# No pika call in this file: it joins send.py's (open_channel, publish: confirms, mandatory)
-# to receive.py's (subscribe: a queue of our own bound to the fanout exchange). Read those first.
+# The pika calls are those of receive.py and send.py, made in this order (read those first):
+#
+#   receiving thread, its own connection   subscribe(channel, show)              receive.py
+#       channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
+#       queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+#       channel.queue_bind(queue, EXCHANGE)
+#       channel.basic_consume(queue, ..., auto_ack=True); channel.start_consuming()
+#   this thread, its own connection         open_channel(url)                     send.py
+#       channel.confirm_delivery()
+#       channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
+#   then for "joined", each line, "left"    publish(channel, message)             send.py
+#       channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
     """Listen, join, send ``lines``, leave; return how many lines could not be sent.
 
@@ -52,20 +63,20 @@ def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int
     # Receiving gets a thread and a connection of its own: a BlockingConnection belongs to
     # the thread that opened it, and a thread waiting for deliveries cannot wait for typing.
     listener = Listener(sender.url, show)
-    listener.start(on_failure=lines.stop)
+    listener.start(on_failure=lines.stop)  # on its thread: connect, subscribe(), start_consuming()
     try:
         # Bind our queue before saying "joined", so that every answer to it is heard.
         if not listener.wait_ready(given_up=lambda: lines.stopped):
             return 0
-        sender.open()
-        sender.send("", kind="join")
+        sender.open()  # open_channel(): confirms on, the exchange declared
+        sender.send("", kind="join")  # publish(): mandatory, and wait for the broker's confirm
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
             EXCHANGE,
             redact(sender.url),
             sender.name,
         )
-        failed = send_lines(sender, lines)
+        failed = send_lines(sender.send, sender.keep_alive, lines)
         listener.check()  # did receiving fail for good?
         if not lines.hurry:  # a second Ctrl-C: no goodbye
             sender.send("", kind="leave")

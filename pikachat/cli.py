@@ -16,7 +16,6 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
 
 from pikachat.message import MAX_NAME
 
@@ -70,8 +69,9 @@ def setup_logging(verbose: bool) -> None:
 def on_signals(stop: Callable[[], None]) -> None:
     """Call ``stop()`` on the first Ctrl-C or SIGTERM (docker stop, kill); ignore the ones after.
 
-    ``stop`` only asks: an exception raised in the middle of pika's I/O could
-    leave the connection stuck.
+    ``stop`` only asks, and the loops check: an exception raised in the middle
+    of pika's I/O could leave the connection stuck. (The sender's second Ctrl-C
+    is the one exception: see stop_on_signals in sender_plumbing.py.)
     """
     stopping: list[bool] = []
 
@@ -81,36 +81,6 @@ def on_signals(stop: Callable[[], None]) -> None:
             stop()
 
     # SIGINT explicitly, too: a shell starting us in the background ignores it.
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-class SecondSignalError(Exception):
-    """A second Ctrl-C or SIGTERM came while the sender waited inside pika."""
-
-
-class Busy(Protocol):
-    busy: bool  # True while waiting inside pika for the broker
-
-
-def stop_on_signals(lines: Lines, sender: Busy) -> None:
-    """First Ctrl-C or SIGTERM: finish the line in hand, then stop. Second: stop now.
-
-    Stopping is a flag that the loops check. Only a second signal that comes
-    while the sender waits inside pika (a blocked broker may hold a publish
-    for a minute) raises SecondSignalError, and the sender then leaves that
-    connection alone.
-    """
-
-    def handler(_signum: int, _frame: object) -> None:
-        if not lines.stopped:
-            lines.stop()
-            return
-        lines.hurry = True
-        if sender.busy:
-            sender.busy = False
-            raise SecondSignalError
-
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 

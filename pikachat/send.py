@@ -19,22 +19,26 @@ its confirm, is the simplest form and fast enough for anyone typing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pikachat.blocked import watch_blocked, with_blocked_timeout
 from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
-from pikachat.cli import Lines, SecondSignalError, parse_arguments, setup_logging, stop_on_signals
-from pikachat.message import EXCHANGE, MAX_TEXT, Message, encode
+from pikachat.cli import Lines, parse_arguments, setup_logging
+from pikachat.message import EXCHANGE, Message, encode
+from pikachat.sender_plumbing import (
+    BlockedTooLongError,
+    SecondSignalError,
+    SenderPlumbing,
+    preview,
+    send_lines,
+    stop_on_signals,
+)
 
 LOGGER = logging.getLogger("pikachat.send")
 
@@ -42,13 +46,6 @@ LOGGER = logging.getLogger("pikachat.send")
 # receiver's temporary queue, gone after a broker restart anyway; writing the
 # line to disk would cost time and keep nothing.
 PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
-# After losing the broker, wait this long before reconnecting, doubling up to MAX_BACKOFF.
-FIRST_BACKOFF = 0.5
-MAX_BACKOFF = 5.0
-
-
-class BlockedTooLongError(Exception):
-    """The broker blocked a line past the timeout: sending more would only block again."""
 
 
 def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
@@ -81,45 +78,32 @@ def publish(channel: BlockingChannel, message: Message) -> None:
     channel.basic_publish(EXCHANGE, "", encode(message), PROPERTIES, mandatory=True)
 
 
-class Sender:
-    """Publish chat messages as ``name``, each confirmed by the broker.
+class Sender(SenderPlumbing):
+    """Publish chat messages as ``name``, each confirmed by the broker; use it from one thread.
 
-    ``open()`` connects and raises BrokerError if it cannot. After that,
-    ``send()`` never raises for a lost broker: it logs the line it could not
-    send and reconnects on the next call. It owns a BlockingConnection, so use
-    it from one thread, and call ``keep_alive()`` every second or so while
-    there is nothing to send.
+    SenderPlumbing (sender_plumbing.py) keeps the channel that open_channel
+    gives: ``open()``, ``keep_alive()`` while idle, reconnecting after a lost
+    broker, ``close()``. ``send()`` says what became of each line.
     """
 
     def __init__(self, url: str, name: str) -> None:
-        self.url = with_blocked_timeout(url)  # give up on a publish blocked for long (blocked.py)
+        super().__init__(url, open_channel)
         self.name = name
         self.id = uuid.uuid4().hex  # lets chat.py tell its own messages from others'
-        self.busy = False  # inside pika, waiting for the broker (see cli.stop_on_signals)
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._lost = False
-        self._retry_at = 0.0
-        self._backoff = FIRST_BACKOFF
-        self._in_hand = ""
-        self._blocked_for = 0.0
 
     def send(self, text: str, kind: str = "say") -> bool:
         """Publish one message and wait for its confirm; return False (logged) if it was not sent.
 
-        Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout.
+        Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout
+        (a broker short of memory or disk blocks publishers; sender_plumbing.py says so at once).
         """
-        what = self._in_hand = _preview(text) if kind == "say" else f"the {kind} notice"
+        what = self.in_hand = preview(text) if kind == "say" else f"the {kind} notice"
         try:
-            with self._ready_channel() as channel:
+            with self.channel() as channel:  # reconnects first if the broker was lost
                 publish(channel, Message(kind, self.name, self.id, text, time.time()))
         except pika.exceptions.UnroutableError:  # returned by the broker: no queue was bound
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
-        except pika.exceptions.ConnectionBlockedTimeout:  # before its base class, AMQPConnectionError
-            raise BlockedTooLongError(
-                f"gave up on {what}: the broker blocked it for {self._blocked_for:g} s"
-            ) from None
         # Not sent, or not known to be: a line is never sent again, since it would
         # show twice if the first copy went out. It is reported instead.
         except pika.exceptions.NackError:
@@ -137,124 +121,8 @@ class Sender:
         LOGGER.error("could not send %s: %s", what, why)
         return False
 
-    def open(self) -> None:
-        """Connect (open_channel); raise BrokerError if it cannot, SecondSignalError on a second Ctrl-C."""
-        with self._inside_pika():
-            connection, self._channel = open_channel(self.url)
-        self._connection = connection
-        # A broker short of memory or disk blocks publishers: tell the user at once.
-        self._blocked_for = watch_blocked(connection, self._on_blocked, self._on_unblocked)
-        if self._lost:
-            LOGGER.info("reconnected to %s", redact(self.url))
-        self._lost, self._backoff = False, FIRST_BACKOFF
 
-    def keep_alive(self) -> None:
-        """Serve the connection while idle; after losing it, try to reconnect with capped back-off."""
-        if self._connection is not None:
-            self._check()
-            return
-        if time.monotonic() < self._retry_at:
-            return
-        try:
-            self.open()
-        except SecondSignalError:
-            self._abandon()
-        except BrokerError as exc:
-            LOGGER.debug("%s", exc)
-            self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-
-    def close(self) -> None:
-        """Close the connection; a second Ctrl-C leaves it unclosed."""
-        self._drop()
-
-    # The plumbing: reconnecting, a broker that blocks us, a second Ctrl-C.
-
-    @contextlib.contextmanager
-    def _ready_channel(self) -> Iterator[BlockingChannel]:
-        """An open channel, reconnecting if need be; drop the connection if it fails under us.
-
-        A second Ctrl-C in there (SecondSignalError) leaves the connection
-        without a close handshake, which a broker that blocks us would never answer.
-        """
-        try:
-            with self._inside_pika():
-                self._check()  # a connection that died while we were idle
-                if self._channel is None:
-                    self.open()
-                assert self._channel is not None
-                yield self._channel
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-            raise  # the broker's answer about one message: the channel is fine
-        except SecondSignalError:
-            self._abandon()
-            raise
-        except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
-            self._drop()  # the next line opens a new channel, and declares the exchange again
-            raise
-
-    @contextlib.contextmanager
-    def _inside_pika(self) -> Iterator[None]:
-        """Mark the time spent waiting for the broker, when a second Ctrl-C may interrupt."""
-        busy, self.busy = self.busy, True
-        try:
-            yield
-        finally:
-            self.busy = busy
-
-    def _on_blocked(self, reason: str) -> None:
-        LOGGER.warning(
-            "the broker is blocking publishers (%s): %s waits, for %g s at most",
-            reason,
-            self._in_hand,
-            self._blocked_for,
-        )
-
-    def _on_unblocked(self) -> None:
-        LOGGER.info("the broker takes messages again")
-
-    def _check(self) -> None:
-        """Answer heartbeats, and notice a lost broker before a line is lost with it."""
-        if self._connection is None:
-            return
-        try:
-            self._connection.process_data_events(0)
-        except pika.exceptions.AMQPError as exc:
-            LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
-            self._drop()
-
-    def _drop(self) -> None:
-        try:
-            with self._inside_pika():
-                close_quietly(self._connection)
-        except SecondSignalError:
-            pass  # a second Ctrl-C: leave it unclosed
-        self._abandon()
-
-    def _abandon(self) -> None:
-        # No close handshake: a broker that blocks us would never answer it.
-        self._connection = self._channel = None
-        self._lost, self._retry_at = True, 0.0
-
-
-def send_lines(sender: Sender, lines: Lines) -> int:
-    """Send every non-blank line until the lines end; return how many could not be sent."""
-    failed = 0
-    for line in lines:
-        if line is None:
-            sender.keep_alive()
-            continue
-        if not line.strip():
-            continue
-        if len(line) > MAX_TEXT:
-            LOGGER.warning("line of %d characters cut to %d", len(line), MAX_TEXT)
-        if not sender.send(line[:MAX_TEXT]):
-            failed += 1
-    return failed
-
-
-def _preview(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:59] + "…")
+# The plumbing: arguments, signals, exit status.
 
 
 def main() -> int:
@@ -277,7 +145,7 @@ def main() -> int:
         sender.name,
     )
     try:
-        failed = send_lines(sender, lines)
+        failed = send_lines(sender.send, sender.keep_alive, lines)
     except BlockedTooLongError as exc:
         LOGGER.error("%s", exc)
         return 1

@@ -1,0 +1,224 @@
+"""The sender's plumbing: keeping a channel to publish on, whatever the broker does.
+
+send.py tells the story: open_channel, publish, and what each answer from the
+broker means for the line. This is the rest, which a learner may skip:
+
+- reconnecting after a lost broker, with capped back-off and jitter (``keep_alive``);
+- serving the connection while idle, so that heartbeats are answered and a
+  lost broker is noticed before a line is lost with it;
+- a broker that blocks publishers (memory or disk alarm): saying so at once
+  (blocked.py does the listening);
+- Ctrl-C: the first finishes the line in hand, the second stops at once
+  (``stop_on_signals``, the ``busy`` flag, and ``_abandon``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from pikachat.blocked import watch_blocked, with_blocked_timeout
+from pikachat.broker import BrokerError, close_quietly, redact
+from pikachat.cli import Lines
+from pikachat.message import MAX_TEXT
+
+LOGGER = logging.getLogger(__name__)
+
+# After losing the broker, wait this long before reconnecting, doubling up to MAX_BACKOFF.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 5.0
+
+OpenChannel = Callable[[str], tuple[pika.BlockingConnection, BlockingChannel]]
+
+
+class BlockedTooLongError(Exception):
+    """The broker blocked a line past the timeout: sending more would only block again."""
+
+
+class SecondSignalError(Exception):
+    """A second Ctrl-C or SIGTERM came while the sender waited inside pika."""
+
+
+class SenderPlumbing:
+    """A channel from ``open_channel(url)``, opened again whenever it is lost.
+
+    ``open()`` connects and raises BrokerError if it cannot. ``channel()``
+    gives an open channel, reconnecting if need be, and drops the connection
+    if it fails under the caller. It owns a BlockingConnection, so use it from
+    one thread, and call ``keep_alive()`` every second or so while there is
+    nothing to send.
+    """
+
+    def __init__(self, url: str, open_channel: OpenChannel) -> None:
+        self.url = with_blocked_timeout(url)  # give up on a publish blocked for long (blocked.py)
+        self.busy = False  # inside pika, waiting for the broker: a second Ctrl-C raises (stop_on_signals)
+        self.in_hand = ""  # the line being sent, for the "blocked" warning
+        self.blocked_for = 0.0  # the connection's blocked_connection_timeout
+        self._open_channel = open_channel
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._lost = False
+        self._retry_at = 0.0
+        self._backoff = FIRST_BACKOFF
+
+    def open(self) -> None:
+        """Connect (open_channel); raise BrokerError if it cannot, SecondSignalError on a second Ctrl-C."""
+        with self._inside_pika():
+            connection, self._channel = self._open_channel(self.url)
+        self._connection = connection
+        # A broker short of memory or disk blocks publishers: tell the user at once.
+        self.blocked_for = watch_blocked(connection, self._on_blocked, self._on_unblocked)
+        if self._lost:
+            LOGGER.info("reconnected to %s", redact(self.url))
+        self._lost, self._backoff = False, FIRST_BACKOFF
+
+    @contextlib.contextmanager
+    def channel(self) -> Iterator[BlockingChannel]:
+        """An open channel, reconnecting if need be; drop the connection if it fails under us.
+
+        Raises BlockedTooLongError if the broker blocked the caller past the
+        blocked-connection timeout. A second Ctrl-C in there (SecondSignalError)
+        leaves the connection without a close handshake, which a broker that
+        blocks us would never answer.
+        """
+        try:
+            with self._inside_pika():
+                self._check()  # a connection that died while we were idle
+                if self._channel is None:
+                    self.open()
+                assert self._channel is not None
+                yield self._channel
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
+            raise  # the broker's answer about one message: the channel is fine
+        except pika.exceptions.ConnectionBlockedTimeout:  # before its base class, AMQPConnectionError
+            self._drop()
+            raise BlockedTooLongError(
+                f"gave up on {self.in_hand}: the broker blocked it for {self.blocked_for:g} s"
+            ) from None
+        except SecondSignalError:
+            self._abandon()
+            raise
+        except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
+            self._drop()  # the next line opens a new channel, and declares the exchange again
+            raise
+
+    def keep_alive(self) -> None:
+        """Serve the connection while idle; after losing it, try to reconnect with capped back-off."""
+        if self._connection is not None:
+            self._check()
+            return
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            self.open()
+        except SecondSignalError:
+            self._abandon()
+        except BrokerError as exc:
+            LOGGER.debug("%s", exc)
+            # Jitter, so that many senders do not come back in lockstep.
+            self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def close(self) -> None:
+        """Close the connection; a second Ctrl-C leaves it unclosed."""
+        self._drop()
+
+    @contextlib.contextmanager
+    def _inside_pika(self) -> Iterator[None]:
+        """Mark the time spent waiting for the broker, when a second Ctrl-C may interrupt."""
+        busy, self.busy = self.busy, True
+        try:
+            yield
+        finally:
+            self.busy = busy
+
+    def _on_blocked(self, reason: str) -> None:
+        LOGGER.warning(
+            "the broker is blocking publishers (%s): %s waits, for %g s at most",
+            reason,
+            self.in_hand,
+            self.blocked_for,
+        )
+
+    def _on_unblocked(self) -> None:
+        LOGGER.info("the broker takes messages again")
+
+    def _check(self) -> None:
+        """Answer heartbeats, and notice a lost broker before a line is lost with it."""
+        if self._connection is None:
+            return
+        try:
+            self._connection.process_data_events(0)
+        except pika.exceptions.AMQPError as exc:
+            LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
+            self._drop()
+
+    def _drop(self) -> None:
+        try:
+            with self._inside_pika():
+                close_quietly(self._connection)
+        except SecondSignalError:
+            pass  # a second Ctrl-C: leave it unclosed
+        self._abandon()
+
+    def _abandon(self) -> None:
+        # No close handshake: a broker that blocks us would never answer it.
+        self._connection = self._channel = None
+        self._lost, self._retry_at = True, 0.0
+
+
+def stop_on_signals(lines: Lines, sender: SenderPlumbing) -> None:
+    """First Ctrl-C or SIGTERM: finish the line in hand, then stop. Second: stop now.
+
+    Stopping is a flag that the loops check, as everywhere in pikachat. A
+    second signal that comes while the sender waits inside pika is the one
+    exception: it raises SecondSignalError (see the comment at the raise).
+    """
+
+    def handler(_signum: int, _frame: object) -> None:
+        if not lines.stopped:
+            lines.stop()
+            return
+        lines.hurry = True
+        if sender.busy:
+            sender.busy = False
+            # Elsewhere pikachat never raises inside pika's I/O, since it may leave a
+            # connection half-way through a frame. Here, raising is the only way out: a
+            # blocked broker holds basic_publish for up to blocked_connection_timeout
+            # (60 s), and pika's wait has no other exit that a signal handler can reach.
+            # The cost: that connection can no longer be trusted, so the sender
+            # abandons it without a close handshake (the broker would not answer), and
+            # the line in hand is reported as not sent, though it may have gone out.
+            raise SecondSignalError
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def send_lines(send: Callable[[str], bool], keep_alive: Callable[[], None], lines: Lines) -> int:
+    """``send`` every non-blank line until the lines end; return how many could not be sent."""
+    failed = 0
+    for line in lines:
+        if line is None:
+            keep_alive()  # nothing typed for a while: serve the connection
+            continue
+        if not line.strip():
+            continue
+        if len(line) > MAX_TEXT:
+            LOGGER.warning("line of %d characters cut to %d", len(line), MAX_TEXT)
+        if not send(line[:MAX_TEXT]):
+            failed += 1
+    return failed
+
+
+def preview(text: str) -> str:
+    """A line as the log names it: quoted, and cut at 60 characters."""
+    return repr(text if len(text) <= 60 else text[:59] + "…")
