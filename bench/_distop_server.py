@@ -20,7 +20,7 @@ import threading
 import time
 
 from distop.callee import serve
-from distop.ops import OpExecutor
+from distop.ops import PipelinedOpExecutor
 
 PARENT_CHECK_INTERVAL = 1.0
 STRICT_QUEUE = "distop.chunks.strict"
@@ -45,8 +45,8 @@ def sleep_ms(chunk: list[float]) -> list[float]:
     return chunk
 
 
-class BenchExecutor(OpExecutor):
-    """The bench ops, under the names the benchmark's DistOp classes use."""
+class BenchExecutor(PipelinedOpExecutor):
+    """The bench ops, under the names the benchmark's DistOp classes use, served as callee.py serves."""
 
     def sum_squares(self, chunk: list[int]) -> list[int]:
         return sum_squares(chunk)

@@ -1,14 +1,15 @@
 """The server side of distop: OpExecutor takes chunks off the work queue, runs their op, and replies.
 
-Read distop/protocol.py first (the queues and the messages). For each chunk, in order:
+Read distop/protocol.py first (the queues and the messages). The story, in the order it happens:
 
-1. _declare: the dead-letter exchange and queue, and the work queue, as the clients declare them;
+1. _declare: the dead-letter exchange and queue, and the work queue, exactly as the clients declare them;
 2. _consume: prefetch 1, so that the broker hands this server one chunk at a time and a free server
    gets the next (fair dispatch); then consume the work queue;
-3. _on_message: check the chunk (a malformed one is rejected without requeue: dead-lettered), and
-   hand it to the worker thread, which runs the op (_run) whatever it raises;
-4. _finish: publish the reply to the chunk's reply_to with its correlation_id, and only then ack the
-   chunk, so that a server that dies mid-chunk loses nothing: the broker gives it to another server.
+3. _on_message: parse the chunk, or reject it without requeue (the broker dead-letters it); hand it
+   to the worker thread, which runs the op (_run) whatever it raises;
+4. _finish, back on the connection's thread: publish the reply to the chunk's reply_to with its
+   correlation_id, and only then ack the chunk, so that a server that dies mid-chunk loses nothing:
+   the broker gives the chunk to another server.
 
 Why a BlockingConnection with a worker thread: one chunk at a time reads best as plain calls, and
 pika answers the broker's heartbeats only while the connection's thread is inside pika. So the op
@@ -16,13 +17,13 @@ runs on a worker thread while the connection's thread waits in start_consuming()
 back with add_callback_threadsafe, since a BlockingConnection belongs to the thread that opened it.
 An op may run for minutes without the broker taking the server for dead.
 
-While ops are very short, a server also takes the next chunk ahead (see "Taking a chunk ahead"),
-and gives it back as soon as an op runs long.
+An optimisation lives apart, in distop/pipelined.py: PipelinedOpExecutor, which distop/callee.py
+uses, takes the next chunk ahead while ops are very short (about twice the throughput on short
+chunks through a quorum queue), and gives it back as soon as an op runs long.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
@@ -59,12 +60,6 @@ from distop.protocol import (
 
 LOGGER = logging.getLogger(__name__)
 
-# A server takes a chunk ahead (a second consumer) after this many ops in a
-# row shorter than SHORT_OP, about a round trip to the broker; it stops as soon
-# as an op runs longer, and gives back the chunk waiting behind it.
-SHORT_OP = 0.005
-SHORT_OPS_TO_PIPELINE = 3
-
 
 class UnknownOpError(Exception):
     """Raised on the server, and sent back, when a chunk names an op it does not have."""
@@ -79,8 +74,6 @@ class OpExecutor:
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
-    # Chunks in hand at most: 2 takes one ahead while ops are short; 1 never does.
-    MAX_PREFETCH: ClassVar[int] = 2
 
     def __init__(self, rabbit_host: str | None = None) -> None:
         self._url = resolve(rabbit_host)
@@ -90,16 +83,9 @@ class OpExecutor:
         self._stopping = threading.Event()
         self._aborting = threading.Event()
         self._in_hand: int | None = None  # delivery tag of the chunk being worked on
-        self._in_hand_from = ""  # the consumer it came through
-        self._started = 0.0  # when its op started
-        self._long_op_check: object = None  # the timer that looks again at SHORT_OP into it
-        self._waiting: collections.deque[_Chunk] = collections.deque()  # received, not started
-        self._consumers: list[str] = []  # ours on self._channel: 2 while taking a chunk ahead
-        self._ahead: str | None = None  # the one of them that takes a chunk ahead
-        self._short_ops = 0  # ops in a row shorter than SHORT_OP
         self._channel: BlockingChannel | None = None  # the channel that replies go out on
         self._announced = False
-        self._worker_inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._worker_inbox: queue.SimpleQueue[tuple[pika.BlockingConnection, Chunk]] = queue.SimpleQueue()
 
     @classmethod
     def ops(cls) -> list[str]:
@@ -128,18 +114,10 @@ class OpExecutor:
             raise BrokerError(refused(exc)) from exc
 
     def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left.
-
-        That is when the broker cancels our consumer, or when a long op made
-        us cancel the last one (see _on_long_op).
-        """
-        # Chunks waiting from a closed channel are back in the queue.
-        self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is channel)
-        self._consumers, self._ahead = [], None  # cancelled, or on a closed channel
-        # A chunk still running from a closed channel, or a long op, finishes
-        # first, so that the next one does not wait unacknowledged behind it.
+        """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left."""
+        # A chunk still running from a closed channel finishes first.
         self._wait_for_chunk_in_hand(connection)
-        # One chunk at a time per consumer: fair dispatch, and a crash strands only one.
+        # One unacked chunk at a time: fair dispatch, and a crash strands only one.
         channel.basic_qos(prefetch_count=1)
         self._add_consumer(connection, channel)
         if not self._announced:
@@ -147,21 +125,13 @@ class OpExecutor:
                 "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
             )
             self._announced = True
-        # Returns once _tick() calls stop_consuming(), or the broker cancels
-        # our consumer; raises ChannelClosedByBroker if it closes the channel.
+        # Deliveries arrive in _on_message, on this thread. Returns once _tick() calls stop_consuming(),
+        # or the broker cancels our consumer; raises ChannelClosedByBroker if it closes the channel.
         channel.start_consuming()
 
-    def _add_consumer(
-        self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
-    ) -> None:
-        on_message = functools.partial(self._on_message, connection)
-        # A lower priority: the broker gives it a chunk only while every
-        # server's first consumer has one.
-        arguments = {"x-priority": -1} if ahead else None
-        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
-        self._consumers.append(consumer)
-        if ahead:
-            self._ahead = consumer
+    def _add_consumer(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
+        # Every server consumes the same queue: the broker gives each chunk to one of them.
+        return channel.basic_consume(self.QUEUE, functools.partial(self._on_message, connection))
 
     def _on_message(
         self,
@@ -171,50 +141,42 @@ class OpExecutor:
         props: BasicProperties,
         body: bytes,
     ) -> None:
+        """A chunk arrived: reject it if malformed, else hand it to the worker thread."""
         try:
             request = parse_request(props, body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
-            # Requeueing it would only bring it back; the dead-letter queue keeps it.
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
+            # Requeueing it would only bring it back; the broker dead-letters it, to distop.dead.
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        chunk = _Chunk(
+        chunk = Chunk(
             channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
         )
-        if self._in_hand is None:
-            self._start(connection, chunk)
-            return
-        self._waiting.append(chunk)
-        if time.monotonic() - self._started > SHORT_OP:
-            self._on_long_op(channel, self._in_hand)
+        self._hand_to_worker(connection, chunk)
 
-    def _start(self, connection: pika.BlockingConnection, chunk: _Chunk) -> None:
-        self._in_hand, self._in_hand_from, self._started = chunk.tag, chunk.consumer, time.monotonic()
-        if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
-            check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
-            self._long_op_check = connection.call_later(SHORT_OP, check)
+    def _hand_to_worker(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        self._in_hand = chunk.tag
         # The op runs off this thread so that heartbeats keep flowing.
-        self._worker_inbox.put((connection, chunk.channel, chunk.tag, chunk.props, chunk.request))
+        self._worker_inbox.put((connection, chunk))
 
     def _work_forever(self) -> None:
-        """The worker thread: run each op handed over by _start, whatever it raises."""
+        """The worker thread: run each op handed over, whatever it raises; pass the reply back."""
         while True:
-            connection, channel, tag, props, request = self._worker_inbox.get()
-            started = time.monotonic()
+            connection, chunk = self._worker_inbox.get()
             try:
-                body = self._run(request, props.correlation_id)
+                body = self._run(chunk)
             except BaseException as exc:  # SystemExit in an op must not end this thread
                 body = self._encode(self._error_reply(exc))
-            short = time.monotonic() - started < SHORT_OP
-            finish = functools.partial(self._finish, connection, channel, tag, props, body, short)
             try:
-                connection.add_callback_threadsafe(finish)
+                # Only the connection's thread may use it: _finish runs there, at its next turn.
+                connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
             except pika.exceptions.AMQPError:
                 LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
                 self._in_hand = None
 
-    def _run(self, request: dict[str, Any], chunk_id: str) -> bytes:
+    def _run(self, chunk: Chunk) -> bytes:
         """Run the op and return the encoded reply: its result, or the error it raised."""
+        request, chunk_id = chunk.request, chunk.props.correlation_id
         name = request["op"]
         if name not in self._ops:
             error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
@@ -240,96 +202,20 @@ class OpExecutor:
             LOGGER.warning("chunk %s: %s", chunk_id, error)
             return self._encode(self._error_reply(error))
 
-    def _finish(  # noqa: PLR0917 (a callback's arguments, bound by functools.partial)
-        self,
-        connection: pika.BlockingConnection,
-        channel: BlockingChannel,
-        tag: int,
-        props: BasicProperties,
-        body: bytes,
-        short: bool,
-    ) -> None:
-        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered.
-
-        If the chunk's channel was closed meanwhile (the op ran past the
-        broker's consumer_timeout), the chunk is already back in the queue:
-        the reply still goes out, on the current channel, and the client
-        ignores the duplicate that follows. Then the next chunk, if one waits.
-        """
+    def _finish(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
+        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered."""
         self._in_hand = None
-        if self._long_op_check is not None:
-            connection.remove_timeout(self._long_op_check)
-            self._long_op_check = None
-        self._short_ops = self._short_ops + 1 if short else 0
-        current = self._channel
-        if current is None or not current.is_open:
-            return
-        reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return  # the connection is gone, and the chunk is back in the queue
+        props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
         # To the client's own queue, through the default exchange, quoting the chunk's correlation_id.
-        current.basic_publish("", props.reply_to, body, reply_props)
-        # Left with only the consumer that takes chunks ahead (a long op made
-        # us cancel the other): swap it for a first consumer while it holds this chunk.
-        swap = (
-            channel is current
-            and self._consumers == [self._in_hand_from] == [self._ahead]
-            and not self._stopping.is_set()
-        )
-        if swap:
-            self._cancel_consumer(channel, self._in_hand_from)
-        if channel is current:
-            channel.basic_ack(tag)  # only now: until here, a server that dies leaves the chunk to another
-        if swap:
-            self._add_consumer(connection, current)
-        while self._waiting and self._waiting[0].channel is not current:
-            self._waiting.popleft()  # back in the queue with its channel
-        if self._waiting:
-            self._start(connection, self._waiting.popleft())
-        else:
-            self._pipeline_if_short(connection, current)
-
-    # Taking a chunk ahead. With one chunk at a time, each ack must settle through the
-    # quorum queue's log before the next chunk comes: for short ops, most of a
-    # server's time. So while ops are short, a second consumer (prefetch 1
-    # too: basic_qos changes only consumers created after it) takes the next
-    # chunk while this one runs, but only when every server has one already
-    # (consumer priority). A chunk must never wait behind a long op while
-    # another server could run it: see _on_long_op.
-
-    def _pipeline_if_short(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        if (
-            self._consumers
-            and self._ahead is None
-            and self.MAX_PREFETCH > 1
-            and self._short_ops >= SHORT_OPS_TO_PIPELINE
-            and not self._stopping.is_set()
-            and channel is self._channel
-            and channel.is_open
-        ):
-            LOGGER.debug("ops are short: taking a chunk ahead")
-            self._add_consumer(connection, channel, ahead=True)
-
-    def _on_long_op(self, channel: BlockingChannel, tag: int) -> None:
-        """The op in hand has run SHORT_OP: take no chunk ahead, and give back any waiting behind it."""
-        if self._in_hand != tag or channel is not self._channel or not channel.is_open:
-            return
-        self._short_ops = 0
-        for chunk in list(self._waiting):
-            self._cancel_consumer(channel, chunk.consumer)
-            # Only once per chunk: a return counts towards its DELIVERY_LIMIT.
-            if not chunk.redelivered:
-                LOGGER.debug("gave back a chunk waiting behind a long op")
-                self._waiting.remove(chunk)
-                channel.basic_reject(chunk.tag, requeue=True)
-        if len(self._consumers) > 1 and self._in_hand_from == self._ahead:
-            self._cancel_consumer(channel, self._ahead)  # it holds the op in hand
-
-    def _cancel_consumer(self, channel: BlockingChannel, consumer: str) -> None:
-        """Cancel one of our consumers, only ever one holding a chunk: nothing is on its way to it."""
-        if consumer in self._consumers and channel.is_open:
-            self._consumers.remove(consumer)
-            if consumer == self._ahead:
-                self._ahead = None
-            channel.basic_cancel(consumer)
+        channel.basic_publish("", chunk.props.reply_to, body, props)
+        # Only now: until here, a server that dies leaves the chunk to another. (If the op outlasted the
+        # broker's consumer_timeout, the chunk's channel is closed and the chunk is back in the queue; the
+        # reply above still went out, and the client ignores the duplicate that follows.)
+        if chunk.channel is channel:
+            channel.basic_ack(chunk.tag)
 
     # Plumbing: reconnection, channels the broker closes, signals, replies that cannot be encoded ---
 
@@ -374,8 +260,7 @@ class OpExecutor:
             self._stopping.set()
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
-        self._in_hand, self._long_op_check = None, None
-        self._waiting.clear()  # a lost connection's chunks are back in the queue
+        self._in_hand = None  # a lost connection's chunks are back in the queue
         self._tick(connection)
         channel: BlockingChannel | None = None
         while not self._stopping.is_set():
@@ -402,7 +287,6 @@ class OpExecutor:
         channel = self._channel
         if self._stopping.is_set() and channel is not None and channel.is_open:
             channel.stop_consuming()
-            self._consumers, self._ahead = [], None
         if connection.is_open:
             connection.call_later(0.5, lambda: self._tick(connection))
 
@@ -410,8 +294,7 @@ class OpExecutor:
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
 
     def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
-        # Short waits, so that a second signal is noticed promptly. A chunk
-        # waiting behind the one in hand is started when that one is finished.
+        # Short waits, so that a second signal is noticed promptly.
         while self._in_hand is not None and not self._aborting.is_set():
             connection.process_data_events(time_limit=0.5)
 
@@ -427,15 +310,16 @@ class OpExecutor:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """A chunk a server has received: where from, and the request in it."""
 
-    channel: BlockingChannel
-    tag: int
+    channel: BlockingChannel  # the channel it came on: only that one can ack it
+    tag: int  # its delivery tag on that channel
     consumer: str  # the consumer tag it came through
     redelivered: bool
-    props: BasicProperties
+    props: BasicProperties  # reply_to and correlation_id: where the reply goes, and under which id
     request: dict[str, Any]
+    op_seconds: float = 0.0  # how long its op ran, once it has (PipelinedOpExecutor sets it)
 
 
 def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:

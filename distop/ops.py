@@ -10,7 +10,8 @@ It is written in three parts, to read in this order:
 
 - distop/protocol.py: what both sides agree on: the queues, their arguments, the messages, split();
 - distop/dist_op.py: the client, DistOp, and the thread that owns its connection;
-- distop/op_executor.py: the server, OpExecutor.
+- distop/op_executor.py: the server, OpExecutor;
+- distop/pipelined.py: PipelinedOpExecutor, the server that takes a chunk ahead while ops are short.
 
 This module gathers their public names, so that ``from distop.ops import DistOp, OpExecutor`` is all
 a program needs:
@@ -29,6 +30,7 @@ a program needs:
 from distop.dist_op import DistOp
 from distop.errors import BrokerError, DistOpError, PoisonChunkError, RemoteError
 from distop.op_executor import OpExecutor, UnknownOpError
+from distop.pipelined import PipelinedOpExecutor
 from distop.protocol import (
     CLIENT_HEADER,
     DEAD_LETTER_EXCHANGE,
@@ -54,6 +56,7 @@ __all__ = [
     "DistOp",
     "DistOpError",
     "OpExecutor",
+    "PipelinedOpExecutor",
     "PoisonChunkError",
     "RemoteError",
     "UnknownOpError",
