@@ -1,4 +1,5 @@
-"""distop servers take a chunk ahead while ops are short, and never keep one waiting behind a long op."""
+"""distop/callee.py servers (PipelinedOpExecutor) take a chunk ahead while ops are short, and never keep one
+waiting behind a long op; a plain OpExecutor takes one chunk at a time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ from tests.conftest import Spawn, messages_ready, rabbitmqctl, wait_until
 
 SERVER = "tests/distop_server.py"
 LONG_OP = 1.0  # seconds: far longer than a round trip to the broker
+# A server of the plain OpExecutor, as docs/distop.md's FooExecutor is.
+PLAIN_SERVER = """
+import sys
+from distop.callee import serve
+from distop.ops import OpExecutor
+
+class PlainExecutor(OpExecutor):
+    def nop(self, chunk):
+        return chunk
+
+sys.exit(serve(PlainExecutor, "a plain OpExecutor"))
+"""
 
 
 class ListOp(DistOp):
@@ -74,3 +87,15 @@ def test_a_chunk_never_waits_behind_a_long_op(spawn: Spawn, amqp_url: str, tmp_p
         assert elapsed < 1.7 * LONG_OP, f"job {job}: {elapsed:.2f} s for 2 chunks of {LONG_OP} s on 2 servers"
     # A chunk given back had not started: each ran once.
     assert log.read_text().splitlines() == [f"start {job}" for job in range(4) for _ in range(2)]
+
+
+def test_a_plain_op_executor_never_takes_a_chunk_ahead(
+    spawn: Spawn, amqp_url: str, vhost: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "plain_server.py"
+    script.write_text(PLAIN_SERVER)
+    spawn(str(script)).wait_for("serving")
+    wait_until(lambda: consumers(vhost) == 1, 10, "the server's consumer")
+    for _ in range(2):
+        short_jobs(amqp_url)  # a PipelinedOpExecutor has its second consumer after 3 short ops
+    assert consumers(vhost) == 1
