@@ -343,6 +343,7 @@ class _ClientLink(threading.Thread):
 
     @guarded
     def _on_confirm(self, frame: Method) -> None:
+        # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
         if not self._publisher.is_current(frame):
             return  # from a channel given up after a nack: its chunks are in the outbox again
         if isinstance(frame.method, Basic.Nack):
