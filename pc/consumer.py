@@ -6,19 +6,15 @@ messages until a consumer acknowledges them.
     python pc/consumer.py            # Ctrl-C or SIGTERM to stop
     python pc/consumer.py --quiet    # no line per message (for benchmarks)
     python pc/consumer.py --work 2   # pretend each message takes 2 s to handle
+    python pc/consumer.py --ack-each # one basic_ack per message, not in batches
 
 Guarantee: at-least-once. A message is acknowledged only after it has been
 handled, so a consumer that dies with messages in hand loses none of them: the
-broker delivers them again (marked "redelivered") to the next consumer. Acks
-go out in batches (see ACK_EVERY), so the price is that a message may be
-handled twice: those handled since the last ack, fewer than ACK_EVERY per
-crash. A message that kills every consumer taking it is delivered at most 6
-times, then moved to the queue ``pc.dead`` (pc/workqueue.py). If the broker
-goes away, the consumer reconnects with back-off; if the broker cancels it
-(the queue was deleted), it declares the queue again and consumes again.
-
-Any body is shown and acknowledged: UTF-8 text as text, anything else as
-escaped bytes. No message is dropped for its format.
+broker delivers them again (marked "redelivered") to the next consumer. A
+message may be handled twice: those handled but not yet acked when it died
+(fewer than 50, pc/batched_acks.py). A message that kills every consumer
+taking it is delivered at most 6 times, then moved to ``pc.dead``
+(pc/workqueue.py). Any body is shown and acked, text or not.
 
 Why BlockingConnection: a consumer is one loop that waits for a message,
 handles it and acks it; blocking calls read top to bottom. The broker pushes
@@ -33,12 +29,14 @@ import signal
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from pc.batched_acks import BatchedAcks
 from pc.broker import BrokerError, connect, redact, resolve
 from pc.workqueue import (
     DEAD_LETTER_QUEUE,
@@ -54,14 +52,6 @@ LOGGER = logging.getLogger("pc.consumer")
 # to keep the pipe full even while acks are on their way back; small enough
 # that a crash sends few round again.
 PREFETCH = 200
-# One basic_ack(multiple=True) acknowledges a whole batch of handled messages:
-# an ack per message would cost a network write and broker work per message,
-# most of the time a fast handler takes. A batch is acked when it holds
-# ACK_EVERY messages (well below PREFETCH, so the broker keeps sending), and
-# once ACK_DELAY seconds have passed since the last ack: at once after a slow
-# message, and soon after the last one when the queue runs dry.
-ACK_EVERY = PREFETCH // 4
-ACK_DELAY = 0.1
 # After losing the broker, keep trying this long before giving up.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0
@@ -76,11 +66,8 @@ STOPPING = threading.Event()
 # The story: declare, consume, handle, ack ----------------------------------
 
 
-def listen(connection: pika.BlockingConnection, quiet: bool, work: float) -> tuple[Acker, threading.Event]:
-    """Declare the queue and consume from it on a new channel.
-
-    Returns the channel's Acker, and an Event set if the broker cancels the consumer.
-    """
+def listen(connection: pika.BlockingConnection, quiet: bool, work: float, ack_each: bool) -> Listening:
+    """Declare the queue and consume from it on a new channel."""
     channel = connection.channel()
     try:
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
@@ -95,7 +82,7 @@ def listen(connection: pika.BlockingConnection, quiet: bool, work: float) -> tup
     # Prefetch: the broker pushes at most PREFETCH unacknowledged messages to
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
-    acker = Acker(channel)
+    acks = None if ack_each else BatchedAcks(channel)
     # Consumer cancel notification: the broker tells us when it ends our
     # consumer (the queue was deleted); without a callback, pika's
     # BlockingChannel would then wait silently forever.
@@ -103,11 +90,11 @@ def listen(connection: pika.BlockingConnection, quiet: bool, work: float) -> tup
     channel.add_on_cancel_callback(lambda _frame: cancelled.set())
     # Manual acks (auto_ack=False, the default): a message stays the broker's
     # until we ack it, and goes to another consumer if we die first.
-    channel.basic_consume(QUEUE, make_handler(acker, quiet, work))
-    return acker, cancelled
+    channel.basic_consume(QUEUE, make_handler(acks, quiet, work))
+    return Listening(channel, acks, cancelled)
 
 
-def make_handler(acker: Acker, quiet: bool, work: float):
+def make_handler(acks: BatchedAcks | None, quiet: bool, work: float):
     """Return the on-message callback: handle, then ack."""
 
     def on_message(
@@ -120,18 +107,27 @@ def make_handler(acker: Acker, quiet: bool, work: float):
             LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
         if not pretend_to_work(work):
             return  # cut short by Ctrl-C: not acked
-        # Ack after handling, never before. The simple form is
-        #     channel.basic_ack(delivery_tag=method.delivery_tag)
-        # Acker (below) sends the same ack for a batch of handled messages at once.
-        acker.handled(method.delivery_tag)
+        # Ack after handling, never before: now the broker may forget the message.
+        if acks is None:  # --ack-each
+            channel.basic_ack(delivery_tag=method.delivery_tag)
+        else:  # the same ack, sent for a batch of handled messages at once (3 times faster)
+            acks.ack(method.delivery_tag)
 
     return on_message
+
+
+class Listening(NamedTuple):
+    """What listen() set up: the channel, its batched acks (None with --ack-each), and the cancel flag."""
+
+    channel: BlockingChannel
+    acks: BatchedAcks | None
+    cancelled: threading.Event
 
 
 # Reconnection and plumbing -------------------------------------------------
 
 
-def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
+def consume(url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = False) -> None:
     """Consume until STOPPING is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails or the broker stays away
@@ -150,22 +146,22 @@ def consume(url: str, quiet: bool = False, work: float = 0.0) -> None:
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         lost_since, backoff = None, 0.5
-        acker: Acker | None = None
+        listening: Listening | None = None
         try:
             while not STOPPING.is_set():
-                acker, cancelled = listen(connection, quiet, work)
+                listening = listen(connection, quiet, work, ack_each)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
                 # Short waits rather than start_consuming(): the signal handler
                 # only sets STOPPING, and we notice it here, between frames.
-                while not STOPPING.is_set() and not cancelled.is_set():
+                while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
-                if cancelled.is_set():
+                if listening.cancelled.is_set():
                     # Messages handled but not acked went with the queue.
                     LOGGER.warning(
                         "the broker cancelled the consumer (queue %r deleted?); declaring it again", QUEUE
                     )
-                    _close_channel(acker)
-            _close(connection, acker)
+                    _close_channel(listening.channel)
+            _close(connection, listening)
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
@@ -195,19 +191,19 @@ def show(body: bytes) -> str:
     return shown
 
 
-def _close_channel(acker: Acker) -> None:
+def _close_channel(channel: BlockingChannel) -> None:
     try:
-        if acker.channel.is_open:
-            acker.channel.close()
+        if channel.is_open:
+            channel.close()
     except pika.exceptions.AMQPError:
         pass
 
 
-def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
+def _close(connection: pika.BlockingConnection, listening: Listening | None) -> None:
     """Ack what has been handled, then close; unacked messages go back to the queue."""
     try:
-        if acker is not None and connection.is_open:
-            acker.flush()
+        if listening is not None and listening.acks is not None and connection.is_open:
+            listening.acks.flush()
     except pika.exceptions.AMQPError:
         pass  # then those are handled again, as after a crash
     try:
@@ -217,47 +213,14 @@ def _close(connection: pika.BlockingConnection, acker: Acker | None) -> None:
         pass
 
 
-# An optimisation: acks in batches ------------------------------------------
-
-
-class Acker:
-    """Acknowledges handled messages on one channel in batches (an ack each ran at a third of the speed).
-
-    A multi-ack of delivery tag T acknowledges every unacknowledged delivery
-    up to T on the channel. Deliveries are handled one at a time, in order, so
-    each of those has been handled (or rejected already): the ack still comes
-    only after handling.
-    """
-
-    def __init__(self, channel: BlockingChannel) -> None:
-        self.channel = channel
-        self._last_tag = 0
-        self._waiting = 0  # handled, not yet acknowledged
-        self._acked_at = time.monotonic()
-
-    def handled(self, delivery_tag: int) -> None:
-        """Note that a message has been handled; ack the batch if it is due."""
-        self._last_tag = delivery_tag
-        self._waiting += 1
-        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
-            self.flush()
-        elif self._waiting == 1:
-            # In case no other message comes to fill the batch.
-            self.channel.connection.call_later(ACK_DELAY, self.flush)
-
-    def flush(self) -> None:
-        """Acknowledge every handled message not acknowledged yet."""
-        if self._waiting and self.channel.is_open:
-            self.channel.basic_ack(self._last_tag, multiple=True)
-            self._waiting = 0
-            self._acked_at = time.monotonic()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no log line per message")
     parser.add_argument(
         "--work", type=float, default=0.0, metavar="SECONDS", help="pretend each message takes this long"
+    )
+    parser.add_argument(
+        "--ack-each", action="store_true", help="one basic_ack per message (the textbook way; slower)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
     args = parser.parse_args()
@@ -279,7 +242,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
 
     try:
-        consume(resolve(), args.quiet, args.work)
+        consume(resolve(), args.quiet, args.work, args.ack_each)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1

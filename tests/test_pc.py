@@ -170,6 +170,25 @@ def test_messages_sent_before_the_consumer_starts_arrive_in_order(spawn: Spawn, 
     assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
 
 
+def test_ack_each_acks_every_message_as_soon_as_it_is_handled(spawn: Spawn, amqp_url: str) -> None:
+    # Killed just after it logged the last of 120 fast messages, a consumer
+    # acking in batches still holds many handled but unacked; with --ack-each,
+    # at most that last one (logged before it is handled and acked).
+    produce(spawn, "--count", "120", "fast")
+    consumer = spawn("pc/consumer.py", "--ack-each")
+    consumer.wait_for(r"received 'fast 120'")
+    consumer.signal(signal.SIGKILL)
+    consumer.wait()
+    produce(spawn, "end")
+    again = spawn("pc/consumer.py")
+    again.wait_for(r"received 'end'")
+    redelivered = [line for line in again.stderr_lines if line.endswith("(redelivered)")]
+    assert len(redelivered) <= 1, redelivered
+    assert received(again)[-1] == "end"
+    stop(again)
+    assert queue_is_empty(amqp_url, "pc"), "every message should have been acked"
+
+
 def test_default_message_and_consumer_started_first(spawn: Spawn) -> None:
     consumer = spawn("pc/consumer.py")
     consumer.wait_for("waiting for messages")
