@@ -36,18 +36,20 @@ from pikachat.terminal import Terminal
 LOGGER = logging.getLogger("pikachat.chat")
 
 
-# The pika calls are those of receive.py and send.py, made in this order (read those first):
+# The pika calls are receive.py's and send.py's, made in this order (read those first;
+# tests/test_pikachat.py checks that each line below is still in them):
 #
-#   receiving thread, its own connection   subscribe(channel, show)              receive.py
+#   the receiving thread, on a connection of its own: subscribe() and Listener, in receive.py
 #       channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
 #       queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
 #       channel.queue_bind(queue, EXCHANGE)
-#       channel.basic_consume(queue, ..., auto_ack=True); channel.start_consuming()
-#   this thread, its own connection         open_channel(url)                     send.py
+#       channel.basic_consume(queue, partial(deliver, on_message), auto_ack=True)
+#       channel.start_consuming()
+#   this thread, on another connection: open_channel(), in send.py
 #       channel.confirm_delivery()
 #       channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
-#   then for "joined", each line, "left"    publish(channel, message)             send.py
-#       channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
+#   then for "joined", each line and "left": publish(), in send.py
+#       channel.basic_publish(EXCHANGE, "", encode(message), PROPERTIES, mandatory=True)
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
     """Listen, join, send ``lines``, leave; return how many lines could not be sent.
 
