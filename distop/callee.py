@@ -24,8 +24,8 @@ What happens to each chunk (the calls are in OpExecutor, distop/op_executor.py):
    the same correlation_id, and only then acks the chunk: the broker forgets it.
 
 The server is a PipelinedOpExecutor (distop/pipelined.py): the same, except that while ops take
-under 5 ms it takes the next chunk ahead through a second consumer, about twice as fast on short
-chunks, and gives that chunk back to the queue as soon as an op runs longer.
+under 5 ms it takes the next chunk ahead through a second consumer (1.4 times as fast on 1,000
+short chunks), and gives that chunk back to the queue as soon as an op runs longer.
 
 Each chunk is one log line: "chunk JOB_ID:START: pow on 4 items in 0.000 s". Ctrl-C or SIGTERM
 stops it after the chunk in hand (a second one at once; the chunk then goes back to the queue).
