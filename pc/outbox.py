@@ -32,6 +32,11 @@ class Outbox:
         """Has every message been confirmed?"""
         return self.confirmed == len(self.bodies)
 
+    @property
+    def in_flight(self) -> int:
+        """How many messages are published but not confirmed yet."""
+        return len(self._in_flight)
+
     def new_channel(self) -> None:
         """A new channel numbers its messages from 1 again."""
         self._next_tag = 1

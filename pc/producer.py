@@ -56,6 +56,8 @@ WINDOW = 5000
 BLOCKED_FOR = 60.0
 # After losing the broker mid-run, keep trying this long before giving up.
 RECONNECT_FOR = 30.0
+# Seconds with messages in flight and no confirm: then reconnect, and so check that the queue is there.
+CONFIRMS_DUE = 10.0
 
 
 class Publisher:
@@ -77,6 +79,7 @@ class Publisher:
         self._nacks = Patience(first=0.1, most=2.0, budget=30.0)
         self._nodes: Nodes  # the broker's addresses, tried in turn (run)
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
+        self._blocked = False  # by a memory or disk alarm (_on_blocked)
 
     @property
     def confirmed(self) -> int:
@@ -98,6 +101,7 @@ class Publisher:
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
         self._nodes.connected()
+        self._blocked = False
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -138,6 +142,7 @@ class Publisher:
 
     def _on_declared(self, _frame: Method) -> None:
         self._declared = self._declared_before = True
+        self._watch_confirms(self._channel, self._outbox.confirmed)
         self._publish()
 
     def _publish(self) -> None:
@@ -175,6 +180,28 @@ class Publisher:
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
     # What goes wrong -------------------------------------------------------
+
+    def _watch_confirms(self, channel: Channel | None, confirmed: int) -> None:
+        """Every CONFIRMS_DUE seconds: if no confirm came while messages are in flight, reconnect.
+
+        RabbitMQ 3.10 neither confirms nor returns what was in flight to a
+        quorum queue deleted under it, and stops answering on that connection:
+        without this, we would wait for ever. A new connection declares the
+        queue passively (_declare_queue), so a deleted queue ends in one line.
+        """
+        connection = self._connection
+        if channel is not self._channel or connection is None or not connection.is_open or self._failure:
+            return  # this channel or connection is over: a new one watches for itself
+        stuck = self._outbox.confirmed == confirmed and self._outbox.in_flight > 0
+        if stuck and not self._blocked:  # blocked: _on_blocked said so, and its timeout applies
+            LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
+            connection.close()  # run() reconnects, and publishes the unconfirmed messages again
+            # A broker that does not answer the close either: drop the connection (back to run()).
+            connection.ioloop.call_later(CONFIRMS_DUE, connection.ioloop.stop)
+            return
+        connection.ioloop.call_later(
+            CONFIRMS_DUE, lambda: self._watch_confirms(channel, self._outbox.confirmed)
+        )
 
     def _on_nack(self, refused: int) -> None:
         """The broker refused ``refused`` messages: publish every unconfirmed one again on a new channel.
@@ -229,6 +256,7 @@ class Publisher:
         # else it is closing already: _on_connection_closed stops the loop.
 
     def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
+        self._blocked = True
         LOGGER.warning(
             "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
             frame.method.reason,
@@ -236,6 +264,7 @@ class Publisher:
         )
 
     def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self._blocked = False
         LOGGER.info("the broker has unblocked this connection")
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
