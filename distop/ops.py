@@ -6,7 +6,7 @@ reply queue, named in the chunk's ``reply_to``; the ``correlation_id`` (job id a
 index) tells the client where the partial belongs. When every partial is in, ``get_result()`` hands
 them, in order, to ``gather()``. The lesson, line by line: docs/distop.md.
 
-It is written in three parts, to read in this order:
+It is written in four parts, to read in this order:
 
 - distop/protocol.py: what both sides agree on: the queues, their arguments, the messages, split();
 - distop/dist_op.py: the client, DistOp, and the thread that owns its connection;

@@ -3,8 +3,9 @@
 A broker short of memory or disk stops reading from the connections that
 publish and tells them so with "Connection.Blocked"; a publish then waits
 until the alarm clears. pika can give up on such a wait after the URL's
-``blocked_connection_timeout`` (ConnectionBlockedTimeout): send.py sets it to
-BLOCKED_TIMEOUT where the URL sets none, and says "blocked" at once.
+``blocked_connection_timeout`` (ConnectionBlockedTimeout): the sender
+(pikachat/sender_plumbing.py) sets it to BLOCKED_TIMEOUT where the URL sets
+none, and says "blocked" at once.
 """
 
 from __future__ import annotations
