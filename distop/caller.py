@@ -19,13 +19,12 @@ What a job is, on the wire (the calls are in DistOp, distop/dist_op.py):
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from typing import Any
 
+from distop.cli import parser_with_broker, setup_logging
 from distop.errors import DistOpError
-from distop.ops import DistOp, split
+from distop.ops import DistOp
 
 TIMEOUT = 60.0
 
@@ -41,10 +40,10 @@ class PowOp(DistOp):
 
 
 def start_job(op: DistOp, name: str, **params: Any) -> str:
-    """Publish a job's chunks and return its id at once; show the correlation ids its replies will carry."""
+    """Publish a job's chunks and return its id at once, without waiting for any result."""
     job_id = op.call(**params)
-    ids = ", ".join(f"{job_id[:8]}...:{start}" for start, _chunk in split(op.data, op.group_size))
-    print(f"{name}: job {job_id[:8]}..., chunks queued on {op.QUEUE!r} with correlation ids {ids}")
+    # Each chunk's reply will carry correlation_id "JOB_ID:START": this job, and where its chunk starts.
+    print(f"{name}: job {job_id[:8]}..., its chunks queued on {op.QUEUE!r}")
     return job_id
 
 
@@ -62,17 +61,12 @@ def run(rabbit_host: str | None) -> None:
     # Leaving the block closes the connection: the broker deletes the reply queue with it.
 
 
-# --------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------
+# Command line ---------------------------------------------------------------
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rabbit_host", nargs="?", help="host name or amqp(s):// URL (default: AMQP_URL)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    args = parser_with_broker(__doc__.split("\n\n")[0]).parse_args()
+    setup_logging()
     try:
         run(args.rabbit_host)
     except (DistOpError, TimeoutError) as exc:
