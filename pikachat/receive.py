@@ -82,22 +82,20 @@ MAX_BACKOFF = 5.0
 
 
 class Listener:
-    """Receive every chat message through a queue of our own bound to EXCHANGE.
+    """On a connection of its own: a channel, ``on_channel(channel)`` to subscribe, then consume.
 
-    ``run()`` blocks until ``stop()`` is called (from any thread) and hands each
-    well-formed message to ``on_message``. It owns its BlockingConnection, so
-    run it on one thread only: this one, or the one ``start()`` makes.
+    ``run()`` does that again whenever the broker goes away, until ``stop()``
+    is called (from any thread). It owns its BlockingConnection, so run it on
+    one thread only: the one that calls ``run()``.
     """
 
-    def __init__(self, url: str, on_message: Callable[[Message], None]) -> None:
+    def __init__(self, url: str, on_channel: Callable[[BlockingChannel], None]) -> None:
         self._url = url
-        self._on_message = on_message
+        self._on_channel = on_channel
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._stopping = threading.Event()
-        self.ready = threading.Event()  # set once the first queue is bound
-        self._thread: threading.Thread | None = None
-        self._failure: BrokerError | None = None
+        self._subscribed = False  # once: from then on, a lost broker is waited for
 
     def run(self) -> None:
         """Listen until stopped, reconnecting whenever the broker goes away.
@@ -110,7 +108,7 @@ class Listener:
             try:
                 connection = connect(self._url)
             except BrokerError as exc:
-                if not self.ready.is_set():
+                if not self._subscribed:
                     raise
                 # Jitter, so that many receivers do not come back in lockstep.
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -133,9 +131,9 @@ class Listener:
 
     def _listen(self, channel: BlockingChannel) -> None:
         self._channel = channel
-        subscribe(channel, self._on_message)
+        self._on_channel(channel)
+        self._subscribed = True
         LOGGER.info("listening on exchange %r at %s", EXCHANGE, redact(self._url))
-        self.ready.set()
         # stop() may have come while we set up; its callback found no consumer.
         if not self._stopping.is_set():
             channel.start_consuming()
@@ -156,38 +154,6 @@ class Listener:
         if self._channel is not None:
             self._channel.stop_consuming()
 
-    def start(self, on_failure: Callable[[], None]) -> None:
-        """Run ``run()`` on a thread of its own; if it fails, call ``on_failure`` (see ``check()``)."""
-
-        def run() -> None:
-            try:
-                self.run()
-            except BrokerError as exc:
-                self._failure = exc
-                on_failure()
-
-        self._thread = threading.Thread(target=run, name="receive")
-        self._thread.start()
-
-    def check(self) -> None:
-        """Raise the BrokerError that ended the thread ``start()`` made, if any."""
-        if self._failure is not None:
-            raise self._failure
-
-    def wait_ready(self, given_up: Callable[[], bool]) -> bool:
-        """Wait until our queue is bound (True) or ``given_up()`` (False); raise the thread's BrokerError."""
-        while not self.ready.wait(0.1):
-            self.check()
-            if given_up():
-                return False
-        return True
-
-    def join(self) -> None:
-        """Stop the thread ``start()`` made and wait for it."""
-        self.stop()
-        if self._thread is not None:
-            self._thread.join()
-
 
 def main() -> int:
     args = parse_arguments(__doc__.split("\n\n")[0], with_name=False)
@@ -195,7 +161,8 @@ def main() -> int:
     # A terminal that cannot show a character gets a "?", not a crash.
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        listener = Listener(resolve(args.rabbit_host), show)
+        # On each (re)connection: subscribe, then start_consuming() until stopped.
+        listener = Listener(resolve(args.rabbit_host), lambda channel: subscribe(channel, show))
         on_signals(listener.stop)
         listener.run()
     except BrokerError as exc:

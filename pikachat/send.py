@@ -28,23 +28,15 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from pikachat import sender_plumbing as plumbing
 from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
 from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, encode
-from pikachat.sender_plumbing import (
-    BlockedTooLongError,
-    SecondSignalError,
-    SenderPlumbing,
-    preview,
-    send_lines,
-    stop_on_signals,
-)
 
 LOGGER = logging.getLogger("pikachat.send")
 
-# Not persistent (Transient): every queue bound to the exchange is a
-# receiver's temporary queue, gone after a broker restart anyway; writing the
-# line to disk would cost time and keep nothing.
+# Not persistent (Transient): every queue bound to the exchange is a receiver's temporary
+# queue, gone after a broker restart anyway; writing the line to disk would keep nothing.
 PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
 
 
@@ -78,12 +70,12 @@ def publish(channel: BlockingChannel, message: Message) -> None:
     channel.basic_publish(EXCHANGE, "", encode(message), PROPERTIES, mandatory=True)
 
 
-class Sender(SenderPlumbing):
+class Sender(plumbing.SenderPlumbing):
     """Publish chat messages as ``name``, each confirmed by the broker; use it from one thread.
 
     SenderPlumbing (sender_plumbing.py) keeps the channel that open_channel
     gives: ``open()``, ``keep_alive()`` while idle, reconnecting after a lost
-    broker, ``close()``. ``send()`` says what became of each line.
+    broker, ``close()``. ``send()`` publishes and says what became of each line.
     """
 
     def __init__(self, url: str, name: str) -> None:
@@ -97,27 +89,21 @@ class Sender(SenderPlumbing):
         Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout
         (a broker short of memory or disk blocks publishers; sender_plumbing.py says so at once).
         """
-        what = self.in_hand = preview(text) if kind == "say" else f"the {kind} notice"
+        what = self.in_hand = plumbing.preview(text) if kind == "say" else f"the {kind} notice"
         try:
-            with self.channel() as channel:  # reconnects first if the broker was lost
+            with self.channel() as channel:  # the plumbing reconnects first if the broker was lost
                 publish(channel, Message(kind, self.name, self.id, text, time.time()))
-        except pika.exceptions.UnroutableError:  # returned by the broker: no queue was bound
+        except pika.exceptions.UnroutableError:  # mandatory: the broker returned it, no queue was bound
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
-        # Not sent, or not known to be: a line is never sent again, since it would
-        # show twice if the first copy went out. It is reported instead.
-        except pika.exceptions.NackError:
+        except pika.exceptions.NackError:  # the confirm was a nack
             why = "the broker refused it"
-        except pika.exceptions.AMQPChannelError as exc:  # e.g. the exchange was deleted
-            why = f"the broker closed the channel: {exc}"
-        except pika.exceptions.AMQPConnectionError as exc:
-            why = f"lost the broker ({type(exc).__name__})"
-        except BrokerError as exc:  # no broker to reconnect to
-            why = str(exc)
-        except SecondSignalError:  # a second Ctrl-C while the broker held the line
-            why = "stopped before the broker confirmed it"
+        except plumbing.NOT_SENT as exc:  # channel, connection or broker lost, or a second Ctrl-C
+            why = plumbing.why_not_sent(exc)
         else:
             return True
+        # Not sent, or not known to be: never sent again, since it would show
+        # twice if the first copy went out. Reported instead.
         LOGGER.error("could not send %s: %s", what, why)
         return False
 
@@ -131,12 +117,12 @@ def main() -> int:
     lines = Lines()
     try:
         sender = Sender(resolve(args.rabbit_host), args.name)
-        stop_on_signals(lines, sender)
+        plumbing.stop_on_signals(lines, sender)
         sender.open()
     except BrokerError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 1
-    except SecondSignalError:
+    except plumbing.SecondSignalError:
         return 0
     LOGGER.info(
         "sending to exchange %r at %s as %s; one message per line, Ctrl-D to end",
@@ -145,8 +131,8 @@ def main() -> int:
         sender.name,
     )
     try:
-        failed = send_lines(sender.send, sender.keep_alive, lines)
-    except BlockedTooLongError as exc:
+        failed = plumbing.send_lines(sender.send, sender.keep_alive, lines)
+    except plumbing.BlockedTooLongError as exc:
         LOGGER.error("%s", exc)
         return 1
     finally:

@@ -6,8 +6,8 @@ broker means for the line. This is the rest, which a learner may skip:
 - reconnecting after a lost broker, with capped back-off and jitter (``keep_alive``);
 - serving the connection while idle, so that heartbeats are answered and a
   lost broker is noticed before a line is lost with it;
-- a broker that blocks publishers (memory or disk alarm): saying so at once
-  (blocked.py does the listening);
+- a broker that blocks publishers (memory or disk alarm): saying so at once,
+  and giving up after ``blocked_connection_timeout`` (``watch_blocked``);
 - Ctrl-C: the first finishes the line in hand, the second stops at once
   (``stop_on_signals``, the ``busy`` flag, and ``_abandon``).
 """
@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 
 import pika
 import pika.exceptions
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pikachat.blocked import watch_blocked, with_blocked_timeout
-from pikachat.broker import BrokerError, close_quietly, redact
+from pikachat.broker import BrokerError, addresses, close_quietly, redact
 from pikachat.cli import Lines
 from pikachat.message import MAX_TEXT
 
@@ -35,6 +35,9 @@ LOGGER = logging.getLogger(__name__)
 # After losing the broker, wait this long before reconnecting, doubling up to MAX_BACKOFF.
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
+# How long a publish may stay blocked by the broker (memory or disk alarm)
+# before the sender gives up, unless the URL sets blocked_connection_timeout.
+BLOCKED_TIMEOUT = 60
 
 OpenChannel = Callable[[str], tuple[pika.BlockingConnection, BlockingChannel]]
 
@@ -58,7 +61,7 @@ class SenderPlumbing:
     """
 
     def __init__(self, url: str, open_channel: OpenChannel) -> None:
-        self.url = with_blocked_timeout(url)  # give up on a publish blocked for long (blocked.py)
+        self.url = with_blocked_timeout(url)  # give up on a publish blocked for long
         self.busy = False  # inside pika, waiting for the broker: a second Ctrl-C raises (stop_on_signals)
         self.in_hand = ""  # the line being sent, for the "blocked" warning
         self.blocked_for = 0.0  # the connection's blocked_connection_timeout
@@ -173,6 +176,61 @@ class SenderPlumbing:
         # No close handshake: a broker that blocks us would never answer it.
         self._connection = self._channel = None
         self._lost, self._retry_at = True, 0.0
+
+
+# Publishing could not finish: the line may or may not have reached the broker.
+NOT_SENT = (
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.AMQPConnectionError,
+    BrokerError,
+    SecondSignalError,
+)
+
+
+def why_not_sent(exc: Exception) -> str:
+    """Why a line was not sent, or not known to be: channel, connection or broker lost, or a second Ctrl-C."""
+    if isinstance(exc, pika.exceptions.AMQPChannelError):  # e.g. the exchange was deleted
+        return f"the broker closed the channel: {exc}"
+    if isinstance(exc, pika.exceptions.AMQPConnectionError):
+        return f"lost the broker ({type(exc).__name__})"
+    if isinstance(exc, SecondSignalError):  # a second Ctrl-C while the broker held the line
+        return "stopped before the broker confirmed it"
+    return str(exc)  # a BrokerError: no broker to reconnect to
+
+
+def with_blocked_timeout(url: str) -> str:
+    """Return ``url`` with pika's blocked_connection_timeout at BLOCKED_TIMEOUT where an address sets none.
+
+    A broker short of memory or disk stops reading from the connections that
+    publish; pika then gives up on a publish after that timeout (ConnectionBlockedTimeout).
+    """
+
+    def one(address: str) -> str:
+        if "blocked_connection_timeout=" in address:
+            return address
+        return f"{address}{'&' if '?' in address else '?'}blocked_connection_timeout={BLOCKED_TIMEOUT}"
+
+    return ",".join(one(address) for address in addresses(url))
+
+
+def watch_blocked(
+    connection: pika.BlockingConnection,
+    on_blocked: Callable[[str], None],
+    on_unblocked: Callable[[], None],
+) -> float:
+    """Call ``on_blocked(reason)`` as soon as the broker blocks ``connection``, ``on_unblocked()`` when it
+    lets go; return the connection's blocked_connection_timeout in seconds (0 if none).
+    """
+    # pika's private _impl, the connection inside the BlockingConnection: the public callbacks run
+    # only once the blocked publish has returned, too late to say so; pika offers no other way.
+    impl = connection._impl
+
+    def blocked(_connection: object, frame: pika.frame.Method) -> None:
+        on_blocked(frame.method.reason or "no reason given")
+
+    impl.add_on_connection_blocked_callback(blocked)
+    impl.add_on_connection_unblocked_callback(lambda _connection, _frame: on_unblocked())
+    return float(impl.params.blocked_connection_timeout or 0)
 
 
 def stop_on_signals(lines: Lines, sender: SenderPlumbing) -> None:

@@ -16,6 +16,7 @@ than the terminal is wide are not redrawn above their first row.
 from __future__ import annotations
 
 import contextlib
+import logging
 import readline
 import sys
 import termios
@@ -26,6 +27,17 @@ from typing import TextIO
 PROMPT = "> "
 # Carriage return, then erase the whole row: the prompt and what was typed.
 ERASE_ROW = "\r\x1b[2K"
+
+
+def open_terminal() -> Terminal | None:
+    """A Terminal when stdin and stdout are one, the log too printed above the typing; else None."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    terminal = Terminal()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(terminal.writer(sys.stderr))
+    return terminal
 
 
 class Terminal:

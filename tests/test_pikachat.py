@@ -670,10 +670,3 @@ def test_a_line_nobody_hears_comes_back_as_the_page_shows(shell: Callable[..., P
     assert sender.wait() == 0, sender.output
     assert masked(sender.stderr_lines) == masked(NOBODY_HEARS.splitlines())
 
-
-def test_the_pika_calls_chat_py_lists_are_those_of_receive_py_and_send_py() -> None:
-    chat = (ROOT / "pikachat/chat.py").read_text()
-    listed = re.findall(r"^#       (channel\..*|queue = channel\..*)$", chat, re.MULTILINE)
-    assert len(listed) == 8, listed
-    code = (ROOT / "pikachat/receive.py").read_text() + (ROOT / "pikachat/send.py").read_text()
-    assert [call for call in listed if call not in code] == []
