@@ -50,7 +50,7 @@ def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int
         if message.sender_id != sender.id:
             print_line(render(message))
 
-    bound = threading.Event()
+    bound = threading.Event()  # set once our queue is bound to the exchange
 
     def on_channel(channel: BlockingChannel) -> None:  # on the receiving thread, at each (re)connection
         # receive.py's subscribe: the fanout exchange, an exclusive server-named queue, bound, consumed.

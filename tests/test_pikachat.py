@@ -669,4 +669,3 @@ def test_a_line_nobody_hears_comes_back_as_the_page_shows(shell: Callable[..., P
     sender = shell(doc_command(r"printf 'hello?\n' | python pikachat/send.py --name ash"))
     assert sender.wait() == 0, sender.output
     assert masked(sender.stderr_lines) == masked(NOBODY_HEARS.splitlines())
-
