@@ -1,6 +1,6 @@
 """pc/producer.py's bookkeeping, out of its story: what is in flight, which node is next, how long to wait.
 
-None of this talks to the broker; the producer makes every pika call itself.
+None of this talks to the broker: every pika call is in pc/producer.py or pc/publisher_plumbing.py.
 """
 
 from __future__ import annotations

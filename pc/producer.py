@@ -13,9 +13,10 @@ one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
 
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
-round trip per message as pc/send_one.py does. The callbacks below run in the
-order things happen: connection open -> channel open -> confirms on -> queues
-declared -> publish -> confirm.
+round trip per message as pc/send_one.py does. ``Publisher`` is the story, in
+the order things happen: connect -> channel -> confirms on -> queues declared
+-> publish -> confirm. What goes wrong, and what the producer does then, is in
+pc/publisher_plumbing.py.
 """
 
 from __future__ import annotations
@@ -26,19 +27,13 @@ import sys
 import time
 
 import pika
-import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
-from pc.outbox import Nodes, Outbox, Patience
-from pc.workqueue import (
-    DEAD_LETTER_QUEUE,
-    DEAD_LETTER_QUEUE_ARGUMENTS,
-    QUEUE,
-    QUEUE_ARGUMENTS,
-    inequivalent,
-)
+from pc.outbox import Nodes, Outbox
+from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing
+from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
 
@@ -50,49 +45,42 @@ PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 # messages once they are on disk, in batches: a window of a few thousand keeps
 # us publishing while it writes.
 WINDOW = 5000
-# A broker short of memory or disk stops reading from publishers until it
-# recovers; give up after this long, rather than wait silently for ever
-# (``?blocked_connection_timeout=SECONDS`` in AMQP_URL overrides it).
-BLOCKED_FOR = 60.0
-# After losing the broker mid-run, keep trying this long before giving up.
-RECONNECT_FOR = 30.0
-# Seconds with messages in flight and no confirm: then reconnect, and so check that the queue is there.
-CONFIRMS_DUE = 10.0
 
 
-class Publisher:
-    """Publish ``bodies`` in order with pipelined publisher confirms.
+class Publisher(PublisherPlumbing):
+    """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
-    ``run()`` blocks until every body is confirmed, and raises BrokerError if
-    that cannot happen. Bodies still unconfirmed when a connection is lost are
-    published again on the next one.
+    "plumbing" below: the failure paths, in the base class (pc/publisher_plumbing.py).
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        self._url = url
-        self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None
-        self._outbox = Outbox(bodies, WINDOW)  # to send, in flight, confirmed (pc/outbox.py)
-        self._declared = False  # pc declared on this channel
-        self._declared_before = False  # on any channel, since we started
-        # After a nack, a new channel after 0.1 s, doubling to 2 s; 30 s of nacks with no ack: give up.
-        self._nacks = Patience(first=0.1, most=2.0, budget=30.0)
-        self._nodes: Nodes  # the broker's addresses, tried in turn (run)
-        self._failure: BrokerError | None = None  # set: stop, and run() raises it
-        self._blocked = False  # by a memory or disk alarm (_on_blocked)
+        # Each message to send, in flight (by delivery tag) or confirmed: pc/outbox.py.
+        super().__init__(url, Outbox(bodies, WINDOW))
+        self._declared_before = False  # pc declared once: from now on, only check that it is there
 
     @property
     def confirmed(self) -> int:
         """How many messages the broker has confirmed so far."""
         return self._outbox.confirmed
 
-    # The story, in the order things happen ---------------------------------
+    def run(self) -> None:
+        """Connect and publish until every body is confirmed; on a lost connection, again."""
+        self._nodes = Nodes(self._url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
+        while not self._outbox.done:
+            self._connect(self._nodes.next())
+            assert self._connection is not None
+            # A SelectConnection does nothing until its ioloop runs; the loop calls
+            # the methods below as the broker answers, until one of them stops it.
+            self._connection.ioloop.start()
+            self._after_loop()  # raise why it stopped, or wait before reconnecting (plumbing)
 
     def _connect(self, node: pika.URLParameters) -> None:
         """Open a connection; each step below is the callback of the one before."""
         self._connection = pika.SelectConnection(
             node,
             on_open_callback=self._on_connection_open,
+            # No node answers, the connection drops, the broker blocks publishers
+            # (memory or disk alarm): pc/publisher_plumbing.py.
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
         )
@@ -100,14 +88,15 @@ class Publisher:
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._nodes.connected()
-        self._blocked = False
+        self._connected()  # for the reconnection budget (plumbing)
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
-        self._outbox.new_channel()
+        self._outbox.new_channel()  # its delivery tags start from 1
+        # The broker closes a channel on an error, such as a declaration it
+        # refuses: one line, exit 1 (_on_channel_closed, plumbing).
         channel.add_on_close_callback(self._on_channel_closed)
         # A mandatory message the broker cannot route comes back here (basic.return).
         channel.add_on_return_callback(self._on_returned)
@@ -117,7 +106,7 @@ class Publisher:
 
     def _declare(self) -> None:
         assert self._channel is not None
-        self._declared = False
+        self._declared = False  # till then, a channel error is a declaration refused (_on_channel_closed)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         self._channel.queue_declare(
             DEAD_LETTER_QUEUE,
@@ -142,6 +131,7 @@ class Publisher:
 
     def _on_declared(self, _frame: Method) -> None:
         self._declared = self._declared_before = True
+        # RabbitMQ 3.10 may stop confirming without a word: then reconnect (_watch_confirms, plumbing).
         self._watch_confirms(self._channel, self._outbox.confirmed)
         self._publish()
 
@@ -155,158 +145,27 @@ class Publisher:
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
-        if self._failure is not None or self._channel is None:
-            return  # we are closing (say, after a return), or this channel was given up after a nack
-        if frame.channel_number != self._channel.channel_number:
-            return  # from a channel given up after a nack: its messages are to be published again
+        if self._stale(frame):
+            return  # from a channel given up after a nack, or we are stopping (_stale, plumbing)
         method = frame.method
-        if isinstance(method, pika.spec.Basic.Nack):
-            # The broker refused them: publish them again, on a new channel (_on_nack).
+        if isinstance(method, pika.spec.Basic.Ack):
+            # The broker has them safe. One confirm may cover many messages:
+            # every tag up to this one (multiple).
+            self._outbox.settle(method.delivery_tag, method.multiple)
+            self._nacks.reset()  # an ack ends a run of nacks
+            if self._outbox.done:
+                assert self._connection is not None
+                self._connection.close()  # all confirmed: run() returns
+            else:
+                self._publish()  # room in the window: send the next ones
+        else:  # a nack: the broker did not take them; publish them again (_on_nack, plumbing)
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
-            return
-        # One confirm may cover many messages: every tag up to this one (multiple).
-        self._outbox.settle(method.delivery_tag, method.multiple)
-        self._nacks.reset()
-        if self._outbox.done:
-            assert self._connection is not None
-            self._connection.close()  # all confirmed: run() returns
-        else:
-            self._publish()  # room in the window: send the next ones
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # The broker sends basic.return for a mandatory message no queue took,
         # then basic.ack for it: that ack means "dealt with" (dropped), not
         # "queued". So fail here, at the return; _on_confirm ignores the ack after it.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
-
-    # What goes wrong -------------------------------------------------------
-
-    def _watch_confirms(self, channel: Channel | None, confirmed: int) -> None:
-        """Every CONFIRMS_DUE seconds: if no confirm came while messages are in flight, reconnect.
-
-        RabbitMQ 3.10 neither confirms nor returns what was in flight to a
-        quorum queue deleted under it, and stops answering on that connection:
-        without this, we would wait for ever. A new connection declares the
-        queue passively (_declare_queue), so a deleted queue ends in one line.
-        """
-        connection = self._connection
-        if channel is not self._channel or connection is None or not connection.is_open or self._failure:
-            return  # this channel or connection is over: a new one watches for itself
-        stuck = self._outbox.confirmed == confirmed and self._outbox.in_flight > 0
-        if stuck and not self._blocked:  # blocked: _on_blocked said so, and its timeout applies
-            LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
-            connection.close()  # run() reconnects, and publishes the unconfirmed messages again
-            # A broker that does not answer the close either: drop the connection (back to run()).
-            connection.ioloop.call_later(CONFIRMS_DUE, connection.ioloop.stop)
-            return
-        connection.ioloop.call_later(
-            CONFIRMS_DUE, lambda: self._watch_confirms(channel, self._outbox.confirmed)
-        )
-
-    def _on_nack(self, refused: int) -> None:
-        """The broker refused ``refused`` messages: publish every unconfirmed one again on a new channel.
-
-        Not on the same channel: on a RabbitMQ 3.10 cluster, a channel opened
-        just as a node died can keep pointing at the queue's dead leader, and
-        nack everything published on it until that node is back. A new channel
-        finds the new leader. A message nacked may have been taken after all,
-        so it may arrive twice.
-        """
-        if (pause := self._nacks.pause()) is None:
-            budget = self._nacks.budget
-            self._fail(BrokerError(f"the broker refused every message for {budget:.0f} s; giving up"))
-            return
-        channel, self._channel = self._channel, None  # its confirms and close are ignored from now on
-        again = self._outbox.requeue_in_flight()
-        LOGGER.warning(
-            "the broker refused %d message(s); publishing %d again on a new channel in %.1f s",
-            refused,
-            again,
-            pause,
-        )
-        assert channel is not None and self._connection is not None
-        channel.close()
-        connection = self._connection
-        connection.ioloop.call_later(pause, lambda: self._open_channel(connection))
-
-    def _open_channel(self, connection: pika.SelectConnection) -> None:
-        # As after a reconnection: confirms on, queues declared (pc passively), publish.
-        if connection is self._connection and connection.is_open and self._failure is None:
-            connection.channel(on_open_callback=self._on_channel_open)
-
-    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
-        if channel is not self._channel:
-            return  # one given up after a nack
-        # A channel error will not go away by retrying.
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
-                self._fail(BrokerError(inequivalent(reason.reply_text)))
-            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND: the passive declare
-                self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
-            else:
-                self._fail(BrokerError(f"the broker closed the channel: {reason}"))
-
-    def _fail(self, error: BrokerError) -> None:
-        self._failure = self._failure or error
-        assert self._connection is not None
-        if self._connection.is_open:
-            self._connection.close()
-        elif self._connection.is_closed:
-            self._connection.ioloop.stop()
-        # else it is closing already: _on_connection_closed stops the loop.
-
-    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
-        self._blocked = True
-        LOGGER.warning(
-            "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
-            frame.method.reason,
-            connection.params.blocked_connection_timeout,
-        )
-
-    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
-        self._blocked = False
-        LOGGER.info("the broker has unblocked this connection")
-
-    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        # No node was ever reachable: say why at once instead of retrying.
-        self._failure = self._failure or self._nodes.failed(error)
-        connection.ioloop.stop()
-
-    def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout) and self._failure is None:
-            timeout = connection.params.blocked_connection_timeout
-            self._failure = BrokerError(
-                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
-            )
-        elif not self._outbox.done and self._failure is None:
-            LOGGER.warning("connection closed: %s", reason)
-        connection.ioloop.stop()  # back to run()
-
-    # Reconnection ----------------------------------------------------------
-
-    def run(self) -> None:
-        """Connect and publish until every body is confirmed; on a lost connection, again."""
-        self._nodes = Nodes(self._url, BLOCKED_FOR)
-        outage = Patience(first=0.5, most=5.0, budget=RECONNECT_FOR)
-        while not self._outbox.done:
-            self._connect(self._nodes.next())
-            assert self._connection is not None
-            self._connection.ioloop.start()  # the callbacks run until one stops the loop
-            if self._failure is not None:
-                raise self._failure
-            if self._outbox.done:
-                return
-            if not self._nodes.ever_connected:
-                continue  # no node answered yet: try the next one at once
-            # The connection dropped: everything unconfirmed goes round again.
-            unconfirmed = self._outbox.requeue_in_flight()
-            if self._nodes.opened:
-                outage.reset()  # it was up for a while: a new outage gets its own time budget
-            if (pause := outage.pause()) is None:
-                url, budget = redact(self._url), RECONNECT_FOR
-                raise BrokerError(f"lost {url} and could not reconnect within {budget:.0f} s")
-            LOGGER.info("reconnecting in %.1f s; %d unconfirmed to publish again", pause, unconfirmed)
-            time.sleep(pause)
 
 
 def main() -> int:
@@ -343,11 +202,9 @@ def main() -> int:
     started = time.perf_counter()
     try:
         publisher.run()
-    except BrokerError as exc:
-        print(f"producer: {exc} ({publisher.confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"producer: interrupted ({publisher.confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
+    except (BrokerError, KeyboardInterrupt) as exc:
+        why = exc if isinstance(exc, BrokerError) else "interrupted"
+        print(f"producer: {why} ({publisher.confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
     if args.count is None:

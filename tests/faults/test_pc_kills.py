@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pc.consumer import PREFETCH
-from pc.producer import RECONNECT_FOR
+from pc.publisher_plumbing import RECONNECT_FOR
 from tests.conftest import (
     BrokerNode,
     Proc,
