@@ -52,7 +52,9 @@ LOGGER = logging.getLogger("pc.consumer")
 # to keep the pipe full even while acks are on their way back; small enough
 # that a crash sends few round again.
 PREFETCH = 200
-# After losing the broker, keep trying this long before giving up.
+# After losing the broker, keep trying this long before giving up. Longer than the
+# producer's 30 s: a consumer is a service that waits for work anyway, whereas
+# someone (a person, a script) is waiting on the producer's exit status.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0
 # Characters (or bytes) of a body shown in the log: a 10 MB body is not printed whole.
@@ -69,20 +71,17 @@ STOPPING = threading.Event()
 def listen(connection: pika.BlockingConnection, quiet: bool, work: float, ack_each: bool) -> Listening:
     """Declare the queue and consume from it on a new channel."""
     channel = connection.channel()
-    try:
-        # Where pc sends a message over its delivery limit (pc/workqueue.py).
-        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
-        # whichever starts first creates it.
-        channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 406:  # PRECONDITION_FAILED: it exists with other arguments
-            raise BrokerError(inequivalent(exc.reply_text)) from exc
-        raise
+    # Where pc sends a message over its delivery limit (pc/workqueue.py).
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+    # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
+    # whichever starts first creates it. Declared with other arguments: see consume.
+    channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
     # Prefetch: the broker pushes at most PREFETCH unacknowledged messages to
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
-    acks = None if ack_each else BatchedAcks(channel)
+    # Where acks go: the channel itself (--ack-each), or, as an optimisation, BatchedAcks,
+    # whose basic_ack sends one ack for up to 50 handled messages (pc/batched_acks.py).
+    acks = channel if ack_each else BatchedAcks(channel)
     # Consumer cancel notification: the broker tells us when it ends our
     # consumer (the queue was deleted); without a callback, pika's
     # BlockingChannel would then wait silently forever.
@@ -94,33 +93,30 @@ def listen(connection: pika.BlockingConnection, quiet: bool, work: float, ack_ea
     return Listening(channel, acks, cancelled)
 
 
-def make_handler(acks: BatchedAcks | None, quiet: bool, work: float):
+def make_handler(acks: BlockingChannel | BatchedAcks, quiet: bool, work: float):
     """Return the on-message callback: handle, then ack."""
 
     def on_message(
-        channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
+        _channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
     ) -> None:
         if STOPPING.is_set():
-            return  # not acked: it goes back to the queue when we close
+            return  # Ctrl-C: not acked, so it goes back to the queue when we close
         if not quiet:
-            note = " (redelivered)" if method.redelivered else ""
+            note = " (redelivered)" if method.redelivered else ""  # delivered before, never acked
             LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
         if not pretend_to_work(work):
-            return  # cut short by Ctrl-C: not acked
+            return  # cut short by Ctrl-C: not acked either
         # Ack after handling, never before: now the broker may forget the message.
-        if acks is None:  # --ack-each
-            channel.basic_ack(delivery_tag=method.delivery_tag)
-        else:  # the same ack, sent for a batch of handled messages at once (3 times faster)
-            acks.ack(method.delivery_tag)
+        acks.basic_ack(delivery_tag=method.delivery_tag)
 
     return on_message
 
 
 class Listening(NamedTuple):
-    """What listen() set up: the channel, its batched acks (None with --ack-each), and the cancel flag."""
+    """What listen() set up: the channel, where its acks go (listen), and the cancel flag."""
 
     channel: BlockingChannel
-    acks: BatchedAcks | None
+    acks: BlockingChannel | BatchedAcks
     cancelled: threading.Event
 
 
@@ -151,8 +147,8 @@ def consume(url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = F
             while not STOPPING.is_set():
                 listening = listen(connection, quiet, work, ack_each)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-                # Short waits rather than start_consuming(): the signal handler
-                # only sets STOPPING, and we notice it here, between frames.
+                # start_consuming() in half-second slices: it calls on_message alike,
+                # and between slices we notice STOPPING (Ctrl-C) or a cancelled consumer.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
                 if listening.cancelled.is_set():
@@ -165,6 +161,10 @@ def consume(url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = F
         except pika.exceptions.AMQPConnectionError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
             lost_since = time.monotonic()
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 406 and "inequivalent arg" in exc.reply_text:  # listen's queue_declare
+                raise BrokerError(inequivalent(exc.reply_text)) from exc
+            raise
 
 
 def pretend_to_work(seconds: float) -> bool:
@@ -202,7 +202,7 @@ def _close_channel(channel: BlockingChannel) -> None:
 def _close(connection: pika.BlockingConnection, listening: Listening | None) -> None:
     """Ack what has been handled, then close; unacked messages go back to the queue."""
     try:
-        if listening is not None and listening.acks is not None and connection.is_open:
+        if listening is not None and isinstance(listening.acks, BatchedAcks) and connection.is_open:
             listening.acks.flush()
     except pika.exceptions.AMQPError:
         pass  # then those are handled again, as after a crash
