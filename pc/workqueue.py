@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 
 QUEUE = "pc"
-# Where a message goes that comes back unacknowledged more than DELIVERY_LIMIT
-# times (dead-lettering): it is delivered at most DELIVERY_LIMIT + 1 times, then
-# kept here for a person to look at, instead of circling for ever. A consumer
-# dies holding at most PREFETCH (200) messages, so ordinary crashes rarely
-# return one message 6 times; a message that kills every consumer that takes
-# it does.
+# The delivery limit. A quorum queue counts, for each message, how many times it
+# came back unacknowledged: a consumer rejected it, or died or disconnected
+# holding it. Each time the message is delivered again, until it comes back for
+# the 6th time (more than DELIVERY_LIMIT times): then the broker moves it to
+# DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at. So a
+# message is delivered at most 6 times: once, and once more after each of 5
+# returns (RabbitMQ 3.10; tests/test_pc.py checks it). Ordinary crashes rarely
+# return one message 6 times (a consumer dies holding at most PREFETCH, 200); a
+# message that kills every consumer that takes it does, and then stops circling.
 DEAD_LETTER_QUEUE = "pc.dead"
 DELIVERY_LIMIT = 5
 QUEUE_ARGUMENTS = {
