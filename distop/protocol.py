@@ -39,15 +39,18 @@ from distop.errors import PoisonChunkError, RemoteError
 
 # Names that clients and servers must agree on.
 WORK_QUEUE = "distop.chunks"
+# One name for two things: exchange names and queue names are separate namespaces in RabbitMQ.
 DEAD_LETTER_EXCHANGE = "distop.dead"
 DEAD_LETTER_QUEUE = "distop.dead"
 CLIENT_HEADER = "distop-client"
 # Clients' reply queues are named by the broker, so their names start with this.
 REPLY_QUEUE_PREFIX = "amq.gen-"
-# A chunk returned to the queue more than this many times (its server died, or
-# gave it back) is dead-lettered instead of delivered again: on the 5th return,
-# after 5 deliveries. Ordinary crashes and
-# restarts stay well below it; a chunk that crashes every server reaches it.
+# How often a chunk may go back to the queue unacked (its server died) and still be delivered again:
+# 4 times, so it is delivered at most 5 times; at its 5th return the queue dead-letters it instead of
+# delivering it a 6th time. pc allows 5 (pc/workqueue.py): a pc consumer holds up to 200 messages and
+# a crash returns them all, innocent ones too. A distop server holds one chunk, so each return is a
+# server lost while running that very chunk, and a poison chunk should cost few servers. A chunk given
+# back unstarted (distop/pipelined.py, at most once per chunk) uses up one return.
 DELIVERY_LIMIT = 4
 # The work queue is a quorum queue (replicated on a cluster; it counts each chunk's returns), and sends
 # the chunks it gives up on, past the delivery limit or rejected, to the dead-letter exchange.
@@ -57,8 +60,8 @@ WORK_QUEUE_ARGUMENTS = {
     "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
 }
 # The dead-letter queue keeps rejected and poison chunks for inspection, bounded. A quorum queue too, so
-# that on a cluster it lives on every node: a classic one lives on one node, and servers that lose that
-# node would be refused their declarations.
+# that on a cluster it lives on every node: a classic queue (the default type) lives on one node, and
+# servers that lose that node would be refused their declarations.
 DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 10_000}
 JSON = "application/json"
 # A correlation id as clients make them: the job id (uuid4 hex) and a start index.
