@@ -46,7 +46,7 @@ def sleep_ms(chunk: list[float]) -> list[float]:
 
 
 class BenchExecutor(PipelinedOpExecutor):
-    """The bench ops, under the names the benchmark's DistOp classes use, served as callee.py serves."""
+    """The bench ops, under the names the benchmark's DistOp classes use, taking chunks ahead while short."""
 
     def sum_squares(self, chunk: list[int]) -> list[int]:
         return sum_squares(chunk)

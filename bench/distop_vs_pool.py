@@ -3,9 +3,9 @@
     make bench                                          # every benchmark, or just this one:
     python bench/distop_vs_pool.py [--rounds 5] [--quick] [--plot docs/distop_speedup.png]
 
-The same work goes through distop (servers: bench/_distop_server.py, an
-OpExecutor run the way distop/callee.py runs, started by this script as
-processes) and through ``multiprocessing.Pool(2).map`` over the same chunks
+The same work goes through distop (servers: bench/_distop_server.py, a
+PipelinedOpExecutor with distop/callee.py's command line, started by this
+script as processes) and through ``multiprocessing.Pool(2).map`` over the same chunks
 (``chunksize=1``: one chunk per task, as distop sends one chunk per message;
 Pool's default chunksize would batch them and be faster still); every result
 is checked against the one computed here. Seven questions:

@@ -1,25 +1,19 @@
-"""The server side of distop: OpExecutor takes chunks off the work queue, runs their op, and replies.
+"""The distop server: OpExecutor takes chunks off the work queue, runs the op each names, and replies.
 
-Read distop/protocol.py first (the queues and the messages). The story, in the order it happens:
+Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/protocol.py
+first: the queues and the messages. The story comes first in OpExecutor, in the order it happens:
+_declare, _consume (prefetch 1), _on_message, _run (the op, on a worker thread), _finish (reply, then ack).
 
-1. _declare: the dead-letter exchange and queue, and the work queue, exactly as the clients declare them;
-2. _consume: prefetch 1, so that the broker hands this server one chunk at a time and a free server
-   gets the next (fair dispatch); then consume the work queue;
-3. _on_message: parse the chunk, or reject it without requeue (the broker dead-letters it); hand it
-   to the worker thread, which runs the op (_run) whatever it raises;
-4. _finish, back on the connection's thread: publish the reply to the chunk's reply_to with its
-   correlation_id, and only then ack the chunk, so that a server that dies mid-chunk loses nothing:
-   the broker gives the chunk to another server.
+Guarantee: a chunk is acked only after its reply is published, so a server that dies mid-chunk loses
+nothing: the broker gives the chunk to another server. Limits: the op may then run twice (at-least-once
+delivery), and an op that outlasts the broker's consumer_timeout runs again.
 
-Why a BlockingConnection with a worker thread: one chunk at a time reads best as plain calls, and
-pika answers the broker's heartbeats only while the connection's thread is inside pika. So the op
-runs on a worker thread while the connection's thread waits in start_consuming(); the result comes
-back with add_callback_threadsafe, since a BlockingConnection belongs to the thread that opened it.
-An op may run for minutes without the broker taking the server for dead.
+Why a BlockingConnection: one chunk at a time reads best as plain calls. pika answers the broker's
+heartbeats only while the connection's thread is inside pika, so the op runs on a worker thread while
+the connection's thread waits in start_consuming(): an op may run for minutes.
 
-An optimisation lives apart, in distop/pipelined.py: PipelinedOpExecutor, which distop/callee.py
-uses, takes the next chunk ahead while ops are very short (1.4 times the throughput on short chunks
-through a quorum queue, whose acks are slow to settle), and gives it back as soon as an op runs long.
+Reconnection, signals and the worker thread come after the story. distop/pipelined.py is an
+optimisation on top of this class, for very short ops; it is not needed to follow the lesson.
 """
 
 from __future__ import annotations
@@ -77,60 +71,44 @@ class OpExecutor:
 
     def __init__(self, rabbit_host: str | None = None) -> None:
         self._url = resolve(rabbit_host)
-        parameters(self._url)
+        parameters(self._url)  # a malformed URL fails here, before anything connects
         self.host = socket.gethostname()
         self._ops = self.ops()
+        self._channel: BlockingChannel | None = None  # the channel that replies go out on
+        self._in_hand: int | None = None  # the delivery tag of the chunk whose op is running
+        self._worker_inbox: queue.SimpleQueue[tuple[pika.BlockingConnection, Chunk]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._aborting = threading.Event()
-        self._in_hand: int | None = None  # delivery tag of the chunk being worked on
-        self._channel: BlockingChannel | None = None  # the channel that replies go out on
         self._announced = False
-        self._worker_inbox: queue.SimpleQueue[tuple[pika.BlockingConnection, Chunk]] = queue.SimpleQueue()
 
-    @classmethod
-    def ops(cls) -> list[str]:
-        """The names of the ops this executor offers: its public methods."""
-        base = set(dir(OpExecutor))
-        return sorted(
-            name
-            for name in dir(cls)
-            if not name.startswith("_") and name not in base and callable(getattr(cls, name))
-        )
-
-    # The RabbitMQ story, in the order things happen --------------------------
+    # The RabbitMQ story, in the order it happens ------------------------------
 
     def _declare(self, channel: BlockingChannel) -> None:
-        """Declare our queues; BrokerError if the broker refuses them."""
+        """Declare the queues, as the clients do (declaring is idempotent); BrokerError if refused."""
         try:
-            # Where the work queue sends the chunks it gives up on; a headers exchange.
+            # The dead-letter exchange, where the work queue sends the chunks it gives up on. A headers
+            # exchange: each client binds its reply queue on its own id, so a dead chunk goes back to it.
+            # Durable, like everything declared here: it survives a broker restart.
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+            # A queue also named distop.dead (exchange and queue names do not clash) keeps a copy of
+            # every dead chunk for a person to look at: bound with no arguments, it gets them all.
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-            # No binding arguments: this queue gets every dead letter.
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-            # The work queue, declared exactly as the clients declare it (or the broker refuses).
+            # The work queue, durable: it and its persistent chunks survive a broker restart. A quorum
+            # queue with a delivery limit and that dead-letter exchange (WORK_QUEUE_ARGUMENTS), declared
+            # exactly as the clients declare it, or the broker refuses.
             channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
         except pika.exceptions.ChannelClosedByBroker as exc:
             # E.g. a queue of that name exists with other arguments: retrying won't help.
             raise BrokerError(refused(exc)) from exc
 
-    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        """Serve chunks on ``channel`` until stopped, or until it has no consumer of ours left."""
-        # A chunk still running from a closed channel finishes first.
-        self._wait_for_chunk_in_hand(connection)
-        # One unacked chunk at a time: fair dispatch, and a crash strands only one.
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
+        """Subscribe to the work queue, one chunk at a time; return the consumer tag."""
+        # Prefetch 1: at most one unacked chunk here, so the broker gives the next chunk to a free
+        # server (fair dispatch), and a server that crashes strands only one.
         channel.basic_qos(prefetch_count=1)
-        self._add_consumer(connection, channel)
-        if not self._announced:
-            LOGGER.info(
-                "serving %s on %r at %s; Ctrl-C to stop", ", ".join(self._ops), self.QUEUE, redact(self._url)
-            )
-            self._announced = True
-        # Deliveries arrive in _on_message, on this thread. Returns once _tick() calls stop_consuming(),
-        # or the broker cancels our consumer; raises ChannelClosedByBroker if it closes the channel.
-        channel.start_consuming()
-
-    def _add_consumer(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
         # Every server consumes the same queue: the broker gives each chunk to one of them.
+        # Each arrives in _on_message, on this thread, while _serve() waits in start_consuming().
         return channel.basic_consume(self.QUEUE, functools.partial(self._on_message, connection))
 
     def _on_message(
@@ -141,41 +119,27 @@ class OpExecutor:
         props: BasicProperties,
         body: bytes,
     ) -> None:
-        """A chunk arrived: reject it if malformed, else hand it to the worker thread."""
+        """A chunk arrived: reject it if malformed, else start its op."""
         try:
             request = parse_request(props, body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
-            # Requeueing it would only bring it back; the broker dead-letters it, to distop.dead.
+            # Not requeued: it would only come back. The work queue dead-letters it, to distop.dead.
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
         chunk = Chunk(
             channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
         )
-        self._hand_to_worker(connection, chunk)
+        self._start_op(connection, chunk)
 
-    def _hand_to_worker(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        self._in_hand = chunk.tag
-        # The op runs off this thread so that heartbeats keep flowing.
+    def _start_op(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        self._in_hand = chunk.tag  # stopping, or consuming on a new channel, waits for it
+        # The op runs on the worker thread (_work_forever, which calls _run), so that this thread goes
+        # back into pika at once and keeps answering heartbeats however long the op takes.
         self._worker_inbox.put((connection, chunk))
 
-    def _work_forever(self) -> None:
-        """The worker thread: run each op handed over, whatever it raises; pass the reply back."""
-        while True:
-            connection, chunk = self._worker_inbox.get()
-            try:
-                body = self._run(chunk)
-            except BaseException as exc:  # SystemExit in an op must not end this thread
-                body = self._encode(self._error_reply(exc))
-            try:
-                # Only the connection's thread may use it: _finish runs there, at its next turn.
-                connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
-            except pika.exceptions.AMQPError:
-                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
-                self._in_hand = None
-
     def _run(self, chunk: Chunk) -> bytes:
-        """Run the op and return the encoded reply: its result, or the error it raised."""
+        """On the worker thread: run the op; return the encoded reply, its result or the error it raised."""
         request, chunk_id = chunk.request, chunk.props.correlation_id
         name = request["op"]
         if name not in self._ops:
@@ -188,13 +152,8 @@ class OpExecutor:
         except BaseException as exc:  # even SystemExit becomes an error reply
             LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, error_text(exc))
             return self._encode(self._error_reply(exc))
-        LOGGER.info(
-            "chunk %s: %s on %d items in %.3f s",
-            chunk_id,
-            name,
-            len(request["chunk"]),
-            time.perf_counter() - started,
-        )
+        elapsed = time.perf_counter() - started
+        LOGGER.info("chunk %s: %s on %d items in %.3f s", chunk_id, name, len(request["chunk"]), elapsed)
         try:
             return codec.dumps({"result": result})
         except (TypeError, ValueError, RecursionError) as exc:
@@ -203,21 +162,24 @@ class OpExecutor:
             return self._encode(self._error_reply(error))
 
     def _finish(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
-        """On the connection's thread: reply first, then ack, so no chunk is acked unanswered."""
+        """Back on the connection's thread (add_callback_threadsafe): publish the reply, then ack."""
         self._in_hand = None
         channel = self._channel
         if channel is None or not channel.is_open:
             return  # the connection is gone, and the chunk is back in the queue
         props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
-        # To the client's own queue, through the default exchange, quoting the chunk's correlation_id.
+        # To the client's reply queue (reply_to), through the default exchange, quoting the chunk's
+        # correlation_id. No confirm, no mandatory, not persistent: that queue is exclusive and transient.
+        # If its client is gone, the reply has nowhere to go; if the reply is lost with the client's
+        # connection, the client publishes the chunk again once it has reconnected.
         channel.basic_publish("", chunk.props.reply_to, body, props)
-        # Only now: until here, a server that dies leaves the chunk to another. (If the op outlasted the
-        # broker's consumer_timeout, the chunk's channel is closed and the chunk is back in the queue; the
-        # reply above still went out, and the client ignores the duplicate that follows.)
+        # Ack only now: until here, a server that dies leaves the chunk to another. Only the channel the
+        # chunk came on can ack it; if the broker's consumer_timeout closed that channel, the chunk is back
+        # in the queue and will run again (the reply above still went out; the client drops the duplicate).
         if chunk.channel is channel:
             channel.basic_ack(chunk.tag)
 
-    # Plumbing: reconnection, channels the broker closes, signals, replies that cannot be encoded ---
+    # Plumbing: the worker thread, reconnection, channels the broker closes, signals ---
 
     def run(self) -> None:
         """Serve until stopped. Raises BrokerError if the broker cannot be reached
@@ -252,14 +214,18 @@ class OpExecutor:
         """Stop taking chunks; ``run()`` returns after the chunks in hand are finished."""
         self._stopping.set()
 
-    def _on_signal(self, _signum: int, _frame: object) -> None:
-        if self._stopping.is_set():
-            self._aborting.set()  # a second Ctrl-C: give the chunk back now
-        else:
-            LOGGER.info("stopping after the chunk in hand (again to stop at once)")
-            self._stopping.set()
+    @classmethod
+    def ops(cls) -> list[str]:
+        """The names of the ops this executor offers: its public methods."""
+        base = set(dir(OpExecutor))
+        return sorted(
+            name
+            for name in dir(cls)
+            if not name.startswith("_") and name not in base and callable(getattr(cls, name))
+        )
 
     def _serve(self, connection: pika.BlockingConnection) -> None:
+        """Declare and consume, on a new channel whenever the broker closes ours, until stopped."""
         self._in_hand = None  # a lost connection's chunks are back in the queue
         self._tick(connection)
         channel: BlockingChannel | None = None
@@ -272,7 +238,17 @@ class OpExecutor:
             if self._stopping.is_set():
                 break
             try:
+                # A chunk still running from a closed channel (or a cancelled consumer) finishes first:
+                # the next chunk must not wait unacked behind it.
+                self._wait_for_chunk_in_hand(connection)
                 self._consume(connection, channel)
+                if not self._announced:
+                    self._announced = True
+                    ops, url = ", ".join(self._ops), redact(self._url)
+                    LOGGER.info("serving %s on %r at %s; Ctrl-C to stop", ops, self.QUEUE, url)
+                # Returns once _tick() calls stop_consuming(), or our consumers are cancelled; raises
+                # ChannelClosedByBroker if the broker closes the channel.
+                channel.start_consuming()
             except pika.exceptions.ChannelClosedByBroker as exc:
                 # The connection is fine; only this channel is gone, and with
                 # it the chunk in hand went back to the queue.
@@ -282,6 +258,26 @@ class OpExecutor:
         connection.close()  # anything still unacked goes back to the queue
         LOGGER.info("stopped")
 
+    def _work_forever(self) -> None:
+        """The worker thread: run each op handed over, whatever it raises; pass the reply back."""
+        while True:
+            connection, chunk = self._worker_inbox.get()
+            try:
+                body = self._run(chunk)
+            except BaseException as exc:  # SystemExit in an op must not end this thread
+                body = self._encode(self._error_reply(exc))
+            try:
+                # Only the connection's thread may use it: _finish runs there, at its next turn.
+                connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
+            except pika.exceptions.AMQPError:
+                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
+                self._in_hand = None
+
+    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
+        # Short waits, so that a second signal is noticed promptly.
+        while self._in_hand is not None and not self._aborting.is_set():
+            connection.process_data_events(time_limit=0.5)
+
     def _tick(self, connection: pika.BlockingConnection) -> None:
         """Every half second, on the connection's thread: stop consuming once asked to stop."""
         channel = self._channel
@@ -290,13 +286,15 @@ class OpExecutor:
         if connection.is_open:
             connection.call_later(0.5, lambda: self._tick(connection))
 
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        if self._stopping.is_set():
+            self._aborting.set()  # a second Ctrl-C: give the chunk back now
+        else:
+            LOGGER.info("stopping after the chunk in hand (again to stop at once)")
+            self._stopping.set()
+
     def _on_cancelled(self, _frame: Method) -> None:
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
-
-    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
-        # Short waits, so that a second signal is noticed promptly.
-        while self._in_hand is not None and not self._aborting.is_set():
-            connection.process_data_events(time_limit=0.5)
 
     def _error_reply(self, exc: BaseException) -> dict[str, Any]:
         return {"error": {"type": type(exc).__name__, "message": error_text(exc), "host": self.host}}

@@ -1,6 +1,8 @@
-"""PipelinedOpExecutor: an OpExecutor that takes the next chunk ahead while ops are very short.
+"""An optimisation, not the lesson: PipelinedOpExecutor takes the next chunk ahead while ops are short.
 
-Read distop/op_executor.py first: this is an optimisation on top of it, and distop/callee.py uses it.
+Read distop/op_executor.py first; this class changes none of its guarantees. Subclass it instead of
+OpExecutor when ops take about a millisecond or less (bench/_distop_server.py does); distop/callee.py
+keeps to the plain OpExecutor, which is the lesson.
 
 Why: with prefetch 1 a server gets its next chunk only once the broker has settled the ack of the
 last one. The work queue is a quorum queue, which settles an ack only after writing it to its log on
@@ -17,8 +19,9 @@ How, in RabbitMQ terms:
 - that consumer has a lower consumer priority (x-priority -1): the broker gives it a chunk only while
   every server's first consumer already has one, so taking ahead never starves an idle server;
 - as soon as an op runs longer than SHORT_OP, the chunk waiting behind it is given back (rejected
-  with requeue) and its consumer cancelled: a chunk never waits behind a long op while another server
-  could run it. If only the second consumer is left, it is swapped for a first one.
+  with requeue) and its consumer cancelled (basic_cancel with its consumer tag, the id basic_consume
+  returned): a chunk never waits behind a long op while another server could run it. If only the
+  second consumer is left, it is swapped for a first one.
 """
 
 from __future__ import annotations
@@ -58,22 +61,14 @@ class PipelinedOpExecutor(OpExecutor):
         self._ahead: str | None = None  # the one of them that takes a chunk ahead
         self._short_ops = 0  # ops in a row shorter than SHORT_OP
 
-    # The hooks into OpExecutor's story ---------------------------------------
+    # Where it changes OpExecutor's story -------------------------------------
 
-    def _add_consumer(
-        self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
-    ) -> str:
-        on_message = functools.partial(self._on_message, connection)
-        # A lower priority: the broker gives it a chunk only while every
-        # server's first consumer has one.
-        arguments = {"x-priority": -1} if ahead else None
-        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
-        self._consumers.append(consumer)
-        if ahead:
-            self._ahead = consumer
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
+        consumer = super()._consume(connection, channel)  # prefetch 1, and the first consumer
+        self._consumers, self._ahead = [consumer], None
         return consumer
 
-    def _hand_to_worker(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+    def _start_op(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
         """Start the chunk's op, or, if one is running, keep the chunk waiting behind it while it is short."""
         if self._in_hand is not None:
             self._waiting.append(chunk)
@@ -84,7 +79,7 @@ class PipelinedOpExecutor(OpExecutor):
         if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
             check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
             self._long_op_check = connection.call_later(SHORT_OP, check)
-        super()._hand_to_worker(connection, chunk)
+        super()._start_op(connection, chunk)
 
     def _run(self, chunk: Chunk) -> bytes:
         """On the worker thread: run the op, timing it."""
@@ -120,11 +115,23 @@ class PipelinedOpExecutor(OpExecutor):
         while self._waiting and self._waiting[0].channel is not current:
             self._waiting.popleft()  # back in the queue with its channel
         if self._waiting:
-            self._hand_to_worker(connection, self._waiting.popleft())
+            self._start_op(connection, self._waiting.popleft())
         else:
             self._pipeline_if_short(connection, current)
 
     # Taking a chunk ahead, and giving it back ---------------------------------
+
+    def _add_consumer(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
+    ) -> None:
+        on_message = functools.partial(self._on_message, connection)
+        # A lower priority: the broker gives it a chunk only while every
+        # server's first consumer has one.
+        arguments = {"x-priority": -1} if ahead else None
+        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
+        self._consumers.append(consumer)
+        if ahead:
+            self._ahead = consumer
 
     def _pipeline_if_short(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         if (
@@ -169,13 +176,13 @@ class PipelinedOpExecutor(OpExecutor):
         self._waiting.clear()  # a lost connection's chunks are back in the queue
         super()._serve(connection)
 
-    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        # Chunks waiting from a closed channel are back in the queue.
-        self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is channel)
-        self._consumers, self._ahead = [], None  # cancelled, or on a closed channel
-        # OpExecutor's waits for the chunk in hand first: after a long op made us cancel our last
-        # consumer, the next chunk must not wait unacknowledged behind it.
-        super()._consume(connection, channel)
+    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
+        # OpExecutor waits here before consuming again: none of our consumers is left, and chunks
+        # waiting from a closed channel are back in the queue. Forget them before the op in hand
+        # finishes, or _finish would take a chunk ahead on a channel that has no first consumer yet.
+        self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is self._channel)
+        self._consumers, self._ahead = [], None
+        super()._wait_for_chunk_in_hand(connection)
 
     def _tick(self, connection: pika.BlockingConnection) -> None:
         if self._stopping.is_set():

@@ -1,4 +1,4 @@
-"""A distop server for the tests: the sample ops plus ops that misbehave on purpose."""
+"""A distop server for the tests: the sample ops plus ops that misbehave on purpose, taking chunks ahead."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from distop.callee import SampleExecutor, serve
+from distop.ops import PipelinedOpExecutor
 
 
-class MisbehavingExecutor(SampleExecutor):
+class MisbehavingExecutor(SampleExecutor, PipelinedOpExecutor):
     def fail(self, chunk: list[Any]) -> None:
         raise ValueError(f"cannot handle {chunk[0]!r}")
 

@@ -1,5 +1,5 @@
-"""distop/callee.py servers (PipelinedOpExecutor) take a chunk ahead while ops are short, and never keep one
-waiting behind a long op; a plain OpExecutor takes one chunk at a time."""
+"""PipelinedOpExecutor servers (tests/distop_server.py) take a chunk ahead while ops are short, and never keep
+one waiting behind a long op; a plain OpExecutor takes one chunk at a time."""
 
 from __future__ import annotations
 
