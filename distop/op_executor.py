@@ -1,8 +1,9 @@
 """The distop server: OpExecutor takes chunks off the work queue, runs the op each names, and replies.
 
-Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/protocol.py
-first: the queues and the messages. The story comes first in OpExecutor, in the order it happens:
-_declare, _consume (prefetch 1), _on_message, _run (the op, on a worker thread), _finish (reply, then ack).
+Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/serve_one.py
+first, the same server at its simplest, and distop/protocol.py, the queues and the messages. The story
+comes first in OpExecutor, in the order it happens: _declare, _consume (prefetch 1), _on_message, _run
+(the op, on a worker thread), _finish (reply, then ack).
 
 Guarantee: a chunk is acked only after its reply is published, so a server that dies mid-chunk loses
 nothing: the broker gives the chunk to another server. Limits: the op may then run twice (at-least-once
