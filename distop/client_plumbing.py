@@ -80,6 +80,7 @@ class _LinkPlumbing(threading.Thread):
         self._jobs = jobs
         self._new: list[str] = []  # job ids submitted since the last (re)connection
         self._outbox: collections.deque[tuple[str, int]] = collections.deque()  # (job id, start)
+        self._returned: list[tuple[str, int]] = []  # returned chunks, until the work queue is declared again
         self._nodes = parameters(url)  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
         self._ready = threading.Event()  # the caller's wait for the first connection
@@ -204,6 +205,21 @@ class _LinkPlumbing(threading.Thread):
             if job.done or job.watched:  # one wake-up per job, not one per partial
                 self._cond.notify_all()
 
+    def _hold_returned(self, channel: Channel, correlation_id: object) -> bool:
+        """Keep a returned chunk until the work queue is declared again; True for the first one held."""
+        match = CORRELATION_ID.fullmatch(correlation_id if isinstance(correlation_id, str) else "")
+        if channel is not self._publisher.channel or match is None:
+            return False  # from a channel given up after a nack: its chunks are in the outbox again
+        self._returned.append((match[1], int(match[2])))
+        return len(self._returned) == 1
+
+    @pika_callback
+    def _publish_returned(self, _frame: Method) -> None:
+        """The work queue is declared again: the returned chunks go out first."""
+        self._outbox.extendleft(reversed(self._returned))
+        self._returned.clear()
+        self._publish()
+
     # Reconnection, refusals, shutdown ----------------------------------------
 
     @pika_callback
@@ -229,6 +245,7 @@ class _LinkPlumbing(threading.Thread):
         self._channel = None
         self._publisher.forget()
         self._reply_queue = ""
+        self._returned.clear()  # the next connection publishes them again with the rest
         if self._closing or self.failed:
             self._ioloop.stop()
             return

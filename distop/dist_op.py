@@ -3,8 +3,8 @@
 Used by distop/client.py and distop/caller.py; the servers are distop/callee.py. Read distop/protocol.py
 first: the queues and messages both sides agree on.
 
-Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack or a
-reconnection, until its result is in; get_result() returns the partials
+Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack, a
+reconnection or a return (no queue took it), until its result is in; get_result() returns the partials
 gathered in order, or raises one error saying why not (an op raised, a poison chunk, the broker lost for
 a minute, the timeout). Limits: chunks waiting in a work queue deleted under us are lost with it, and a
 job dies with the process that called it (its results go to that process's memory only).
@@ -58,6 +58,7 @@ from distop.protocol import (
 LOGGER = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 1000  # chunks published but not yet confirmed by the broker, at most
+RETURN_PAUSE = 0.5  # after a return, publish the chunk again after this pause
 CONNECT_TIMEOUT = 60.0
 
 
@@ -149,6 +150,8 @@ class _ClientLink(_LinkPlumbing):
     def _on_publisher_open(self, channel: Channel) -> None:
         self._publisher.opened(channel)
         channel.add_on_close_callback(self._on_publisher_closed)
+        # mandatory publishes that no queue takes come back here (basic.return).
+        channel.add_on_return_callback(self._on_returned)
         # Publisher confirms: the broker acks each chunk once the queue has it (on disk: it is persistent).
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_publisher_ready(channel))
 
@@ -166,8 +169,9 @@ class _ClientLink(_LinkPlumbing):
             job_id, start, body = chunk
             # Persistent: it survives a broker restart. reply_to and correlation_id: where the reply
             # goes, and what it answers. The header brings the chunk back to us if it is dead-lettered.
-            # Confirmed, unlike the server's reply: a reply is lost only with our reply queue, so with
-            # our connection, and then every chunk not yet answered is published again.
+            # mandatory: if no queue takes it, the broker returns it (_on_returned). Confirmed, unlike
+            # the server's reply: a reply is lost only with our reply queue, so with our connection,
+            # and then every chunk not yet answered is published again.
             properties = BasicProperties(
                 content_type=JSON,
                 delivery_mode=pika.DeliveryMode.Persistent,
@@ -175,7 +179,7 @@ class _ClientLink(_LinkPlumbing):
                 correlation_id=f"{job_id}:{start}",
                 headers={CLIENT_HEADER: self._client_id},
             )
-            channel.basic_publish("", self._queue, body, properties)
+            channel.basic_publish("", self._queue, body, properties, mandatory=True)
             self._publisher.published((job_id, start))  # its confirm will name it by delivery tag
 
     @pika_callback
@@ -190,6 +194,21 @@ class _ClientLink(_LinkPlumbing):
             return
         self._publisher.confirmed(frame.method)
         self._publish()  # room in the window for more
+
+    @pika_callback
+    def _on_returned(self, channel: Channel, _m: Basic.Return, props: BasicProperties, _body: bytes) -> None:
+        # No queue took the chunk: the work queue was deleted. Its ack follows, and means "dropped",
+        # not "queued". Declare the queue again, then publish the chunk again.
+        if self._hold_returned(channel, props.correlation_id):  # the first of a batch
+            LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
+            self._ioloop.call_later(RETURN_PAUSE, self._declare_work_queue_again)
+
+    @pika_callback
+    def _declare_work_queue_again(self) -> None:
+        if self._channel is not None:  # else a new connection declares it, and publishes everything
+            self._channel.queue_declare(
+                self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._publish_returned
+            )
 
     @pika_callback
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:

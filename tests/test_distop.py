@@ -737,3 +737,20 @@ def test_nacked_chunks_are_published_again_on_a_new_channel(
     # Published again after a growing pause, not in a tight loop on the refusing channel.
     assert refusals() <= 10, refusals()
     assert all("on a new channel" in r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+
+
+def test_chunks_published_to_a_deleted_queue_are_published_again(
+    spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="distop")
+    with ListOp([1, 2, 3], group_size=3, rabbit_host=amqp_url) as op:
+        lost = op.call()  # connects (declaring the work queue); no server yet
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 3, 10, "the chunks in the queue")
+        rabbitmqctl("delete_queue", "-p", vhost, WORK_QUEUE)  # its chunks are lost with it
+        op.cancel(lost)
+        job = op.call()  # no queue takes its chunks: the broker returns them
+        # Still no server: only the client can have declared the queue again.
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 3, 15, "the chunks published again")
+        assert any("took a chunk" in r.getMessage() for r in caplog.records)
+        start_server(spawn)
+        assert op.get_result(job, timeout=15) == [1, 2, 3]
