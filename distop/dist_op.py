@@ -1,7 +1,7 @@
 """distop's client: DistOp scatters a job's chunks over the servers and gathers their partial results.
 
 Used by distop/client.py and distop/caller.py; the servers are distop/callee.py. Read distop/protocol.py
-first: the queues and messages both sides agree on.
+first (the queues and messages both sides agree on), and distop/call_one.py, the same RPC at its simplest.
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack, a
 reconnection or a return (no queue took it), until its result is in; get_result() returns the partials
