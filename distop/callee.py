@@ -1,14 +1,24 @@
-"""A distop server: it takes chunks off the work queue, runs the op each one names, and replies.
+"""A distop server: the ops it offers; OpExecutor (distop/op_executor.py) serves them over RabbitMQ.
 
     python distop/callee.py                  # broker from AMQP_URL, else localhost
     python distop/callee.py rabbit.example   # or a host name / amqp(s):// URL
 
-Start one or more, before or after the clients, distop/client.py and distop/caller.py (chunks wait
-in the queue). This file is only the ops; the RabbitMQ story (declare, prefetch 1, consume, reply to
-reply_to with the correlation_id, then ack) is OpExecutor's, in distop/op_executor.py. Its guarantee:
-a chunk is acked only after its reply is published, so a chunk whose server dies runs on another (it
-may run twice). Ctrl-C or SIGTERM stops a server after the chunk in hand; a second one at once, and
-that chunk goes back to the queue.
+Start one or more, before or after the clients (distop/client.py, distop/caller.py): chunks wait in
+the queue. What each server does, and the pika call behind each step (OpExecutor's methods):
+
+    at start    queue_declare("distop.chunks", durable)  the work queue all servers share (_declare)
+                basic_qos(prefetch_count=1)              one chunk at a time: a free server gets the next
+                basic_consume("distop.chunks")           the broker pushes chunks to us (_consume)
+    a chunk     {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}}, with reply_to and correlation_id
+                -> SampleExecutor.pow([4, 5, 6], esp=2)  the method named by "op" (_run)
+                basic_publish(reply_to, correlation_id)  {"result": [16, 25, 36]} to the client (_finish)
+                basic_ack(delivery_tag)                  only now may the broker forget the chunk
+    op raised   {"error": {"type": "ValueError", ...}} is the reply, then the ack: RemoteError there
+    garbage     basic_reject(requeue=False)              the broker dead-letters it to distop.dead
+
+Guarantee: a chunk is acked only after its reply is published, so a chunk whose server dies runs on
+another (it may run twice). Ctrl-C or SIGTERM stops a server after the chunk in hand; a second one at
+once, and that chunk goes back to the queue.
 """
 
 from __future__ import annotations

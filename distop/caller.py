@@ -1,20 +1,20 @@
 """A distop client with two jobs in flight at once: call() returns at once, get_result() waits.
 
-Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
-Guarantee: every chunk is processed, and a server's error comes back as an exception here.
-
     python distop/caller.py [RABBIT_HOST]
 
-What a job is, on the wire (the calls are in DistOp, distop/dist_op.py):
+Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
+Guarantee: every chunk is processed, and a server's error comes back as an exception here. What each
+call does on the wire, and the pika calls behind it (DistOp, distop/dist_op.py):
 
-- call() gives the job an id (a uuid), splits the data into chunks (split()), and publishes each
-  chunk as a persistent message to the work queue "distop.chunks", with publisher confirms.
-- Each chunk carries reply_to, the name of this client's reply queue (exclusive: the broker named
-  it for this connection and deletes it with it), and correlation_id "JOB_ID:START", the job and
-  where the chunk starts in the data. A server's reply quotes the same correlation_id, which is
-  how the client knows which job, and which place in it, a partial result belongs to.
-- So several jobs can be in flight on one client: their replies share the reply queue and are
-  told apart by job id. get_result(job_id) waits for one partial per chunk, then gather()s them.
+    PowOp(...)          nothing yet: the first call() connects
+    first call()        queue_declare("", exclusive=True)  our reply queue, "amq.gen-...", named by the
+                                                           broker, deleted with our connection
+    call(esp=2)         basic_publish("", "distop.chunks", chunk, persistent, mandatory,
+                          reply_to="amq.gen-...", correlation_id="JOB_ID:START")  one per chunk, each
+                                                           confirmed by the broker; returns the job id
+    (servers)           each takes a chunk, publishes its result to reply_to quoting correlation_id
+    get_result(job_id)  replies of every job arrive on the one reply queue (basic_consume); JOB_ID
+                        says which job each is for, START where it goes; gather() once all are in
 """
 
 from __future__ import annotations

@@ -7,8 +7,15 @@
 Pairs with distop/callee.py, the servers; start them before or after this script: the chunks wait in
 the durable work queue. Guarantee: the result is exact and complete, or one line says why not (a
 server's op raised, a poison chunk, the broker, the timeout). Exit status 0 with the result as JSON
-on stdout, 1 when the job fails, 2 on bad arguments. run_job() is the lesson; the RabbitMQ calls
-behind it are in DistOp (distop/dist_op.py).
+on stdout, 1 when the job fails, 2 on bad arguments.
+
+The job on the wire, in run_job() below (DistOp, distop/dist_op.py, makes the pika calls):
+
+    call()        one message per chunk to the work queue "distop.chunks" (basic_publish: persistent,
+                  confirmed, reply_to = our exclusive reply queue, correlation_id = "JOB_ID:START")
+    the bar       one tick per reply taken off our reply queue (basic_consume), whichever server sent it
+    get_result()  returns once every chunk's reply is in, gathered by START; a chunk that kept killing
+                  servers comes back dead-lettered instead, through our reply queue: PoisonChunkError
 """
 
 from __future__ import annotations
@@ -43,21 +50,16 @@ class ConcatOp(DistOp):
 def run_job(args: argparse.Namespace) -> Any:
     """Scatter range(SIZE) as CHUNKS chunks, then gather their partial results, counting them on a bar."""
     with ConcatOp(args.op, list(range(args.size)), args.chunks, args.rabbit_host) as op:
-        # One persistent message per chunk to the work queue "distop.chunks", which the servers share,
-        # each confirmed by the broker. Each says where its reply goes (reply_to: our reply queue, which
-        # the broker named for this connection) and which part of which job it is (correlation_id
-        # "JOB_ID:START"). call() returns the job id at once.
+        # Publishes the chunks, each confirmed by the broker, and returns the job id at once.
         op.call(**dict(args.param))
-        # The bar counts partial results taken off our reply queue: one per chunk, from whichever
-        # server ran it. disable=None: shown only on a terminal.
+        # One tick per partial result on our reply queue. disable=None: shown only on a terminal.
         with tqdm(total=op.group_size, unit="partial", disable=True if args.quiet else None) as bar:
 
             def progress(done: int, total: int) -> None:
                 bar.total = total  # fewer chunks than asked when the data is shorter
                 bar.update(done - bar.n)
 
-            # Waits for every partial, then gather()s them in order. A chunk that kept killing the
-            # servers comes back dead-lettered instead: PoisonChunkError, a DistOpError.
+            # Waits for every partial, then gather()s them in order; PoisonChunkError is a DistOpError.
             return op.get_result(timeout=args.timeout, progress=progress)
 
 

@@ -65,8 +65,23 @@ CONNECT_TIMEOUT = 60.0
 class _ClientLink(_LinkPlumbing):
     """The client's connection, on a thread of its own: the RabbitMQ story, one step per callback.
 
-    Each method starts the next step when the broker answers the last. @pika_callback marks the
-    methods pika calls: a bug in one fails the pending jobs instead of the thread dying silently.
+    Each method starts the next step when the broker answers the last, in this order:
+
+        _connect              pika.SelectConnection         asynchronous: pika calls the next method
+        _on_open              connection.channel()          a channel for declaring and for replies
+        _on_channel_open      exchange_declare("headers")   where the work queue sends dead chunks
+        _declare_work_queue   queue_declare(distop.chunks)  the durable quorum queue the servers share
+        _declare_reply_queue  queue_declare("", exclusive)  our reply queue, named by the broker
+        _bind_reply_queue     queue_bind(dead-letter exch.) our dead chunks come back to us too
+        _consume_replies      basic_consume(auto_ack)       replies arrive in _on_reply
+        _on_publisher_open    confirm_delivery()            a second channel, to publish the chunks
+        _publish              basic_publish(mandatory)      with reply_to and correlation_id
+        _on_confirm           Basic.Ack or Basic.Nack       the broker has the chunks, or refused them
+        _on_returned          basic.return                  no queue took one: declare, publish again
+        _on_reply             a reply, or a dead letter     filed under its job by correlation_id
+
+    @pika_callback marks the methods pika calls: a bug in one fails the pending jobs instead of the
+    thread dying silently.
     """
 
     def __init__(self, url: str, queue: str, cond: threading.Condition, jobs: dict[str, _Job]) -> None:
