@@ -2,8 +2,7 @@
 
 Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/serve_one.py
 first, the same server at its simplest, and distop/protocol.py, the queues and the messages. The story
-comes first in OpExecutor, in the order it happens: _declare, _consume (prefetch 1), _on_message, _run
-(the op, on a worker thread), _finish (reply, then ack).
+comes first in OpExecutor, in the order it happens; the class docstring maps it.
 
 Guarantee: a chunk is acked only after its reply is published, so a server that dies mid-chunk loses
 nothing: the broker gives the chunk to another server. Limits: the op may then run twice (at-least-once
@@ -63,9 +62,21 @@ class UnknownOpError(Exception):
 class OpExecutor:
     """The server side: subclass it with one method per op, ``def op(self, chunk, **params)``.
 
-    ``run()`` serves chunks from the work queue until Ctrl-C or SIGTERM (or
-    ``stop()`` from another thread). All servers on one queue must offer the
-    same ops; give another set of ops its own QUEUE, on both sides.
+    ``run()`` serves chunks from the work queue until Ctrl-C or SIGTERM (or ``stop()`` from another
+    thread). All servers on one queue must offer the same ops; give another set its own QUEUE, on both sides.
+
+    The story below, in the order it happens:
+      _declare     queue_declare(QUEUE)                 the work queue, shared by every server
+                   exchange_declare, queue_declare,     where the chunks it gives up on go: distop.dead
+                   queue_bind
+      _consume     basic_qos(prefetch_count=1)          one unacked chunk per server: fair dispatch
+                   basic_consume(QUEUE, _on_message)    each chunk goes to one server
+      _on_message  basic_reject(requeue=False)          a malformed chunk is dead-lettered
+      _start_op    (to the worker thread)               the op may run for minutes
+      _run         (the op, on the worker thread)       its result or its error, encoded
+      _hand_back   add_callback_threadsafe              back to the connection's thread
+      _finish      basic_publish("", reply_to)          the reply, quoting the chunk's correlation_id
+                   basic_ack                            only now: a server that dies leaves it to another
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
@@ -85,20 +96,21 @@ class OpExecutor:
     # The RabbitMQ story, in the order it happens ------------------------------
 
     def _declare(self, channel: BlockingChannel) -> None:
-        """Declare the queues, as the clients do (declaring is idempotent); BrokerError if refused."""
+        """Declare the work queue, then where its dead chunks go, as the clients do (declaring is
+        idempotent); BrokerError if refused."""
         try:
-            # The dead-letter exchange, where the work queue sends the chunks it gives up on. A headers
-            # exchange: each client binds its reply queue on its own id, so a dead chunk goes back to it.
-            # Durable, like everything declared here: it survives a broker restart.
+            # The work queue, durable: it and its persistent chunks survive a broker restart. A quorum
+            # queue with a delivery limit and a dead-letter exchange (WORK_QUEUE_ARGUMENTS), declared
+            # exactly as the clients declare it, or the broker refuses.
+            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+            # Its dead-letter exchange, where it sends the chunks it gives up on (rejected, or past the
+            # delivery limit). A headers exchange: each client binds its reply queue on its own id, so a
+            # dead chunk goes back to its client. Durable, like the queues.
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
             # A queue also named distop.dead (exchange and queue names do not clash) keeps a copy of
             # every dead chunk for a person to look at: bound with no arguments, it gets them all.
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-            # The work queue, durable: it and its persistent chunks survive a broker restart. A quorum
-            # queue with a delivery limit and that dead-letter exchange (WORK_QUEUE_ARGUMENTS), declared
-            # exactly as the clients declare it, or the broker refuses.
-            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
         except pika.exceptions.ChannelClosedByBroker as exc:
             # E.g. a queue of that name exists with other arguments: retrying won't help.
             raise BrokerError(refused(exc)) from exc
@@ -134,9 +146,10 @@ class OpExecutor:
         self._start_op(connection, chunk)
 
     def _start_op(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        self._in_hand = chunk.tag  # stopping, or consuming on a new channel, waits for it
-        # The op runs on the worker thread (_work_forever, which calls _run), so that this thread goes
-        # back into pika at once and keeps answering heartbeats however long the op takes.
+        """Hand the chunk to the worker thread (_work_forever, plumbing): it calls _run, then _hand_back."""
+        # pika answers the broker's heartbeats only while this thread is inside it: it goes back at once,
+        # however long the op takes. Stopping, or consuming on a new channel, waits for the chunk in hand.
+        self._in_hand = chunk.tag
         self._worker_inbox.put((connection, chunk))
 
     def _run(self, chunk: Chunk) -> bytes:
@@ -162,8 +175,14 @@ class OpExecutor:
             LOGGER.warning("chunk %s: %s", chunk_id, error)
             return self._encode(self._error_reply(error))
 
+    def _hand_back(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
+        """On the worker thread, the op done: have the connection's thread reply and ack, in _finish."""
+        # A BlockingConnection belongs to the thread that opened it: this is the one call another thread
+        # may make. _finish runs on the connection's thread, at its next turn in pika.
+        connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
+
     def _finish(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
-        """Back on the connection's thread (add_callback_threadsafe): publish the reply, then ack."""
+        """Back on the connection's thread: publish the reply, then ack."""
         self._in_hand = None
         channel = self._channel
         if channel is None or not channel.is_open:
@@ -268,8 +287,7 @@ class OpExecutor:
             except BaseException as exc:  # SystemExit in an op must not end this thread
                 body = self._encode(self._error_reply(exc))
             try:
-                # Only the connection's thread may use it: _finish runs there, at its next turn.
-                connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
+                self._hand_back(connection, chunk, body)
             except pika.exceptions.AMQPError:
                 LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
                 self._in_hand = None
