@@ -1,15 +1,15 @@
 """Chat in one terminal: type to talk, and see what everyone else says.
 
-receive.py and send.py in one program: read those first. Start as many as you
-like, in any order:
+receive.py and send.py in one program. Start as many as you like, in any order:
 
     python pikachat/chat.py [RABBIT_HOST] [--name NAME]        # Ctrl-D or Ctrl-C to leave
     printf 'hi all\\n' | python pikachat/chat.py --name ash     # says its lines, then leaves
 
-The story is chat(), below, and what it adds to those two: two BlockingConnections,
-one per thread; our queue bound before we say "joined" (everyone sees "* ash
-joined", and "* ash left" at the end); our own lines, which the fanout exchange
-copies back to us, skipped by sender id.
+The lesson: a program that both consumes and publishes needs two
+BlockingConnections, one per thread; it binds its queue before it says "joined"
+(everyone sees "* ash joined", and "* ash left" at the end); and it skips its
+own lines, which the fanout exchange copies back to it. The story is chat(),
+below, whose map names every pika call, made through receive.py and send.py.
 
 Guarantees: those of receive.py (nothing from before you joined; each line at
 most once and in order while you are there) and send.py (a line is sent when
@@ -32,7 +32,7 @@ from pikachat.broker import BrokerError, redact, resolve
 from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, render
 from pikachat.receive import Listener, subscribe
-from pikachat.send import Sender
+from pikachat.send import Sender, send_lines
 from pikachat.terminal import open_terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
@@ -40,6 +40,16 @@ LOGGER = logging.getLogger("pikachat.chat")
 
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
     """Listen, join, send ``lines``, leave; return how many lines could not be sent.
+
+    Two threads, each with a BlockingConnection of its own, in this order:
+      receiving  Listener.run (receive.py)  connect, then on_channel(): subscribe, and set ``bound``
+      receiving  subscribe (receive.py)     queue_declare("", exclusive), queue_bind, basic_consume
+      receiving  Listener.run               start_consuming(): show() for each line that arrives
+      this one   receiving.wait(bound)      our queue is bound: from now on we hear every line
+      this one   sender.open()              confirm_delivery(), exchange_declare (send.py's open_channel)
+      this one   sender.send(join)          basic_publish(mandatory=True), then wait for the confirm
+      this one   send_lines (send.py)       the same for each line typed, until Ctrl-D
+      this one   sender.send(leave)         then both connections close
 
     Raises BrokerError if the broker cannot be reached at start, or refuses
     the exchange or our queue later.
@@ -57,36 +67,35 @@ def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int
         subscribe(channel, show)
         bound.set()  # from now on, every message published to the exchange reaches us
 
-    # Two connections, one per thread: a BlockingConnection belongs to the thread that opened it.
-    # On a thread of its own, Listener (receive.py) connects, calls on_channel, and sits in
-    # start_consuming(); this thread waits for typing, and publishes on a connection of its own.
-    receiving = Receiving(Listener(sender.url, on_channel), on_failure=lines.stop)
+    # A BlockingConnection belongs to the thread that opened it, and the receiving one sits in
+    # start_consuming(): Listener (receive.py) connects, calls on_channel and consumes on a thread of its own.
+    receiving = ReceivingThread(Listener(sender.url, on_channel), on_failure=lines.stop)
     try:
         # Bind before saying "joined", so that every answer to it is heard.
         if not receiving.wait(bound, given_up=lambda: lines.stopped):
-            return 0
-        sender.open()  # this thread's connection: send.py's open_channel() (confirms, the exchange)
-        sender.send("", kind="join")  # send.py's publish(): mandatory, then the broker's confirm
+            return 0  # Ctrl-C before we were bound
+        sender.open()  # this thread's connection, with confirms on and the exchange declared
+        sender.send("", kind="join")  # everyone else sees "* ash joined"
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
             EXCHANGE,
             redact(sender.url),
             sender.name,
         )
-        failed = plumbing.send_lines(sender.send, sender.keep_alive, lines)
-        receiving.check()  # did receiving fail for good?
+        failed = send_lines(sender, lines)
+        receiving.check()  # raise the BrokerError that ended the receiving thread, if any
         if not lines.hurry:  # a second Ctrl-C: no goodbye
             sender.send("", kind="leave")
         return failed
     finally:
         sender.close()
-        receiving.stop()
+        receiving.stop()  # stop_consuming() on the receiving thread, which then closes its connection
 
 
 # The plumbing: the receiving thread, arguments, the terminal, signals, exit status.
 
 
-class Receiving:
+class ReceivingThread:
     """``listener.run()`` on a thread of its own; if it fails, ``on_failure()``, and ``check()`` raises."""
 
     def __init__(self, listener: Listener, on_failure: Callable[[], None]) -> None:

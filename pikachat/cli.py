@@ -17,7 +17,9 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from pikachat.message import MAX_NAME
+from pikachat.message import MAX_NAME, MAX_TEXT
+
+LOGGER = logging.getLogger(__name__)
 
 NAME = re.compile(rf"[\w.-]{{1,{MAX_NAME}}}")
 POKEMON = (
@@ -88,7 +90,8 @@ def on_signals(stop: Callable[[], None]) -> None:
 class Lines:
     """The lines typed or piped on stdin, read on a thread of their own.
 
-    Iterating yields each line without its line ending, and None whenever
+    Iterating yields each non-blank line without its line ending, cut to
+    MAX_TEXT characters (the longest chat message), and None whenever
     IDLE seconds pass without one: a BlockingConnection answers heartbeats
     only while it is called, so the caller's thread must not sit in a read.
     Iteration ends at end of input or soon after ``stop()``.
@@ -123,7 +126,11 @@ class Lines:
             if line is self._EOF:
                 return
             assert isinstance(line, str)
-            yield line
+            if not line.strip():
+                continue  # a blank line is not worth a message
+            if len(line) > MAX_TEXT:
+                LOGGER.warning("line of %d characters cut to %d", len(line), MAX_TEXT)
+            yield line[:MAX_TEXT]
 
 
 def read_stdin() -> Iterator[str]:

@@ -14,7 +14,9 @@ reported. At most once: a line the broker may not have taken is reported on
 stderr, never sent again, and exit status is 1 at the end.
 
 It uses a BlockingConnection: one line at a time, each publish waiting for
-its confirm, is the simplest form and fast enough for anyone typing.
+its confirm, is the simplest form and fast enough for anyone typing. The story
+comes first, below; reconnecting, heartbeats while idle, a broker that blocks
+publishers and Ctrl-C are in sender_plumbing.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, encode
 
 LOGGER = logging.getLogger("pikachat.send")
+
+# The story, in the order it happens (main, at the end, starts it with sender.open()):
+#   open_channel   connection.channel()                       a channel on a connection of our own
+#   open_channel   channel.confirm_delivery()                 publisher confirms on
+#   open_channel   channel.exchange_declare(type "fanout")    the exchange that receivers bind to
+#   send_lines     Sender.send for each line you type         and while idle, keep_alive (plumbing)
+#   Sender.send    reconnect_if_lost (plumbing)               after a lost broker: open_channel again
+#   Sender.send    channel.basic_publish(mandatory=True)      waits for the broker's confirm
+#   Sender.send    except UnroutableError, NackError, ...     what became of the line
 
 # Not persistent (Transient): every queue bound to the exchange is a receiver's temporary
 # queue, gone after a broker restart anyway; writing the line to disk would keep nothing.
@@ -59,47 +70,55 @@ def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
     return connection, channel
 
 
-def publish(channel: BlockingChannel, message: Message) -> None:
-    """Publish one chat message and wait for the broker's confirm.
-
-    Raises pika's UnroutableError if no queue is bound (nobody listens), NackError if the broker
-    refused it, AMQPChannelError or AMQPConnectionError if the channel or the connection was lost.
-    """
-    # mandatory: with no queue bound, the broker returns the message (basic.return) before it
-    # confirms, and pika raises UnroutableError; without it, the line would vanish silently.
-    channel.basic_publish(EXCHANGE, "", encode(message), PROPERTIES, mandatory=True)
+def send_lines(sender: Sender, lines: Lines) -> int:
+    """Send each line you type until the input ends; return how many could not be sent."""
+    failed = 0
+    for line in lines:  # each non-blank line typed, or None after a moment without one
+        if line is None:
+            sender.keep_alive()  # idle: answer heartbeats, notice a lost broker and reconnect (plumbing)
+        elif not sender.send(line):
+            failed += 1
+    return failed
 
 
 class Sender(plumbing.SenderPlumbing):
-    """Publish chat messages as ``name``, each confirmed by the broker; use it from one thread.
+    """Publishes chat messages as ``name``, each confirmed by the broker; use it from one thread.
 
-    SenderPlumbing (sender_plumbing.py) keeps the channel that open_channel
-    gives: ``open()``, ``keep_alive()`` while idle, reconnecting after a lost
-    broker, ``close()``. ``send()`` publishes and says what became of each line.
+    From SenderPlumbing (sender_plumbing.py): ``open()``, which calls
+    open_channel; ``keep_alive()``; ``close()``; ``reconnect_if_lost()``.
     """
 
     def __init__(self, url: str, name: str) -> None:
         super().__init__(url, open_channel)
         self.name = name
-        self.id = uuid.uuid4().hex  # lets chat.py tell its own messages from others'
+        self.id = uuid.uuid4().hex  # in every message: lets chat.py skip its own lines
 
     def send(self, text: str, kind: str = "say") -> bool:
         """Publish one message and wait for its confirm; return False (logged) if it was not sent.
 
         Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout
-        (a broker short of memory or disk blocks publishers; sender_plumbing.py says so at once).
+        (a broker short of memory or disk blocks publishers; the plumbing says so at once).
         """
-        what = self.in_hand = plumbing.preview(text) if kind == "say" else f"the {kind} notice"
+        what = plumbing.preview(text) if kind == "say" else f"the {kind} notice"
+        body = encode(Message(kind, self.name, self.id, text, time.time()))
         try:
-            with self.channel() as channel:  # the plumbing reconnects first if the broker was lost
-                publish(channel, Message(kind, self.name, self.id, text, time.time()))
-        except pika.exceptions.UnroutableError:  # mandatory: the broker returned it, no queue was bound
+            # The broker lost since the last line? Connect and open_channel() again first (plumbing).
+            with self.reconnect_if_lost(what) as channel:
+                # mandatory: with no queue bound, the broker returns the message (basic.return) before
+                # it confirms, and pika raises UnroutableError; without it, the line would vanish silently.
+                channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
+        except pika.exceptions.UnroutableError:  # returned: no queue was bound, nobody listens
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
         except pika.exceptions.NackError:  # the confirm was a nack
             why = "the broker refused it"
-        except plumbing.NOT_SENT as exc:  # channel, connection or broker lost, or a second Ctrl-C
-            why = plumbing.why_not_sent(exc)
+        # pika's two kinds of failure: a channel error closes the channel, a connection error everything.
+        except pika.exceptions.AMQPChannelError as exc:  # e.g. the exchange was deleted
+            why = f"the broker closed the channel: {exc}"
+        except pika.exceptions.AMQPConnectionError as exc:  # before or after the broker took the line
+            why = f"lost the broker ({type(exc).__name__})"
+        except (BrokerError, plumbing.SecondSignalError) as exc:  # no broker to reconnect to; a second Ctrl-C
+            why = str(exc)
         else:
             return True
         # Not sent, or not known to be: never sent again, since it would show
@@ -131,7 +150,7 @@ def main() -> int:
         sender.name,
     )
     try:
-        failed = plumbing.send_lines(sender.send, sender.keep_alive, lines)
+        failed = send_lines(sender, lines)
     except plumbing.BlockedTooLongError as exc:
         LOGGER.error("%s", exc)
         return 1

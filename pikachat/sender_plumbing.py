@@ -1,9 +1,11 @@
 """The sender's plumbing: keeping a channel to publish on, whatever the broker does.
 
-send.py tells the story: open_channel, publish, and what each answer from the
-broker means for the line. This is the rest, which a learner may skip:
+send.py tells the story: open_channel, the loop over the lines typed, the
+publish, and what each answer from the broker means for the line. This is the
+rest, which a learner may skip:
 
-- reconnecting after a lost broker, with capped back-off and jitter (``keep_alive``);
+- reconnecting after a lost broker: before the next line (``reconnect_if_lost``),
+  or while idle, with capped back-off and jitter (``keep_alive``);
 - serving the connection while idle, so that heartbeats are answered and a
   lost broker is noticed before a line is lost with it;
 - a broker that blocks publishers (memory or disk alarm): saying so at once,
@@ -28,7 +30,6 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from pikachat.broker import BrokerError, addresses, close_quietly, redact
 from pikachat.cli import Lines
-from pikachat.message import MAX_TEXT
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,13 +50,16 @@ class BlockedTooLongError(Exception):
 class SecondSignalError(Exception):
     """A second Ctrl-C or SIGTERM came while the sender waited inside pika."""
 
+    def __str__(self) -> str:
+        return "stopped before the broker confirmed it"
+
 
 class SenderPlumbing:
     """A channel from ``open_channel(url)``, opened again whenever it is lost.
 
-    ``open()`` connects and raises BrokerError if it cannot. ``channel()``
-    gives an open channel, reconnecting if need be, and drops the connection
-    if it fails under the caller. It owns a BlockingConnection, so use it from
+    ``open()`` connects and raises BrokerError if it cannot.
+    ``reconnect_if_lost()`` gives an open channel, reconnecting if need be,
+    and drops the connection if it fails under the caller. It owns a BlockingConnection, so use it from
     one thread, and call ``keep_alive()`` every second or so while there is
     nothing to send.
     """
@@ -84,14 +88,16 @@ class SenderPlumbing:
         self._lost, self._backoff = False, FIRST_BACKOFF
 
     @contextlib.contextmanager
-    def channel(self) -> Iterator[BlockingChannel]:
-        """An open channel, reconnecting if need be; drop the connection if it fails under us.
+    def reconnect_if_lost(self, in_hand: str) -> Iterator[BlockingChannel]:
+        """An open channel for ``in_hand`` (a line, as the log names it), reconnecting if need be;
+        drop the connection if it fails under us.
 
         Raises BlockedTooLongError if the broker blocked the caller past the
         blocked-connection timeout. A second Ctrl-C in there (SecondSignalError)
         leaves the connection without a close handshake, which a broker that
         blocks us would never answer.
         """
+        self.in_hand = in_hand
         try:
             with self._inside_pika():
                 self._check()  # a connection that died while we were idle
@@ -178,26 +184,6 @@ class SenderPlumbing:
         self._lost, self._retry_at = True, 0.0
 
 
-# Publishing could not finish: the line may or may not have reached the broker.
-NOT_SENT = (
-    pika.exceptions.AMQPChannelError,
-    pika.exceptions.AMQPConnectionError,
-    BrokerError,
-    SecondSignalError,
-)
-
-
-def why_not_sent(exc: Exception) -> str:
-    """Why a line was not sent, or not known to be: channel, connection or broker lost, or a second Ctrl-C."""
-    if isinstance(exc, pika.exceptions.AMQPChannelError):  # e.g. the exchange was deleted
-        return f"the broker closed the channel: {exc}"
-    if isinstance(exc, pika.exceptions.AMQPConnectionError):
-        return f"lost the broker ({type(exc).__name__})"
-    if isinstance(exc, SecondSignalError):  # a second Ctrl-C while the broker held the line
-        return "stopped before the broker confirmed it"
-    return str(exc)  # a BrokerError: no broker to reconnect to
-
-
 def with_blocked_timeout(url: str) -> str:
     """Return ``url`` with pika's blocked_connection_timeout at BLOCKED_TIMEOUT where an address sets none.
 
@@ -259,22 +245,6 @@ def stop_on_signals(lines: Lines, sender: SenderPlumbing) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def send_lines(send: Callable[[str], bool], keep_alive: Callable[[], None], lines: Lines) -> int:
-    """``send`` every non-blank line until the lines end; return how many could not be sent."""
-    failed = 0
-    for line in lines:
-        if line is None:
-            keep_alive()  # nothing typed for a while: serve the connection
-            continue
-        if not line.strip():
-            continue
-        if len(line) > MAX_TEXT:
-            LOGGER.warning("line of %d characters cut to %d", len(line), MAX_TEXT)
-        if not send(line[:MAX_TEXT]):
-            failed += 1
-    return failed
 
 
 def preview(text: str) -> str:
