@@ -13,10 +13,10 @@ one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
 
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
-round trip per message as pc/send_one.py does. ``Publisher`` is the story, in
-the order things happen: connect -> channel -> confirms on -> queues declared
--> publish -> confirm. What goes wrong, and what the producer does then, is in
-pc/publisher_plumbing.py.
+round trip per message as pc/send_one.py does. ``Publisher`` is the story;
+its docstring maps the steps in the order they happen. What goes wrong, and
+what the producer does then, is in pc/publisher_plumbing.py. Tested against
+RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
 from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing
+from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing, from_the_live_channel
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -50,7 +50,18 @@ WINDOW = 5000
 class Publisher(PublisherPlumbing):
     """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
-    "plumbing" below: the failure paths, in the base class (pc/publisher_plumbing.py).
+    The story, in the order it happens; each method is called back when the one before it is done:
+
+        run                     pika.SelectConnection(...)        connect, then let its ioloop call us
+        _on_connection_open     connection.channel(...)           open a channel
+        _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
+        _declare                channel.queue_declare("pc.dead")  the dead-letter queue
+        _declare_queue          channel.queue_declare("pc")       durable; passive after a reconnect
+        _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
+        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: publish again
+        _on_returned            (basic.return)                    no queue took it: fail
+
+    What goes wrong, and what the producer does then: the base class, pc/publisher_plumbing.py.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
@@ -67,28 +78,20 @@ class Publisher(PublisherPlumbing):
         """Connect and publish until every body is confirmed; on a lost connection, again."""
         self._nodes = Nodes(self._url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         while not self._outbox.done:
-            self._connect(self._nodes.next())
-            assert self._connection is not None
-            # A SelectConnection does nothing until its ioloop runs; the loop calls
-            # the methods below as the broker answers, until one of them stops it.
+            self._connection = pika.SelectConnection(
+                self._nodes.next(),
+                on_open_callback=self._on_connection_open,
+                # No node answers, or the connection drops: pc/publisher_plumbing.py.
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            self._watch_connection()  # memory or disk alarms, confirms that never come (plumbing)
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what
+            # the broker sends and calls our methods below, until one of them stops it.
             self._connection.ioloop.start()
             self._after_loop()  # raise why it stopped, or wait before reconnecting (plumbing)
 
-    def _connect(self, node: pika.URLParameters) -> None:
-        """Open a connection; each step below is the callback of the one before."""
-        self._connection = pika.SelectConnection(
-            node,
-            on_open_callback=self._on_connection_open,
-            # No node answers, the connection drops, the broker blocks publishers
-            # (memory or disk alarm): pc/publisher_plumbing.py.
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_connection_closed,
-        )
-        self._connection.add_on_connection_blocked_callback(self._on_blocked)
-        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
-
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._connected()  # for the reconnection budget (plumbing)
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -106,7 +109,6 @@ class Publisher(PublisherPlumbing):
 
     def _declare(self) -> None:
         assert self._channel is not None
-        self._declared = False  # till then, a channel error is a declaration refused (_on_channel_closed)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         self._channel.queue_declare(
             DEAD_LETTER_QUEUE,
@@ -118,9 +120,10 @@ class Publisher(PublisherPlumbing):
     def _declare_queue(self, _frame: Method) -> None:
         assert self._channel is not None
         # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
-        # whichever starts first creates it. Passive after a reconnect: only
-        # check it is there, since a deleted queue took our confirmed messages
-        # with it, and creating it afresh would hide that loss.
+        # whichever starts first creates it. After a reconnect, passive: the
+        # broker only checks that it is there, and closes the channel (404) if
+        # not. Not a workaround but a rule: a deleted queue took our confirmed
+        # messages with it, and creating it afresh would hide that loss.
         self._channel.queue_declare(
             QUEUE,
             durable=True,
@@ -130,9 +133,7 @@ class Publisher(PublisherPlumbing):
         )
 
     def _on_declared(self, _frame: Method) -> None:
-        self._declared = self._declared_before = True
-        # RabbitMQ 3.10 may stop confirming without a word: then reconnect (_watch_confirms, plumbing).
-        self._watch_confirms(self._channel, self._outbox.confirmed)
+        self._declared_before = True
         self._publish()
 
     def _publish(self) -> None:
@@ -144,21 +145,21 @@ class Publisher(PublisherPlumbing):
             # confirming it into the void.
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
+    @from_the_live_channel  # a channel given up after a nack still sends confirms: ignored (plumbing)
     def _on_confirm(self, frame: Method) -> None:
-        if self._stale(frame):
-            return  # from a channel given up after a nack, or we are stopping (_stale, plumbing)
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe. One confirm may cover many messages:
             # every tag up to this one (multiple).
             self._outbox.settle(method.delivery_tag, method.multiple)
-            self._nacks.reset()  # an ack ends a run of nacks
             if self._outbox.done:
                 assert self._connection is not None
                 self._connection.close()  # all confirmed: run() returns
             else:
                 self._publish()  # room in the window: send the next ones
-        else:  # a nack: the broker did not take them; publish them again (_on_nack, plumbing)
+        else:
+            # A nack: the broker did not take them. Publish every unconfirmed
+            # message again, on a new channel after a short pause (plumbing).
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:

@@ -9,16 +9,18 @@ workaround for what RabbitMQ 3.10 does:
 - a channel error, say a declaration refused (contract): one line and exit 1
   (``_on_channel_closed``);
 - a nack (contract: publish again) on a new channel (3.10 workaround): ``_on_nack``;
-- a confirm from a channel given up after a nack (follows from the above): ``_stale``;
-- no confirm at all (3.10 workaround): ``_watch_confirms``;
+- a confirm from a channel given up after a nack (follows from the above): ``from_the_live_channel``;
+- no confirm at all (3.10 workaround): ``_watch_confirms``, started by ``_watch_connection``;
 - the broker blocks publishers, short of memory or disk (contract): ``_on_blocked``;
 - no node answers at all (contract): ``_on_open_error``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 import pika
 import pika.exceptions
@@ -51,24 +53,33 @@ class PublisherPlumbing:
         self._outbox = outbox  # to send, in flight, confirmed (pc/outbox.py)
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None
-        self._declared = False  # pc declared on this channel: a channel error now is not about declaring
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
         self._nodes: Nodes  # the broker's addresses, tried in turn (run)
         self._outage = Patience(first=0.5, most=5.0, budget=RECONNECT_FOR)
         # After a nack, a new channel after 0.1 s, doubling to 2 s; 30 s of nacks with no ack: give up.
         self._nacks = Patience(first=0.1, most=2.0, budget=30.0)
+        self._confirmed_at_nack = 0  # an ack since the last nack ends a run of nacks (_on_nack)
         self._blocked = False  # by a memory or disk alarm (_on_blocked)
 
     def _on_channel_open(self, channel: Channel) -> None:
         """The story's: confirms on, queues declared, publish (pc/producer.py)."""
         raise NotImplementedError
 
+    def _watch_connection(self) -> None:
+        """Register, on the new connection, the callbacks for what happens to it besides the story."""
+        connection = self._connection
+        assert connection is not None
+        connection.add_on_open_callback(self._connected)
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+
     # The connection drops (RabbitMQ's contract) ----------------------------
 
-    def _connected(self) -> None:
+    def _connected(self, connection: pika.SelectConnection) -> None:
         """A connection got through: a later loss starts a new outage, and it is not blocked (yet)."""
         self._nodes.connected()
         self._blocked = False
+        self._watch_confirms(connection, None, 0)
 
     def _after_loop(self) -> None:
         """The ioloop has stopped: raise why, return if done, else wait before reconnecting.
@@ -112,9 +123,10 @@ class PublisherPlumbing:
         if channel is not self._channel:
             return  # one given up after a nack
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            if reason.reply_code == 406 and not self._declared:  # PRECONDITION_FAILED
+            # PRECONDITION_FAILED, from a queue_declare with other arguments than the queue's.
+            if reason.reply_code == 406 and "inequivalent arg" in reason.reply_text:
                 self._fail(BrokerError(inequivalent(reason.reply_text)))
-            elif reason.reply_code == 404 and not self._declared:  # NOT_FOUND: the passive declare
+            elif reason.reply_code == 404:  # NOT_FOUND: the passive declare, the only command that can
                 self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
             else:
                 self._fail(BrokerError(f"the broker closed the channel: {reason}"))
@@ -142,6 +154,9 @@ class PublisherPlumbing:
         finds the new leader. A message nacked may have been taken after all,
         so it may arrive twice.
         """
+        if self._outbox.confirmed != self._confirmed_at_nack:
+            self._nacks.reset()  # an ack came since the last nack: a new run of nacks
+        self._confirmed_at_nack = self._outbox.confirmed
         if (pause := self._nacks.pause()) is None:
             budget = self._nacks.budget
             self._fail(BrokerError(f"the broker refused every message for {budget:.0f} s; giving up"))
@@ -164,42 +179,36 @@ class PublisherPlumbing:
         if connection is self._connection and connection.is_open and self._failure is None:
             connection.channel(on_open_callback=self._on_channel_open)
 
-    def _stale(self, frame: Method) -> bool:
-        """Is this confirm one to ignore?
-
-        After a nack, _on_nack gives its channel up and publishes the messages
-        again on a new one; confirms already on their way from the old channel
-        still arrive, and their delivery tags would name the wrong messages.
-        After _fail (say, after a return), nothing counts any more.
-        """
-        return (
-            self._failure is not None
-            or self._channel is None
-            or frame.channel_number != self._channel.channel_number
-        )
-
     # No confirm at all (RabbitMQ 3.10) -------------------------------------
 
-    def _watch_confirms(self, channel: Channel | None, confirmed: int) -> None:
-        """Every CONFIRMS_DUE seconds: if no confirm came while messages are in flight, reconnect.
+    def _watch_confirms(
+        self, connection: pika.SelectConnection, channel: Channel | None, confirmed: int
+    ) -> None:
+        """Every CONFIRMS_DUE seconds: if a channel had messages in flight and no confirm came, reconnect.
 
-        RabbitMQ 3.10 neither confirms nor returns what was in flight to a
-        quorum queue deleted under it, and stops answering on that connection:
-        without this, we would wait for ever. A new connection declares the
-        queue passively (_declare_queue), so a deleted queue ends in one line.
+        A RabbitMQ 3.10 workaround: it neither confirms nor returns what was
+        in flight to a quorum queue deleted under it, and stops answering on
+        that connection: without this, we would wait for ever. A new connection
+        declares the queue passively (_declare_queue), so a deleted queue ends
+        in one line. ``channel`` and ``confirmed``: as they were CONFIRMS_DUE ago.
         """
-        connection = self._connection
-        if channel is not self._channel or connection is None or not connection.is_open or self._failure:
-            return  # this channel or connection is over: a new one watches for itself
-        stuck = self._outbox.confirmed == confirmed and self._outbox.in_flight > 0
+        if connection is not self._connection or not connection.is_open or self._failure:
+            return  # this connection is over: the next one is watched from its own open
+        stuck = (
+            channel is not None
+            and channel is self._channel  # the same channel all along (not one opened after a nack)
+            and self._outbox.confirmed == confirmed
+            and self._outbox.in_flight > 0
+        )
         if stuck and not self._blocked:  # blocked: _on_blocked said so, and its timeout applies
             LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
             connection.close()  # run() reconnects, and publishes the unconfirmed messages again
             # A broker that does not answer the close either: drop the connection (back to run()).
             connection.ioloop.call_later(CONFIRMS_DUE, connection.ioloop.stop)
             return
+        channel, confirmed = self._channel, self._outbox.confirmed
         connection.ioloop.call_later(
-            CONFIRMS_DUE, lambda: self._watch_confirms(channel, self._outbox.confirmed)
+            CONFIRMS_DUE, lambda: self._watch_confirms(connection, channel, confirmed)
         )
 
     # The broker blocks publishers (RabbitMQ's contract) ---------------------
@@ -216,3 +225,21 @@ class PublisherPlumbing:
     def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
         self._blocked = False
         LOGGER.info("the broker has unblocked this connection")
+
+
+def from_the_live_channel(on_confirm: Callable[[PublisherPlumbing, Method], None]):
+    """Wrap ``Publisher._on_confirm``: pass it only the confirms that still count.
+
+    After a nack, _on_nack gives its channel up and publishes the messages
+    again on a new one; confirms already on their way from the old channel
+    still arrive, and their delivery tags would name the wrong messages.
+    After _fail (say, after a return), nothing counts any more.
+    """
+
+    @functools.wraps(on_confirm)
+    def confirm(self: PublisherPlumbing, frame: Method) -> None:
+        channel = self._channel
+        if self._failure is None and channel is not None and frame.channel_number == channel.channel_number:
+            on_confirm(self, frame)
+
+    return confirm
