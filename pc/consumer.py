@@ -7,14 +7,16 @@ messages until a consumer acknowledges them.
     python pc/consumer.py --quiet    # no line per message (for benchmarks)
     python pc/consumer.py --work 2   # pretend each message takes 2 s to handle
     python pc/consumer.py --ack-each # one basic_ack per message, not in batches
+    python pc/consumer.py --fail-on poison # fail to handle a message containing 'poison'
 
 Guarantee: at-least-once. A message is acknowledged only after it has been
 handled, so a consumer that dies with messages in hand loses none of them: the
 broker delivers them again (marked "redelivered") to the next consumer. A
 message may be handled twice: those handled but not yet acked when it died
-(fewer than 50, pc/batched_acks.py). A message that kills every consumer
-taking it is delivered at most 6 times, then moved to ``pc.dead``
-(pc/workqueue.py). Any body is shown and acked, text or not.
+(fewer than 50, pc/batched_acks.py). A message whose handling raises is
+given back to the queue (basic_nack) and the consumer carries on; a message
+that fails, or kills every consumer taking it, is delivered at most 6 times,
+then moved to ``pc.dead`` (pc/workqueue.py). Any body is shown, text or not.
 
 Why BlockingConnection: a consumer is one loop that waits for a message,
 handles it and acks it; blocking calls read top to bottom. The broker pushes
@@ -68,7 +70,9 @@ STOPPING = threading.Event()
 # The story: declare, consume, handle, ack ----------------------------------
 
 
-def listen(connection: pika.BlockingConnection, quiet: bool, work: float, ack_each: bool) -> Listening:
+def listen(
+    connection: pika.BlockingConnection, quiet: bool, work: float, ack_each: bool, fail_on: bytes | None
+) -> Listening:
     """Declare the queue and consume from it on a new channel."""
     channel = connection.channel()
     # Where pc sends a message over its delivery limit (pc/workqueue.py).
@@ -83,33 +87,51 @@ def listen(connection: pika.BlockingConnection, quiet: bool, work: float, ack_ea
     # whose basic_ack sends one ack for up to 50 handled messages (pc/batched_acks.py).
     acks = channel if ack_each else BatchedAcks(channel)
     # Consumer cancel notification: the broker tells us when it ends our
-    # consumer (the queue was deleted); without a callback, pika's
-    # BlockingChannel would then wait silently forever.
+    # consumer (the queue was deleted). pika then drops the consumer, so
+    # start_consuming() would return (pikachat/receive.py relies on that); but
+    # our loop (consume) runs process_data_events(), which knows nothing of
+    # consumers and would wait silently forever without this flag.
     cancelled = threading.Event()
     channel.add_on_cancel_callback(lambda _frame: cancelled.set())
     # Manual acks (auto_ack=False, the default): a message stays the broker's
     # until we ack it, and goes to another consumer if we die first.
-    channel.basic_consume(QUEUE, make_handler(acks, quiet, work))
+    channel.basic_consume(QUEUE, make_handler(acks, quiet, work, fail_on))
     return Listening(channel, acks, cancelled)
 
 
-def make_handler(acks: BlockingChannel | BatchedAcks, quiet: bool, work: float):
-    """Return the on-message callback: handle, then ack."""
+def make_handler(acks: BlockingChannel | BatchedAcks, quiet: bool, work: float, fail_on: bytes | None):
+    """Return the on-message callback: handle, then ack; if handling fails, give the message back."""
 
     def on_message(
-        _channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
+        channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
     ) -> None:
         if STOPPING.is_set():
             return  # Ctrl-C: not acked, so it goes back to the queue when we close
         if not quiet:
             note = " (redelivered)" if method.redelivered else ""  # delivered before, never acked
             LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
-        if not pretend_to_work(work):
+        try:
+            handled = handle(body, work, fail_on)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            LOGGER.error("#%d could not be handled (%s); giving it back", method.delivery_tag, why)
+            # Back to the queue (requeue=True), which counts it towards the
+            # delivery limit: a message that always fails ends in pc.dead.
+            channel.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
+            return
+        if not handled:
             return  # cut short by Ctrl-C: not acked either
         # Ack after handling, never before: now the broker may forget the message.
         acks.basic_ack(delivery_tag=method.delivery_tag)
 
     return on_message
+
+
+def handle(body: bytes, work: float, fail_on: bytes | None) -> bool:
+    """Your work goes here. This one pretends (--work, --fail-on); False if Ctrl-C cut it short."""
+    if fail_on is not None and fail_on in body:
+        raise ValueError(f"--fail-on {fail_on.decode()!r}")
+    return pretend_to_work(work)
 
 
 class Listening(NamedTuple):
@@ -123,7 +145,9 @@ class Listening(NamedTuple):
 # Reconnection and plumbing -------------------------------------------------
 
 
-def consume(url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = False) -> None:
+def consume(
+    url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = False, fail_on: bytes | None = None
+) -> None:
     """Consume until STOPPING is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails or the broker stays away
@@ -145,10 +169,11 @@ def consume(url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = F
         listening: Listening | None = None
         try:
             while not STOPPING.is_set():
-                listening = listen(connection, quiet, work, ack_each)
+                listening = listen(connection, quiet, work, ack_each, fail_on)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-                # start_consuming() in half-second slices: it calls on_message alike,
-                # and between slices we notice STOPPING (Ctrl-C) or a cancelled consumer.
+                # Not start_consuming(), which returns only once the consumer is
+                # gone: the same work in half-second slices, and between them we
+                # notice STOPPING (Ctrl-C, which only sets a flag) or a cancel.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
                 if listening.cancelled.is_set():
@@ -222,6 +247,9 @@ def main() -> int:
     parser.add_argument(
         "--ack-each", action="store_true", help="one basic_ack per message (the textbook way; slower)"
     )
+    parser.add_argument(
+        "--fail-on", metavar="TEXT", help="fail to handle a message containing TEXT (to see it dead-lettered)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
     args = parser.parse_args()
     if args.work < 0:
@@ -242,7 +270,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
 
     try:
-        consume(resolve(), args.quiet, args.work, args.ack_each)
+        fail_on = None if args.fail_on is None else args.fail_on.encode()
+        consume(resolve(), args.quiet, args.work, args.ack_each, fail_on)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1

@@ -379,6 +379,32 @@ def test_a_message_over_the_delivery_limit_is_kept_in_pc_dead(spawn: Spawn, amqp
     stop(consumer)
 
 
+@pytest.mark.parametrize("acks", ["batched", "--ack-each"])
+def test_a_message_the_handler_fails_on_is_given_back_then_dead_lettered_and_the_consumer_carries_on(
+    spawn: Spawn, amqp_url: str, acks: str
+) -> None:
+    consumer = spawn("pc/consumer.py", "--fail-on", "poison", *([acks] if acks != "batched" else []))
+    consumer.wait_for("waiting for messages")
+    produce(spawn, "--count", "3", "before")
+    produce(spawn, "poison")
+    produce(spawn, "--count", "3", "after")
+    consumer.wait_for("received 'after 3'")
+    wait_until(lambda: messages_ready(amqp_url, "pc.dead") == 1, 30, "the message to be dead-lettered")
+    failures = [line for line in consumer.stderr_lines if "could not be handled" in line]
+    assert len(failures) == 6, "delivered once and given back 5 times, then dead-lettered"
+    assert failures[0].endswith("could not be handled (ValueError: --fail-on 'poison'); giving it back")
+    # The others were handled and acked, the batched ones too.
+    assert [t for t in received(consumer) if t != "poison"] == [
+        f"{w} {i}" for w in ("before", "after") for i in (1, 2, 3)
+    ]
+    stop(consumer)
+    assert consumer.wait() == 0 and "Traceback" not in consumer.output
+    assert queue_is_empty(amqp_url, "pc"), "every other message should have been acked"
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        _method, props, body = connection.channel().basic_get("pc.dead", auto_ack=True)
+    assert body == b"poison" and props.headers["x-first-death-reason"] == "delivery_limit"
+
+
 def test_the_consumer_declares_and_consumes_again_when_its_queue_is_deleted(spawn: Spawn, vhost: str) -> None:
     consumer = spawn("pc/consumer.py")
     consumer.wait_for("waiting for messages")
