@@ -9,9 +9,10 @@ call does on the wire, and the pika calls behind it (DistOp, distop/dist_op.py):
     PowOp(...)          nothing yet: the first call() connects
     first call()        queue_declare("", exclusive=True)  our reply queue, "amq.gen-...", named by the
                                                            broker, deleted with our connection
-    call(esp=2)         basic_publish("", "distop.chunks", chunk, persistent, mandatory,
-                          reply_to="amq.gen-...", correlation_id="JOB_ID:START")  one per chunk, each
-                                                           confirmed by the broker; returns the job id
+    call(esp=2)         hands the chunks to DistOp's I/O thread and returns the job id at once; that
+                        thread publishes each: basic_publish("", "distop.chunks", chunk, persistent,
+                        mandatory, reply_to="amq.gen-...", correlation_id="JOB_ID:START"), and again
+                        until the broker confirms it
     (servers)           each takes a chunk, publishes its result to reply_to quoting correlation_id
     get_result(job_id)  replies of every job arrive on the one reply queue (basic_consume); JOB_ID
                         says which job each is for, START where it goes; gather() once all are in
@@ -43,14 +44,14 @@ def start_job(op: DistOp, name: str, **params: Any) -> str:
     """Publish a job's chunks and return its id at once, without waiting for any result."""
     job_id = op.call(**params)
     # Each chunk's reply will carry correlation_id "JOB_ID:START": this job, and where its chunk starts.
-    print(f"{name}: job {job_id[:8]}..., its chunks queued on {op.QUEUE!r}")
+    print(f"{name}: job {job_id[:8]}... started; its chunks go to {op.QUEUE!r}")
     return job_id
 
 
 def run(rabbit_host: str | None) -> None:
     # Nothing connects yet: the first call() opens the connection and its exclusive reply queue.
     with PowOp(data=list(range(10)), group_size=3, rabbit_host=rabbit_host) as op:
-        # 3 persistent chunks to the durable work queue, each confirmed by the broker: pow(chunk, esp=2).
+        # 3 chunks for the durable work queue, published by DistOp's I/O thread: pow(chunk, esp=2).
         squares = start_job(op, "squares", esp=2)
         # Same reply queue: the replies of the two jobs are told apart by their correlation_id.
         cubes = start_job(op, "cubes", esp=3)

@@ -11,8 +11,9 @@ on stdout, 1 when the job fails, 2 on bad arguments.
 
 The job on the wire, in run_job() below (DistOp, distop/dist_op.py, makes the pika calls):
 
-    call()        one message per chunk to the work queue "distop.chunks" (basic_publish: persistent,
-                  confirmed, reply_to = our exclusive reply queue, correlation_id = "JOB_ID:START")
+    call()        returns the job id at once; DistOp's I/O thread publishes one message per chunk to the
+                  work queue "distop.chunks" (basic_publish: persistent, reply_to = our exclusive reply
+                  queue, correlation_id = "JOB_ID:START"), again until the broker confirms it
     the bar       one tick per reply taken off our reply queue (basic_consume), whichever server sent it
     get_result()  returns once every chunk's reply is in, gathered by START; a chunk that kept killing
                   servers comes back dead-lettered instead, through our reply queue: PoisonChunkError
@@ -50,7 +51,7 @@ class ConcatOp(DistOp):
 def run_job(args: argparse.Namespace) -> Any:
     """Scatter range(SIZE) as CHUNKS chunks, then gather their partial results, counting them on a bar."""
     with ConcatOp(args.op, list(range(args.size)), args.chunks, args.rabbit_host) as op:
-        # Publishes the chunks, each confirmed by the broker, and returns the job id at once.
+        # Hands the chunks to DistOp's I/O thread, which publishes them, and returns the job id at once.
         op.call(**dict(args.param))
         # One tick per partial result on our reply queue. disable=None: shown only on a terminal.
         with tqdm(total=op.group_size, unit="partial", disable=True if args.quiet else None) as bar:
