@@ -25,6 +25,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "pc/producer.py": (),
     "pc/consumer.py": (),
     "pc/send_one.py": (),
+    "pc/consume_one.py": (),
     "distop/callee.py": (),
     "distop/client.py": ("--timeout", "5"),
     "distop/caller.py": (),

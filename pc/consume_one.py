@@ -1,0 +1,44 @@
+"""The simplest correct consumer: shows each message of the queue ``pc``, then acks it. Ctrl-C stops it.
+
+pc/consumer.py adds reconnection, batched acks, a handler that fails, and the broker cancelling it.
+"""
+
+import sys
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from pc.broker import BrokerError, connect, resolve
+from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+
+
+def main() -> int:
+    try:
+        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
+            channel = connection.channel()
+            channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/send_one.py does
+            # Prefetch: at most 10 unacked messages pushed to us; the rest wait for any free consumer.
+            channel.basic_qos(prefetch_count=10)
+            channel.basic_consume(QUEUE, on_message)  # manual acks (auto_ack=False): see on_message
+            print(f"waiting for messages on {QUEUE!r}; Ctrl-C to stop")
+            channel.start_consuming()  # calls on_message for each; returns if the broker cancels us
+        print(f"consume_one: the broker cancelled the consumer (queue {QUEUE!r} deleted?)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: leaving the with block closes; unacked messages go back
+        return 0
+    except (BrokerError, pika.exceptions.AMQPError) as exc:
+        print(f"consume_one: {exc}", file=sys.stderr)
+        return 1
+
+
+def on_message(channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
+    # repr: control characters escaped; errors="replace": bytes that are not UTF-8 show as U+FFFD.
+    print(f"received {body.decode(errors='replace')!r}")
+    # Ack after handling, never before: until then the message is the broker's, and goes
+    # back to the queue (for the next consumer) if we die or close without acking it.
+    channel.basic_ack(delivery_tag=method.delivery_tag)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
