@@ -79,6 +79,9 @@ def listen(
     channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
     # Durable quorum queue, declared alike by the producer (pc/workqueue.py):
     # whichever starts first creates it. Declared with other arguments: see consume.
+    # If pc is deleted, we declare it again (consume): a consumer promised nothing
+    # about what was in it and simply waits for new messages (the producer,
+    # whose exit status vouches for what it confirmed, refuses to).
     channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
     # Prefetch: the broker pushes at most PREFETCH unacknowledged messages to
     # us at once; the rest wait in the queue for whichever consumer is free.

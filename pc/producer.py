@@ -32,7 +32,7 @@ from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
 from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing, from_the_live_channel
+from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -55,8 +55,8 @@ class Publisher(PublisherPlumbing):
         run                     pika.SelectConnection(...)        connect, then let its ioloop call us
         _on_connection_open     connection.channel(...)           open a channel
         _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
-        _declare                channel.queue_declare("pc.dead")  the dead-letter queue
-        _declare_queue          channel.queue_declare("pc")       durable; passive after a reconnect
+                                channel.queue_declare("pc.dead")  the dead-letter queue
+                                channel.queue_declare("pc")       durable; passive after a reconnect
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
         _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: publish again
         _on_returned            (basic.return)                    no queue took it: fail
@@ -85,7 +85,8 @@ class Publisher(PublisherPlumbing):
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_connection_closed,
             )
-            self._watch_connection()  # memory or disk alarms, confirms that never come (plumbing)
+            # Memory or disk alarms (any broker); confirms that never come (RabbitMQ 3.10): plumbing.
+            self._watch_connection()
             # A SelectConnection does nothing until its ioloop runs: the loop reads what
             # the broker sends and calls our methods below, until one of them stops it.
             self._connection.ioloop.start()
@@ -103,28 +104,21 @@ class Publisher(PublisherPlumbing):
         channel.add_on_close_callback(self._on_channel_closed)
         # A mandatory message the broker cannot route comes back here (basic.return).
         channel.add_on_return_callback(self._on_returned)
+        # Three commands in a row, a callback on the last only: pika sends the
+        # others without asking for an answer (nowait), and the broker takes a
+        # channel's commands in order, so that answer means all three are done.
         # Publisher confirms: the broker now acks (or nacks) every message we
         # publish on this channel, numbered 1, 2, 3... as we publish them.
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare())
-
-    def _declare(self) -> None:
-        assert self._channel is not None
+        channel.confirm_delivery(self._on_confirm)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
-        self._channel.queue_declare(
-            DEAD_LETTER_QUEUE,
-            durable=True,
-            arguments=DEAD_LETTER_QUEUE_ARGUMENTS,
-            callback=self._declare_queue,
-        )
-
-    def _declare_queue(self, _frame: Method) -> None:
-        assert self._channel is not None
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
         # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
         # whichever starts first creates it. After a reconnect, passive: the
         # broker only checks that it is there, and closes the channel (404) if
-        # not. Not a workaround but a rule: a deleted queue took our confirmed
-        # messages with it, and creating it afresh would hide that loss.
-        self._channel.queue_declare(
+        # not. Our exit status promises that what was confirmed is in pc; a
+        # deleted pc took those messages with it, and recreating it would let
+        # us exit 0 anyway. (The consumer recreates it: it promised nothing.)
+        channel.queue_declare(
             QUEUE,
             durable=True,
             arguments=QUEUE_ARGUMENTS,
@@ -145,8 +139,12 @@ class Publisher(PublisherPlumbing):
             # confirming it into the void.
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
-    @from_the_live_channel  # a channel given up after a nack still sends confirms: ignored (plumbing)
     def _on_confirm(self, frame: Method) -> None:
+        channel = self._channel  # None, or a new one, once a nack has given up the channel
+        if self._failure or channel is None or frame.channel_number != channel.channel_number:
+            # We have failed (say, at a return); or it comes from a channel
+            # given up after a nack, and its tag would name the wrong message.
+            return
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe. One confirm may cover many messages:
@@ -159,7 +157,8 @@ class Publisher(PublisherPlumbing):
                 self._publish()  # room in the window: send the next ones
         else:
             # A nack: the broker did not take them. Publish every unconfirmed
-            # message again, on a new channel after a short pause (plumbing).
+            # message again (any broker), on a new channel after a short pause
+            # (a workaround for RabbitMQ before 3.12.5, harmless after: plumbing).
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:

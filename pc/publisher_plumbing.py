@@ -8,19 +8,17 @@ workaround for what RabbitMQ 3.10 does:
   turn, and publish every unconfirmed message again (``_after_loop``);
 - a channel error, say a declaration refused (contract): one line and exit 1
   (``_on_channel_closed``);
-- a nack (contract: publish again) on a new channel (3.10 workaround): ``_on_nack``;
-- a confirm from a channel given up after a nack (follows from the above): ``from_the_live_channel``;
-- no confirm at all (3.10 workaround): ``_watch_confirms``, started by ``_watch_connection``;
+- a nack (contract: publish again) on a new channel (a workaround for RabbitMQ
+  before 3.12.5, harmless after): ``_on_nack``;
+- no confirm at all (RabbitMQ 3.10 workaround): ``_watch_confirms``, started by ``_watch_connection``;
 - the broker blocks publishers, short of memory or disk (contract): ``_on_blocked``;
 - no node answers at all (contract): ``_on_open_error``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable
 
 import pika
 import pika.exceptions
@@ -141,7 +139,7 @@ class PublisherPlumbing:
             self._connection.ioloop.stop()
         # else it is closing already: _on_connection_closed stops the loop.
 
-    # A nack (RabbitMQ's contract), on a new channel (RabbitMQ 3.10) --------
+    # A nack (RabbitMQ's contract), on a new channel (before 3.12.5) --------
 
     def _on_nack(self, refused: int) -> None:
         """The broker refused ``refused`` messages: publish every unconfirmed one again on a new channel.
@@ -150,9 +148,10 @@ class PublisherPlumbing:
         limit, an internal error): publishing it again is the contract. Not on
         the same channel, though: on a RabbitMQ 3.10 cluster, a channel opened
         just as a node died can keep pointing at the queue's dead leader, and
-        nack everything published on it until that node is back. A new channel
-        finds the new leader. A message nacked may have been taken after all,
-        so it may arrive twice.
+        nack everything published on it until that node is back (fixed in
+        3.12.5). A new channel finds the new leader; confirms still on their
+        way from the old one are ignored (_on_confirm). A message nacked may
+        have been taken after all, so it may arrive twice.
         """
         if self._outbox.confirmed != self._confirmed_at_nack:
             self._nacks.reset()  # an ack came since the last nack: a new run of nacks
@@ -189,7 +188,7 @@ class PublisherPlumbing:
         A RabbitMQ 3.10 workaround: it neither confirms nor returns what was
         in flight to a quorum queue deleted under it, and stops answering on
         that connection: without this, we would wait for ever. A new connection
-        declares the queue passively (_declare_queue), so a deleted queue ends
+        declares the queue passively (_on_channel_open), so a deleted queue ends
         in one line. ``channel`` and ``confirmed``: as they were CONFIRMS_DUE ago.
         """
         if connection is not self._connection or not connection.is_open or self._failure:
@@ -225,21 +224,3 @@ class PublisherPlumbing:
     def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
         self._blocked = False
         LOGGER.info("the broker has unblocked this connection")
-
-
-def from_the_live_channel(on_confirm: Callable[[PublisherPlumbing, Method], None]):
-    """Wrap ``Publisher._on_confirm``: pass it only the confirms that still count.
-
-    After a nack, _on_nack gives its channel up and publishes the messages
-    again on a new one; confirms already on their way from the old channel
-    still arrive, and their delivery tags would name the wrong messages.
-    After _fail (say, after a return), nothing counts any more.
-    """
-
-    @functools.wraps(on_confirm)
-    def confirm(self: PublisherPlumbing, frame: Method) -> None:
-        channel = self._channel
-        if self._failure is None and channel is not None and frame.channel_number == channel.channel_number:
-            on_confirm(self, frame)
-
-    return confirm
