@@ -10,13 +10,15 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from pc.broker import BrokerError, connect, resolve
-from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 
 def main() -> int:
     try:
         with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
             channel = connection.channel()
+            # Where pc puts a message that has failed too often; declared first, so it is there.
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/send_one.py does
             # Prefetch: at most 10 unacked messages pushed to us; the rest wait for any free consumer.
             channel.basic_qos(prefetch_count=10)

@@ -5,7 +5,7 @@ import sys
 import pika
 
 from pc.broker import BrokerError, connect, resolve
-from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
 
@@ -16,6 +16,8 @@ def main() -> int:
         with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
             channel = connection.channel()
             channel.confirm_delivery()  # basic_publish now returns once the broker has the message safe
+            # Where pc puts a message that has failed too often; declared first, so it is there.
+            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/consumer.py does
             # Persistent: on disk. mandatory: if no queue takes it, UnroutableError, not a silent drop.
             channel.basic_publish("", QUEUE, text.encode(), PERSISTENT, mandatory=True)
