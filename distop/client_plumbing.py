@@ -80,7 +80,7 @@ class _LinkPlumbing(threading.Thread):
         self._jobs = jobs
         self._new: list[str] = []  # job ids submitted since the last (re)connection
         self._outbox: collections.deque[tuple[str, int]] = collections.deque()  # (job id, start)
-        self._returned: list[tuple[str, int]] = []  # returned chunks, until the work queue is declared again
+        self._redeclaring = False  # a chunk came back: the work queue is being declared again
         self._nodes = parameters(url)  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
         self._ready = threading.Event()  # the caller's wait for the first connection
@@ -152,6 +152,10 @@ class _LinkPlumbing(threading.Thread):
         """
         self._ever_connected = True
         self._lost_since, self._backoff = None, 0.5
+        self._outbox_every_unanswered_chunk()
+        self._ready.set()
+
+    def _outbox_every_unanswered_chunk(self) -> None:
         with self._cond:
             self._new.clear()
             self._outbox = collections.deque(
@@ -161,7 +165,6 @@ class _LinkPlumbing(threading.Thread):
                 for start in job.requests
                 if start not in job.partials
             )
-        self._ready.set()
 
     @pika_callback
     def _publish_new(self) -> None:
@@ -205,19 +208,21 @@ class _LinkPlumbing(threading.Thread):
             if job.done or job.watched:  # one wake-up per job, not one per partial
                 self._cond.notify_all()
 
-    def _hold_returned(self, channel: Channel, correlation_id: object) -> bool:
-        """Keep a returned chunk until the work queue is declared again; True for the first one held."""
-        match = CORRELATION_ID.fullmatch(correlation_id if isinstance(correlation_id, str) else "")
-        if channel is not self._publisher.channel or match is None:
-            return False  # from a channel given up after a nack: its chunks are in the outbox again
-        self._returned.append((match[1], int(match[2])))
-        return len(self._returned) == 1
+    def _first_return(self, channel: Channel) -> bool:
+        """True for the first chunk returned since the work queue was last declared."""
+        if channel is not self._publisher.channel or self._redeclaring:
+            return False  # one of a batch, or from a channel given up after a nack
+        self._redeclaring = True
+        return True
 
     @pika_callback
-    def _publish_returned(self, _frame: Method) -> None:
-        """The work queue is declared again: the returned chunks go out first."""
-        self._outbox.extendleft(reversed(self._returned))
-        self._returned.clear()
+    def _publish_unanswered(self, _frame: Method) -> None:
+        """The work queue is declared again: as on a reconnection, every chunk not yet answered goes out.
+
+        The deleted queue took with it those that waited in it; duplicates of the others are ignored.
+        """
+        self._redeclaring = False
+        self._outbox_every_unanswered_chunk()
         self._publish()
 
     # Reconnection, refusals, shutdown ----------------------------------------
@@ -245,7 +250,7 @@ class _LinkPlumbing(threading.Thread):
         self._channel = None
         self._publisher.forget()
         self._reply_queue = ""
-        self._returned.clear()  # the next connection publishes them again with the rest
+        self._redeclaring = False  # the next connection declares the queue and publishes everything
         if self._closing or self.failed:
             self._ioloop.stop()
             return

@@ -4,10 +4,11 @@ Used by distop/client.py and distop/caller.py; the servers are distop/callee.py.
 first (the queues and messages both sides agree on), and distop/call_one.py, the same RPC at its simplest.
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack, a
-reconnection or a return (no queue took it), until its result is in; get_result() returns the partials
-gathered in order, or raises one error saying why not (an op raised, a poison chunk, the broker lost for
-a minute, the timeout). Limits: chunks waiting in a work queue deleted under us are lost with it, and a
-job dies with the process that called it (its results go to that process's memory only).
+reconnection or a return (no queue took one: every unanswered chunk goes out again), until its result is
+in; get_result() returns the partials gathered in order, or raises one error saying why not (an op
+raised, a poison chunk, the broker lost for a minute, the timeout). Limits: chunks waiting in a work queue
+deleted under us go out again only once a later chunk comes back, or on a reconnection; and a job dies
+with the process that called it (its results go to that process's memory only).
 
 Why a SelectConnection on a thread of its own, not a BlockingConnection: call() returns at once while
 replies keep arriving, confirms are pipelined rather than awaited one by one, and a reconnection
@@ -58,27 +59,26 @@ from distop.protocol import (
 LOGGER = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 1000  # chunks published but not yet confirmed by the broker, at most
-RETURN_PAUSE = 0.5  # after a return, publish the chunk again after this pause
+RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pause
 CONNECT_TIMEOUT = 60.0
 
 
 class _ClientLink(_LinkPlumbing):
-    """The client's connection, on a thread of its own: the RabbitMQ story, one step per callback.
+    """The client's connection, on a thread of its own: the RabbitMQ story, in the order it happens.
 
-    Each method starts the next step when the broker answers the last, in this order:
-
-        _connect              pika.SelectConnection         asynchronous: pika calls the next method
-        _on_open              connection.channel()          a channel for declaring and for replies
-        _on_channel_open      exchange_declare("headers")   where the work queue sends dead chunks
-        _declare_work_queue   queue_declare(distop.chunks)  the durable quorum queue the servers share
-        _declare_reply_queue  queue_declare("", exclusive)  our reply queue, named by the broker
-        _bind_reply_queue     queue_bind(dead-letter exch.) our dead chunks come back to us too
-        _consume_replies      basic_consume(auto_ack)       replies arrive in _on_reply
-        _on_publisher_open    confirm_delivery()            a second channel, to publish the chunks
-        _publish              basic_publish(mandatory)      with reply_to and correlation_id
-        _on_confirm           Basic.Ack or Basic.Nack       the broker has the chunks, or refused them
-        _on_returned          basic.return                  no queue took one: declare, publish again
-        _on_reply             a reply, or a dead letter     filed under its job by correlation_id
+        _connect             pika.SelectConnection         asynchronous: pika calls the next method
+        _on_open             connection.channel()          to declare on, then to consume replies from
+        _on_channel_open     exchange_declare("headers")   where the work queue sends dead chunks
+                             queue_declare(distop.chunks)  the durable quorum queue the servers share
+                             queue_declare("", exclusive)  our reply queue, named by the broker
+        _on_reply_queue      queue_bind(dead-letter exch.) our dead chunks come back to us too
+                             basic_consume(auto_ack)       replies arrive in _on_reply
+                             connection.channel()          a second channel, to publish on
+        _on_publisher_open   confirm_delivery()            the broker will ack or nack each chunk
+        _on_publisher_ready  _publish: basic_publish       mandatory, with reply_to and correlation_id
+        _on_confirm          Basic.Ack or Basic.Nack       the broker has the chunks, or refused them
+        _on_returned         basic.return                  the queue is gone: declare it, publish all again
+        _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
     @pika_callback marks the methods pika calls: a bug in one fails the pending jobs instead of the
     thread dying silently.
@@ -95,7 +95,7 @@ class _ClientLink(_LinkPlumbing):
 
     @pika_callback
     def _connect(self) -> None:
-        # Asynchronous: every step below is a callback that pika calls when the broker answers.
+        # Asynchronous: each method below is a callback that pika calls when the broker answers.
         self._connection = pika.SelectConnection(
             self._next_node(),  # a cluster's nodes in turn
             on_open_callback=self._on_open,
@@ -112,44 +112,29 @@ class _ClientLink(_LinkPlumbing):
     @pika_callback
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
+        # A refused declaration closes the channel: _on_channel_closed says why, in one line.
         channel.add_on_close_callback(self._on_channel_closed)
+        # Declarations in a row: pika sends one without a callback with nowait (no answer), and the broker
+        # takes a channel's commands in order, so only the last needs a callback.
+
         # The dead-letter exchange, where the work queue sends the chunks it gives up on. A headers
         # exchange routes on message headers, not on a routing key. Declared alike by every server.
-        channel.exchange_declare(
-            DEAD_LETTER_EXCHANGE, "headers", durable=True, callback=self._declare_work_queue
-        )
-
-    @pika_callback
-    def _declare_work_queue(self, _frame: Method) -> None:
-        assert self._channel is not None
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
         # Durable, quorum, with a delivery limit and the dead-letter exchange, exactly as the servers
         # declare it: whoever comes first creates it, so a client may start before any server.
-        self._channel.queue_declare(
-            self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._declare_reply_queue
-        )
+        channel.queue_declare(self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        # Our reply queue: exclusive and server-named ("amq.gen-..."): ours alone, gone with this connection.
+        channel.queue_declare("", exclusive=True, callback=self._on_reply_queue)
 
     @pika_callback
-    def _declare_reply_queue(self, _frame: Method) -> None:
-        assert self._channel is not None
-        # Exclusive and server-named ("amq.gen-..."): ours alone, deleted with this connection.
-        self._channel.queue_declare("", exclusive=True, callback=self._bind_reply_queue)
-
-    @pika_callback
-    def _bind_reply_queue(self, frame: Method) -> None:
+    def _on_reply_queue(self, frame: Method) -> None:
         assert self._channel is not None
         queue_name = frame.method.queue  # the name the broker chose
         # Chunks carry our client id in a header, and a dead-lettered chunk keeps its headers: this
         # binding brings our dead chunks back to us. x-match all: every header listed must match.
         self._channel.queue_bind(
-            queue_name,
-            DEAD_LETTER_EXCHANGE,
-            arguments={"x-match": "all", CLIENT_HEADER: self._client_id},
-            callback=lambda _frame: self._consume_replies(queue_name),
+            queue_name, DEAD_LETTER_EXCHANGE, arguments={"x-match": "all", CLIENT_HEADER: self._client_id}
         )
-
-    @pika_callback
-    def _consume_replies(self, queue_name: str) -> None:
-        assert self._channel is not None
         # auto_ack: a reply's only destination is this process's memory; an ack would protect nothing.
         self._channel.basic_consume(queue_name, self._on_reply, auto_ack=True)
         self._reply_queue = queue_name
@@ -211,18 +196,20 @@ class _ClientLink(_LinkPlumbing):
         self._publish()  # room in the window for more
 
     @pika_callback
-    def _on_returned(self, channel: Channel, _m: Basic.Return, props: BasicProperties, _body: bytes) -> None:
-        # No queue took the chunk: the work queue was deleted. Its ack follows, and means "dropped",
-        # not "queued". Declare the queue again, then publish the chunk again.
-        if self._hold_returned(channel, props.correlation_id):  # the first of a batch
+    def _on_returned(self, channel: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
+        # No queue took the chunk: the work queue was deleted, and every chunk of ours that waited in it
+        # with it. The chunk's ack follows, and means "dropped", not "queued".
+        if self._first_return(channel):  # of a batch: declare the queue once
             LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
             self._ioloop.call_later(RETURN_PAUSE, self._declare_work_queue_again)
 
     @pika_callback
     def _declare_work_queue_again(self) -> None:
+        # pc's producer refuses to recreate its deleted queue, as that would hide the loss of messages it
+        # no longer holds; we still hold every unanswered chunk and publish them all again: nothing is hidden.
         if self._channel is not None:  # else a new connection declares it, and publishes everything
             self._channel.queue_declare(
-                self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._publish_returned
+                self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._publish_unanswered
             )
 
     @pika_callback

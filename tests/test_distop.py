@@ -743,14 +743,23 @@ def test_chunks_published_to_a_deleted_queue_are_published_again(
     spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="distop")
-    with ListOp([1, 2, 3], group_size=3, rabbit_host=amqp_url) as op:
-        lost = op.call()  # connects (declaring the work queue); no server yet
+    with op_class("pow")([1, 2, 3], group_size=3, rabbit_host=amqp_url) as op:
+        waited = op.call(esp=2)  # connects (declaring the work queue); no server yet
         wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 3, 10, "the chunks in the queue")
         rabbitmqctl("delete_queue", "-p", vhost, WORK_QUEUE)  # its chunks are lost with it
-        op.cancel(lost)
-        job = op.call()  # no queue takes its chunks: the broker returns them
-        # Still no server: only the client can have declared the queue again.
-        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 3, 15, "the chunks published again")
-        assert any("took a chunk" in r.getMessage() for r in caplog.records)
+        returned = op.call(esp=3)  # no queue takes its chunks: the broker returns them
+        # Still no server: only the client can have declared the queue again, and published both jobs.
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 6, 15, "every unanswered chunk published again")
+        assert sum("took a chunk" in r.getMessage() for r in caplog.records) == 1  # once for the batch
         start_server(spawn)
-        assert op.get_result(job, timeout=15) == [1, 2, 3]
+        assert op.get_result(waited, timeout=15) == [1, 4, 9]
+        assert op.get_result(returned, timeout=15) == [1, 8, 27]
+
+
+def test_a_client_whose_queue_is_declared_otherwise_raises_one_error(amqp_url: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare(WORK_QUEUE, durable=True)  # a classic queue, no delivery limit
+    with ListOp([1], rabbit_host=amqp_url) as op:
+        with pytest.raises(BrokerError, match=f"delete it with 'rabbitmqctl delete_queue {WORK_QUEUE}'"):
+            op.call()
+        assert op.pending() == []
