@@ -326,7 +326,7 @@ class _Publisher:
 
     A channel that nacks is given up, not published on again: on a cluster, a
     channel can keep pointing at a queue leader that died, and nack everything
-    (a RabbitMQ 3.10 workaround); a new channel finds the new leader. The pause
+    (a workaround for RabbitMQ before 3.12.5, harmless after); a new channel finds the new leader. The pause
     before the next channel doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF,
     and starts again from NACK_BACKOFF at the first ack.
     """
