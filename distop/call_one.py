@@ -43,6 +43,8 @@ def call(op: str, numbers: list[float], timeout: float) -> object:
         body = codec.dumps({"op": op, "chunk": numbers, "params": {}})
         # mandatory: if no queue takes it, UnroutableError, not a silent drop.
         channel.basic_publish("", WORK_QUEUE, body, properties, mandatory=True)
+        # consume(): basic_consume as a generator, which also yields (None, None, None) after
+        # inactivity_timeout seconds of silence: waiting for one reply with a deadline, without a callback.
         # auto_ack: a reply's only destination is this process's memory.
         for _method, props, reply in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=timeout):
             if props is None:  # nothing arrived for `timeout` seconds

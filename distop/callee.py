@@ -6,7 +6,9 @@
 Start one or more, before or after the clients (distop/client.py, distop/caller.py): chunks wait in
 the queue. What each server does, and the pika call behind each step (OpExecutor's methods):
 
-    at start    queue_declare("distop.chunks", durable)  the work queue all servers share (_declare)
+    at start    queue_declare("distop.chunks", durable)  the work queue all servers share (_declare): a
+                                                         quorum queue with a delivery limit, whose dead
+                                                         chunks go to the exchange and queue distop.dead
                 basic_qos(prefetch_count=1)              one chunk at a time: a free server gets the next
                 basic_consume("distop.chunks")           the broker pushes chunks to us (_consume)
     a chunk     {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}}, with reply_to and correlation_id

@@ -177,6 +177,8 @@ def consume(
                 # Not start_consuming(), which returns only once the consumer is
                 # gone: the same work in half-second slices, and between them we
                 # notice STOPPING (Ctrl-C, which only sets a flag) or a cancel.
+                # start_consuming() is the form to copy when Ctrl-C may simply
+                # interrupt it (pc/consume_one.py, pikachat/receive.py).
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
                 if listening.cancelled.is_set():
