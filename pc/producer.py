@@ -13,10 +13,11 @@ one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
 
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
-round trip per message as pc/send_one.py does. ``Publisher`` is the story;
-its docstring maps the steps in the order they happen. What goes wrong, and
-what the producer does then, is in pc/publisher_plumbing.py. Tested against
-RabbitMQ 3.10.
+round trip per message as pc/send_one.py does. ``Publisher`` is the story, all
+of it plain pika; its docstring maps the steps in the order they happen. What
+goes wrong (lost connections, nacks, alarms), and what the producer does then,
+is ``ReliablePublisher`` in pc/publisher_plumbing.py, which main() runs. Tested
+against RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import sys
 import time
 
 import pika
+import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
 
-from pc.broker import BrokerError, redact, resolve
-from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import BLOCKED_FOR, PublisherPlumbing
+from pc.broker import BrokerError, explain, parameters, redact, resolve
+from pc.outbox import Outbox
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -47,27 +48,33 @@ PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 WINDOW = 5000
 
 
-class Publisher(PublisherPlumbing):
+class Publisher:
     """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
     The story, in the order it happens; each method is called back when the one before it is done:
 
-        run                     pika.SelectConnection(...)        connect, then let its ioloop call us
+        run, _connect           pika.SelectConnection(...)        connect, then let its ioloop call us
         _on_connection_open     connection.channel(...)           open a channel
         _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
                                 channel.queue_declare("pc.dead")  the dead-letter queue
-                                channel.queue_declare("pc")       durable; passive after a reconnect
+                                channel.queue_declare("pc")       durable (or passive: only check it)
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
-        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: publish again
+        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: _on_nack
         _on_returned            (basic.return)                    no queue took it: fail
-
-    What goes wrong, and what the producer does then: the base class, pc/publisher_plumbing.py.
+        _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() returns
+        _on_connection_closed
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
+        self._url = url
         # Each message to send, in flight (by delivery tag) or confirmed: pc/outbox.py.
-        super().__init__(url, Outbox(bodies, WINDOW))
-        self._declared_before = False  # pc declared once: from now on, only check that it is there
+        self._outbox = Outbox(bodies, WINDOW)
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._failure: BrokerError | None = None  # set: stop, and run() raises it
+        # True: declare pc passively, only checking that it is there. A publisher that
+        # comes back after pc was deleted must not create it again (see _on_channel_open).
+        self.passive = False
 
     @property
     def confirmed(self) -> int:
@@ -75,22 +82,24 @@ class Publisher(PublisherPlumbing):
         return self._outbox.confirmed
 
     def run(self) -> None:
-        """Connect and publish until every body is confirmed; on a lost connection, again."""
-        self._nodes = Nodes(self._url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
-        while not self._outbox.done:
-            self._connection = pika.SelectConnection(
-                self._nodes.next(),
-                on_open_callback=self._on_connection_open,
-                # No node answers, or the connection drops: pc/publisher_plumbing.py.
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_connection_closed,
-            )
-            # Memory or disk alarms (any broker); confirms that never come (RabbitMQ 3.10): plumbing.
-            self._watch_connection()
-            # A SelectConnection does nothing until its ioloop runs: the loop reads what
-            # the broker sends and calls our methods below, until one of them stops it.
-            self._connection.ioloop.start()
-            self._after_loop()  # raise why it stopped, or wait before reconnecting (plumbing)
+        """Connect and publish until every body is confirmed."""
+        self._connect(parameters(self._url)[0])
+        assert self._connection is not None
+        # A SelectConnection does nothing until its ioloop runs: the loop reads what
+        # the broker sends and calls our methods below, until one of them stops it.
+        self._connection.ioloop.start()
+        if self._failure is not None:
+            raise self._failure
+        if not self._outbox.done:
+            raise BrokerError(f"lost the connection with {self._outbox.in_flight} messages unconfirmed")
+
+    def _connect(self, node: pika.URLParameters) -> None:
+        self._connection = pika.SelectConnection(
+            node,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed,
+        )
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
         # A channel: the session we declare, publish and receive confirms on.
@@ -99,8 +108,7 @@ class Publisher(PublisherPlumbing):
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         self._outbox.new_channel()  # its delivery tags start from 1
-        # The broker closes a channel on an error, such as a declaration it
-        # refuses: one line, exit 1 (_on_channel_closed, plumbing).
+        # The broker closes a channel on an error, such as a declaration it refuses.
         channel.add_on_close_callback(self._on_channel_closed)
         # A mandatory message the broker cannot route comes back here (basic.return).
         channel.add_on_return_callback(self._on_returned)
@@ -113,21 +121,19 @@ class Publisher(PublisherPlumbing):
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
         # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
-        # whichever starts first creates it. After a reconnect, passive: the
-        # broker only checks that it is there, and closes the channel (404) if
-        # not. Our exit status promises that what was confirmed is in pc; a
-        # deleted pc took those messages with it, and recreating it would let
-        # us exit 0 anyway. (The consumer recreates it: it promised nothing.)
+        # whichever starts first creates it. Passive: the broker only checks that
+        # it is there, and closes the channel (404) if not. Our exit status
+        # promises that what was confirmed is in pc; a deleted pc took those
+        # messages with it, and recreating it would let us exit 0 anyway.
         channel.queue_declare(
             QUEUE,
             durable=True,
             arguments=QUEUE_ARGUMENTS,
-            passive=self._declared_before,
+            passive=self.passive,
             callback=self._on_declared,
         )
 
     def _on_declared(self, _frame: Method) -> None:
-        self._declared_before = True
         self._publish()
 
     def _publish(self) -> None:
@@ -140,11 +146,8 @@ class Publisher(PublisherPlumbing):
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
-        channel = self._channel  # None, or a new one, once a nack has given up the channel
-        if self._failure or channel is None or frame.channel_number != channel.channel_number:
-            # We have failed (say, at a return); or it comes from a channel
-            # given up after a nack, and its tag would name the wrong message.
-            return
+        if self._failure is not None:
+            return  # failed already, say at a return: the ack after it means "dropped"
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe. One confirm may cover many messages:
@@ -156,10 +159,12 @@ class Publisher(PublisherPlumbing):
             else:
                 self._publish()  # room in the window: send the next ones
         else:
-            # A nack: the broker did not take them. Publish every unconfirmed
-            # message again (any broker), on a new channel after a short pause
-            # (a workaround for RabbitMQ before 3.12.5, harmless after: plumbing).
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
+
+    def _on_nack(self, refused: int) -> None:
+        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error)."""
+        # Here we give up; publishing them again is for pc/publisher_plumbing.py.
+        self._fail(BrokerError(f"the broker refused {refused} message(s)"))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # The broker sends basic.return for a mandatory message no queue took,
@@ -167,8 +172,32 @@ class Publisher(PublisherPlumbing):
         # "queued". So fail here, at the return; _on_confirm ignores the ack after it.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        # The broker closed the channel on an error in a command: the same command would fail alike.
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._fail(BrokerError(f"the broker closed the channel: {reason}"))
+
+    def _fail(self, error: BrokerError) -> None:
+        """Stop: close the connection, and run() raises ``error``."""
+        self._failure = self._failure or error
+        assert self._connection is not None
+        if self._connection.is_open:
+            self._connection.close()  # then _on_connection_closed stops the loop
+
+    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
+        self._failure = self._failure or explain(self._url, error)
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
+        if not self._outbox.done and self._failure is None:
+            LOGGER.warning("connection closed: %s", reason)
+        connection.ioloop.stop()  # back to run()
+
 
 def main() -> int:
+    # The story above, plus what goes wrong: pc/publisher_plumbing.py (which imports this file).
+    from pc.publisher_plumbing import ReliablePublisher  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("words", nargs="*", default=["Hello", "World!"], help="the message text")
     parser.add_argument(
@@ -198,7 +227,7 @@ def main() -> int:
     bodies = [t.encode() for t in texts]
 
     url = resolve()
-    publisher = Publisher(url, bodies)
+    publisher = ReliablePublisher(url, bodies)
     started = time.perf_counter()
     try:
         publisher.run()

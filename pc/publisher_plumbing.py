@@ -1,16 +1,16 @@
-"""What goes wrong under pc/producer.py, and what it does then: the story is in producer.py, this is the rest.
+"""What goes wrong under pc/producer.py, and what it does then: the story is ``Publisher`` there.
 
-``Publisher`` (producer.py) subclasses ``PublisherPlumbing``. Each case below says
-whether it is RabbitMQ's contract, which any client must handle, or a
-workaround for what RabbitMQ 3.10 does:
+``ReliablePublisher`` extends the story's methods, each calling the story's own
+with super(). Each case says whether it is RabbitMQ's contract, which any client
+must handle, or a workaround for what RabbitMQ 3.10 does:
 
 - the connection drops (contract): reconnect with back-off, to each node in
-  turn, and publish every unconfirmed message again (``_after_loop``);
+  turn, and publish every unconfirmed message again (``run``, ``_after_loop``);
 - a channel error, say a declaration refused (contract): one line and exit 1
   (``_on_channel_closed``);
 - a nack (contract: publish again) on a new channel (a workaround for RabbitMQ
   before 3.12.5, harmless after): ``_on_nack``;
-- no confirm at all (RabbitMQ 3.10 workaround): ``_watch_confirms``, started by ``_watch_connection``;
+- no confirm at all (RabbitMQ 3.10 workaround): ``_watch_confirms``;
 - the broker blocks publishers, short of memory or disk (contract): ``_on_blocked``;
 - no node answers at all (contract): ``_on_open_error``.
 """
@@ -26,7 +26,8 @@ from pika.channel import Channel
 from pika.frame import Method
 
 from pc.broker import BrokerError, redact
-from pc.outbox import Nodes, Outbox, Patience
+from pc.outbox import Nodes, Patience
+from pc.producer import Publisher
 from pc.workqueue import QUEUE, inequivalent
 
 LOGGER = logging.getLogger("pc.producer")
@@ -43,33 +44,40 @@ RECONNECT_FOR = 30.0
 CONFIRMS_DUE = 10.0
 
 
-class PublisherPlumbing:
-    """The state of one publisher, and its failure paths; the story's methods are in ``Publisher``."""
+class ReliablePublisher(Publisher):
+    """``Publisher``, the story, plus what it does when something goes wrong; ``run()`` as the story's."""
 
-    def __init__(self, url: str, outbox: Outbox) -> None:
-        self._url = url
-        self._outbox = outbox  # to send, in flight, confirmed (pc/outbox.py)
-        self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None
-        self._failure: BrokerError | None = None  # set: stop, and run() raises it
-        self._nodes: Nodes  # the broker's addresses, tried in turn (run)
+    def __init__(self, url: str, bodies: list[bytes]) -> None:
+        super().__init__(url, bodies)
+        self._nodes: Nodes  # AMQP_URL's addresses (a cluster's nodes), in turn (run)
         self._outage = Patience(first=0.5, most=5.0, budget=RECONNECT_FOR)
         # After a nack, a new channel after 0.1 s, doubling to 2 s; 30 s of nacks with no ack: give up.
         self._nacks = Patience(first=0.1, most=2.0, budget=30.0)
         self._confirmed_at_nack = 0  # an ack since the last nack ends a run of nacks (_on_nack)
         self._blocked = False  # by a memory or disk alarm (_on_blocked)
 
-    def _on_channel_open(self, channel: Channel) -> None:
-        """The story's: confirms on, queues declared, publish (pc/producer.py)."""
-        raise NotImplementedError
+    def run(self) -> None:
+        """Connect and publish until every body is confirmed; on a lost connection, again."""
+        self._nodes = Nodes(self._url, BLOCKED_FOR)
+        while not self._outbox.done:
+            self._connect(self._nodes.next())
+            assert self._connection is not None
+            self._connection.ioloop.start()
+            self._after_loop()  # raise why it stopped, or wait before reconnecting
 
-    def _watch_connection(self) -> None:
-        """Register, on the new connection, the callbacks for what happens to it besides the story."""
+    def _connect(self, node: pika.URLParameters) -> None:
+        """The story's connection, watched also for alarms, and for confirms that never come."""
+        super()._connect(node)
         connection = self._connection
         assert connection is not None
         connection.add_on_open_callback(self._connected)
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_declared(self, frame: Method) -> None:
+        # pc declared once: from now on, on a new connection or channel, only check that it is there.
+        self.passive = True
+        super()._on_declared(frame)
 
     # The connection drops (RabbitMQ's contract) ----------------------------
 
@@ -110,9 +118,7 @@ class PublisherPlumbing:
             self._failure = BrokerError(
                 f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
             )
-        elif not self._outbox.done and self._failure is None:
-            LOGGER.warning("connection closed: %s", reason)
-        connection.ioloop.stop()  # back to run()
+        super()._on_connection_closed(connection, reason)  # a warning if not failed, and back to run()
 
     # A channel error (RabbitMQ's contract) ---------------------------------
 
@@ -126,20 +132,23 @@ class PublisherPlumbing:
                 self._fail(BrokerError(inequivalent(reason.reply_text)))
             elif reason.reply_code == 404:  # NOT_FOUND: the passive declare, the only command that can
                 self._fail(BrokerError(f"queue {QUEUE!r} was deleted while we published to it"))
-            else:
-                self._fail(BrokerError(f"the broker closed the channel: {reason}"))
+        super()._on_channel_closed(channel, reason)  # any other: the broker's reason (the first failure wins)
 
     def _fail(self, error: BrokerError) -> None:
-        """Stop: close the connection, and run() raises ``error``."""
-        self._failure = self._failure or error
+        """The story's, and stop the loop if the connection is closed already (it may be, between two)."""
+        super()._fail(error)
         assert self._connection is not None
-        if self._connection.is_open:
-            self._connection.close()
-        elif self._connection.is_closed:
+        if self._connection.is_closed:
             self._connection.ioloop.stop()
-        # else it is closing already: _on_connection_closed stops the loop.
+        # else it is closing: _on_connection_closed stops the loop.
 
     # A nack (RabbitMQ's contract), on a new channel (before 3.12.5) --------
+
+    def _on_confirm(self, frame: Method) -> None:
+        channel = self._channel  # None, or a new one, once a nack has given up the channel
+        if channel is None or frame.channel_number != channel.channel_number:
+            return  # from a channel given up after a nack: its tag would name the wrong message
+        super()._on_confirm(frame)
 
     def _on_nack(self, refused: int) -> None:
         """The broker refused ``refused`` messages: publish every unconfirmed one again on a new channel.
