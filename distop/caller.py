@@ -73,6 +73,9 @@ def main() -> int:
     except (DistOpError, TimeoutError) as exc:
         print(f"caller: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("caller: interrupted", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,9 @@ def main() -> int:
     except (BrokerError, pika.exceptions.AMQPError) as exc:
         print(f"send_one: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the confirm: the message may or may not be in the queue
+        print("send_one: interrupted", file=sys.stderr)
+        return 1
     print(f"sent {text!r} to {QUEUE!r} (confirmed)")
     return 0
 

@@ -39,6 +39,7 @@ from tests.conftest import (
     Proc,
     Spawn,
     make_vhost,
+    messages_ready,
     queue_depth,
     rabbitmqctl,
     run_to_end,
@@ -370,6 +371,16 @@ def test_caller_sample_collects_both_jobs(spawn: Spawn) -> None:
     assert caller.popen.returncode == 0, caller.output
     assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in caller.stdout_lines
     assert "cubes:   [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in caller.stdout_lines
+
+
+@pytest.mark.parametrize("script", ["distop/caller.py", "distop/client.py"])
+def test_ctrl_c_while_a_client_waits_is_one_line_and_exit_1(spawn: Spawn, amqp_url: str, script: str) -> None:
+    # No server: the client waits in get_result() until Ctrl-C, once its chunks are in the work queue.
+    client = spawn(script, "-q") if script.endswith("client.py") else spawn(script)
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE), 15, "the client's chunks in the work queue")
+    client.signal(signal.SIGINT)
+    assert client.wait() == 1, client.output
+    assert client.stderr_lines == [f"{Path(script).stem}: interrupted"], client.output
 
 
 def test_import_does_not_connect() -> None:
