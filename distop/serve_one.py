@@ -7,7 +7,7 @@ the broker gives the chunk to another server. It answers DistOp (distop/dist_op.
 A BlockingConnection: each chunk is a plain function call, top to bottom.
 Left out, and done by OpExecutor (distop/op_executor.py): ops run on a worker thread, so that pika keeps
 answering the broker's heartbeats (here an op longer than the heartbeat timeout, 60 s, loses the connection);
-reconnection; declaring the queue distop.dead, which keeps the chunks rejected here (else they are dropped).
+reconnection.
 """
 
 import argparse
@@ -22,7 +22,16 @@ from pika.spec import Basic, BasicProperties
 
 from distop import codec
 from distop.broker import BrokerError, connect, resolve
-from distop.protocol import JSON, WORK_QUEUE, WORK_QUEUE_ARGUMENTS, error_text, parse_request
+from distop.protocol import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    JSON,
+    WORK_QUEUE,
+    WORK_QUEUE_ARGUMENTS,
+    error_text,
+    parse_request,
+)
 
 OPS = {"plusone": lambda chunk: [x + 1 for x in chunk]}  # an op takes a chunk and returns its result
 
@@ -37,6 +46,11 @@ def serve() -> None:
         channel = connection.channel()
         # Declared exactly as the clients declare it (or the broker refuses): the first to come makes it.
         channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+        # Where the work queue sends a chunk it gives up on: a headers exchange, and a queue (names of
+        # exchanges and queues do not clash) bound to get every dead chunk, kept for a person to look at.
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
         # One unacked chunk at a time: a free server gets the next (fair dispatch), a crash strands one.
         channel.basic_qos(prefetch_count=1)
         # Every server consumes the same queue: the broker gives each chunk to one of them.
@@ -49,8 +63,9 @@ def serve() -> None:
 def on_chunk(channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
     try:
         request = parse_request(props, body)  # checks reply_to is a broker-named "amq.gen-..." queue
-    except (ValueError, RecursionError):
-        # Requeueing it would only bring it back: without requeue, the broker dead-letters it.
+    except (ValueError, RecursionError) as exc:
+        print(f"rejected a malformed message ({len(body)} bytes): {error_text(exc)[:200]}", file=sys.stderr)
+        # Requeueing it would only bring it back: without requeue, the broker dead-letters it (distop.dead).
         channel.basic_reject(method.delivery_tag, requeue=False)
         return
     print(f"chunk {props.correlation_id}: {request['op']} on {len(request['chunk'])} items")
@@ -73,9 +88,7 @@ def run_op(request: dict[str, Any]) -> bytes:
         return codec.dumps({"error": error})
 
 
-# --------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------
+# Command line ---------------------------------------------------------------
 
 
 def main() -> int:

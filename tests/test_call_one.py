@@ -14,7 +14,8 @@ import pika
 import pytest
 
 from distop.ops import WORK_QUEUE, WORK_QUEUE_ARGUMENTS, DistOp, RemoteError
-from tests.conftest import Proc, Spawn, messages_ready, rabbitmqctl, run_to_end
+from distop.protocol import DEAD_LETTER_QUEUE
+from tests.conftest import Proc, Spawn, messages_ready, rabbitmqctl, run_to_end, wait_until
 from tests.docs import doc_command
 from tests.test_distop_lesson import assert_shows
 
@@ -115,6 +116,9 @@ def test_serve_one_rejects_a_chunk_whose_reply_to_is_not_a_reply_queue(spawn: Sp
     assert call_one(spawn, "plusone", "1").stdout_lines == ["[2]"]
     assert messages_ready(amqp_url, WORK_QUEUE) == 0
     assert server.count("chunk ") == 1
+    # Not lost: logged in one line, and kept in distop.dead, which serve_one.py declares.
+    assert server.count(r"^rejected a malformed message \(\d+ bytes\): ") == 1, server.output
+    wait_until(lambda: messages_ready(amqp_url, DEAD_LETTER_QUEUE) == 1, 10, "the chunk in distop.dead")
     stop(server)
 
 
