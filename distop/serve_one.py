@@ -42,21 +42,22 @@ class UnknownOpError(Exception):
 
 def serve() -> None:
     """Serve chunks until Ctrl-C (KeyboardInterrupt); BrokerError if the broker cancels our consumer."""
-    with connect(resolve()) as connection:  # AMQP_URL, else localhost
-        channel = connection.channel()
-        # Declared exactly as the clients declare it (or the broker refuses): the first to come makes it.
-        channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-        # Where the work queue sends a chunk it gives up on: a headers exchange, and a queue (names of
-        # exchanges and queues do not clash) bound to get every dead chunk, kept for a person to look at.
-        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
-        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-        # One unacked chunk at a time: a free server gets the next (fair dispatch), a crash strands one.
-        channel.basic_qos(prefetch_count=1)
-        # Every server consumes the same queue: the broker gives each chunk to one of them.
-        channel.basic_consume(WORK_QUEUE, on_chunk)
-        print(f"serving {', '.join(OPS)} on {WORK_QUEUE!r}; Ctrl-C to stop")
-        channel.start_consuming()  # calls on_chunk for each chunk, until Ctrl-C
+    connection = connect(resolve())  # AMQP_URL, else localhost
+    channel = connection.channel()
+    # Declared exactly as the clients declare it (or the broker refuses): the first to come makes it.
+    channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+    # Where the work queue sends a chunk it gives up on: a headers exchange, and a queue (names of
+    # exchanges and queues do not clash) bound to get every dead chunk, kept for a person to look at.
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+    # One unacked chunk at a time: a free server gets the next (fair dispatch), a crash strands one.
+    channel.basic_qos(prefetch_count=1)
+    # Every server consumes the same queue: the broker gives each chunk to one of them.
+    channel.basic_consume(WORK_QUEUE, on_chunk)
+    print(f"serving {', '.join(OPS)} on {WORK_QUEUE!r}; Ctrl-C to stop")
+    channel.start_consuming()  # calls on_chunk for each chunk; returns if the broker cancels us
+    connection.close()
     raise BrokerError(f"the broker cancelled our consumer: was {WORK_QUEUE!r} deleted?")
 
 
@@ -97,7 +98,9 @@ def main() -> int:
     try:
         serve()
     except KeyboardInterrupt:
-        return 0  # closing the connection gives a chunk not yet acked back to the queue
+        # Ctrl-C can land in the middle of a pika call, so we exit without closing (a close could wait
+        # for an answer pika has lost). The broker sees the connection go and requeues an unacked chunk.
+        return 0
     except (BrokerError, pika.exceptions.AMQPError) as exc:
         print(f"serve_one: {exc}", file=sys.stderr)
         return 1

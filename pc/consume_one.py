@@ -15,23 +15,26 @@ from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, 
 
 def main() -> int:
     try:
-        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
-            channel = connection.channel()
-            # Where pc puts a message that has failed too often; declared first, so it is there.
-            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-            channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/send_one.py does
-            # Prefetch: at most 10 unacked messages pushed to us; the rest wait for any free consumer.
-            channel.basic_qos(prefetch_count=10)
-            channel.basic_consume(QUEUE, on_message)  # manual acks (auto_ack=False): see on_message
-            print(f"waiting for messages on {QUEUE!r}; Ctrl-C to stop")
-            channel.start_consuming()  # calls on_message for each; returns if the broker cancels us
-        print(f"consume_one: the broker cancelled the consumer (queue {QUEUE!r} deleted?)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: leaving the with block closes; unacked messages go back
+        connection = connect(resolve())  # BlockingConnection: each call waits for its answer
+        channel = connection.channel()
+        # Where pc puts a message that has failed too often; declared first, so it is there.
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+        channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/send_one.py does
+        # Prefetch: at most 10 unacked messages pushed to us; the rest wait for any free consumer.
+        channel.basic_qos(prefetch_count=10)
+        channel.basic_consume(QUEUE, on_message)  # manual acks (auto_ack=False): see on_message
+        print(f"waiting for messages on {QUEUE!r}; Ctrl-C to stop")
+        channel.start_consuming()  # calls on_message for each; returns if the broker cancels us
+    except KeyboardInterrupt:
+        # Ctrl-C can land in the middle of a pika call, so we exit without closing (a close could wait
+        # for an answer pika has lost). The broker sees the connection go and requeues every unacked message.
         return 0
     except (BrokerError, pika.exceptions.AMQPError) as exc:
         print(f"consume_one: {exc}", file=sys.stderr)
         return 1
+    connection.close()
+    print(f"consume_one: the broker cancelled the consumer (queue {QUEUE!r} deleted?)", file=sys.stderr)
+    return 1
 
 
 def on_message(channel: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
