@@ -2,7 +2,7 @@
 
 Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/serve_one.py
 first, the same server at its simplest, and distop/protocol.py, the queues and the messages. The story
-comes first in OpExecutor, in the order it happens; the class docstring maps it.
+comes first in OpExecutor, in serve_one.py's order; the class docstring maps it.
 
 Guarantee: a chunk is acked only after its reply is published, so a server that dies mid-chunk loses
 nothing: the broker gives the chunk to another server. Limits: the op may then run twice (at-least-once
@@ -10,10 +10,12 @@ delivery), and an op that outlasts the broker's consumer_timeout runs again.
 
 Why a BlockingConnection: one chunk at a time reads best as plain calls. pika answers the broker's
 heartbeats only while the connection's thread is inside pika, so the op runs on a worker thread while
-the connection's thread waits in start_consuming(): an op may run for minutes.
+the connection's thread waits in start_consuming(): an op may run for minutes. The story takes that as
+one step (_run_off_io_thread); how the worker thread does it comes after the story, under "Plumbing",
+with reconnection and signals.
 
-Reconnection, signals and the worker thread come after the story. distop/pipelined.py is an
-optimisation on top of this class, for very short ops; it is not needed to follow the lesson.
+distop/pipelined.py is an optimisation for very short ops, through the hooks at the end of OpExecutor
+(which do nothing here); it is not needed to follow the lesson.
 """
 
 from __future__ import annotations
@@ -65,18 +67,18 @@ class OpExecutor:
     ``run()`` serves chunks from the work queue until Ctrl-C or SIGTERM (or ``stop()`` from another
     thread). All servers on one queue must offer the same ops; give another set its own QUEUE, on both sides.
 
-    The story below, in the order it happens:
-      _declare     queue_declare(QUEUE)                 the work queue, shared by every server
-                   exchange_declare, queue_declare,     where the chunks it gives up on go: distop.dead
-                   queue_bind
-      _consume     basic_qos(prefetch_count=1)          one unacked chunk per server: fair dispatch
-                   basic_consume(QUEUE, _on_message)    each chunk goes to one server
-      _on_message  basic_reject(requeue=False)          a malformed chunk is dead-lettered
-      _start_op    (to the worker thread)               the op may run for minutes
-      _run         (the op, on the worker thread)       its result or its error, encoded
-      _hand_back   add_callback_threadsafe              back to the connection's thread
-      _finish      basic_publish("", reply_to)          the reply, quoting the chunk's correlation_id
-                   basic_ack                            only now: a server that dies leaves it to another
+    The story below, in the order it happens (as in distop/serve_one.py); run() (plumbing, after the story)
+    connects, and calls it on each new channel:
+      _declare         queue_declare(QUEUE)                 the work queue, shared by every server
+                       exchange_declare, queue_declare,     where the chunks it gives up on go: distop.dead
+                       queue_bind
+      _consume         basic_qos(prefetch_count=1)          one unacked chunk per server: fair dispatch
+                       basic_consume(QUEUE, _on_chunk)      each chunk goes to one server
+      _on_chunk        basic_reject(requeue=False)          a malformed chunk is dead-lettered
+                       _run_off_io_thread                   the op may run for minutes: heartbeats go on
+      _run_op          (on the worker thread)               the op's result, or the error it raised
+      _reply_and_ack   basic_publish("", reply_to)          the reply, quoting the chunk's correlation_id
+                       basic_ack                            only now: a server that dies leaves it to another
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
@@ -112,7 +114,7 @@ class OpExecutor:
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            # E.g. a queue of that name exists with other arguments: retrying won't help.
+            # Refused: a queue of that name exists with other arguments. Retrying won't help: exit 1.
             raise BrokerError(refused(exc)) from exc
 
     def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
@@ -121,10 +123,10 @@ class OpExecutor:
         # server (fair dispatch), and a server that crashes strands only one.
         channel.basic_qos(prefetch_count=1)
         # Every server consumes the same queue: the broker gives each chunk to one of them.
-        # Each arrives in _on_message, on this thread, while _serve() waits in start_consuming().
-        return channel.basic_consume(self.QUEUE, functools.partial(self._on_message, connection))
+        # Each arrives in _on_chunk, on this thread, while _serve() waits in start_consuming().
+        return channel.basic_consume(self.QUEUE, functools.partial(self._on_chunk, connection))
 
-    def _on_message(
+    def _on_chunk(
         self,
         connection: pika.BlockingConnection,
         channel: BlockingChannel,
@@ -132,9 +134,9 @@ class OpExecutor:
         props: BasicProperties,
         body: bytes,
     ) -> None:
-        """A chunk arrived: reject it if malformed, else start its op."""
+        """A chunk arrived, on the connection's thread: reject it if malformed, else start its op."""
         try:
-            request = parse_request(props, body)
+            request = parse_request(props, body)  # checks reply_to is a broker-named "amq.gen-..." queue
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
             # Not requeued: it would only come back. The work queue dead-letters it, to distop.dead.
@@ -143,50 +145,40 @@ class OpExecutor:
         chunk = Chunk(
             channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
         )
-        self._start_op(connection, chunk)
+        # Run the op off the I/O thread, so that pika keeps answering the broker's heartbeats however long
+        # it takes; the worker thread runs _run_op, then hands the reply back to this thread with
+        # add_callback_threadsafe, to _reply_and_ack (how: "Plumbing: the worker thread", below).
+        self._run_off_io_thread(connection, chunk)
 
-    def _start_op(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        """Hand the chunk to the worker thread (_work_forever, plumbing): it calls _run, then _hand_back."""
-        # pika answers the broker's heartbeats only while this thread is inside it: it goes back at once,
-        # however long the op takes. Stopping, or consuming on a new channel, waits for the chunk in hand.
-        self._in_hand = chunk.tag
-        self._worker_inbox.put((connection, chunk))
-
-    def _run(self, chunk: Chunk) -> bytes:
+    def _run_op(self, chunk: Chunk) -> bytes:
         """On the worker thread: run the op; return the encoded reply, its result or the error it raised."""
         request, chunk_id = chunk.request, chunk.props.correlation_id
         name = request["op"]
         if name not in self._ops:
+            # An op this server does not have: the reply says so, a RemoteError at the client.
             error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
             LOGGER.warning("chunk %s: %s", chunk_id, error)
-            return self._encode(self._error_reply(error))
+            return self._error_reply(error)
         started = time.perf_counter()
         try:
             result = getattr(self, name)(request["chunk"], **request["params"])
-        except BaseException as exc:  # even SystemExit becomes an error reply
+        except BaseException as exc:  # the op raised (even SystemExit): the error is the reply
             LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, error_text(exc))
-            return self._encode(self._error_reply(exc))
+            return self._error_reply(exc)
         elapsed = time.perf_counter() - started
         LOGGER.info("chunk %s: %s on %d items in %.3f s", chunk_id, name, len(request["chunk"]), elapsed)
         try:
             return codec.dumps({"result": result})
-        except (TypeError, ValueError, RecursionError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # a result JSON cannot hold: an error reply
             error = TypeError(f"the result is not JSON-serialisable: {error_text(exc)}")
             LOGGER.warning("chunk %s: %s", chunk_id, error)
-            return self._encode(self._error_reply(error))
+            return self._error_reply(error)
 
-    def _hand_back(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
-        """On the worker thread, the op done: have the connection's thread reply and ack, in _finish."""
-        # A BlockingConnection belongs to the thread that opened it: this is the one call another thread
-        # may make. _finish runs on the connection's thread, at its next turn in pika.
-        connection.add_callback_threadsafe(functools.partial(self._finish, connection, chunk, body))
-
-    def _finish(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
-        """Back on the connection's thread: publish the reply, then ack."""
-        self._in_hand = None
+    def _reply_and_ack(self, chunk: Chunk, body: bytes) -> None:
+        """Back on the connection's thread, the op done: publish the reply, then ack."""
         channel = self._channel
         if channel is None or not channel.is_open:
-            return  # the connection is gone, and the chunk is back in the queue
+            return  # the connection was lost during the op: the chunk is back in the queue, for any server
         props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
         # To the client's reply queue (reply_to), through the default exchange, quoting the chunk's
         # correlation_id. No confirm, no mandatory, not persistent: that queue is exclusive and transient.
@@ -199,7 +191,57 @@ class OpExecutor:
         if chunk.channel is channel:
             channel.basic_ack(chunk.tag)
 
-    # Plumbing: the worker thread, reconnection, channels the broker closes, signals ---
+    # Plumbing: the worker thread -----------------------------------------------
+
+    def _run_off_io_thread(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        """Hand the chunk to the worker thread (_work_forever), unless _chunk_may_start keeps it waiting."""
+        if not self._chunk_may_start(connection, chunk):
+            return
+        # This thread goes back into pika at once: stopping, or consuming on a new channel, waits for
+        # the chunk in hand (_wait_for_chunk_in_hand).
+        self._in_hand = chunk.tag
+        self._worker_inbox.put((connection, chunk))
+
+    def _work_forever(self) -> None:
+        """The worker thread: run each op handed over, whatever it raises; hand the reply back."""
+        while True:
+            connection, chunk = self._worker_inbox.get()
+            started = time.monotonic()
+            try:
+                body = self._run_op(chunk)
+            except BaseException as exc:  # SystemExit in an op must not end this thread
+                body = self._error_reply(exc)
+            chunk.op_seconds = time.monotonic() - started
+            try:
+                # A BlockingConnection belongs to the thread that opened it: this is the one call another
+                # thread may make. _op_done runs on the connection's thread, at its next turn in pika.
+                connection.add_callback_threadsafe(functools.partial(self._op_done, connection, chunk, body))
+            except pika.exceptions.AMQPError:
+                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
+                self._in_hand = None
+
+    def _op_done(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
+        """On the connection's thread: the op in hand is done; reply and ack (_reply_and_ack)."""
+        self._before_reply(connection, chunk)
+        self._in_hand = None
+        self._reply_and_ack(chunk, body)
+        self._after_reply(connection, chunk)
+
+    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
+        # Short waits, so that a second signal is noticed promptly.
+        while self._in_hand is not None and not self._aborting.is_set():
+            connection.process_data_events(time_limit=0.5)
+
+    def _error_reply(self, exc: BaseException) -> bytes:
+        """The encoded reply for an op that raised ``exc``; RemoteError at the client."""
+        error = {"type": type(exc).__name__, "message": error_text(exc), "host": self.host}
+        try:
+            return json.dumps({"error": error}).encode()
+        except Exception:  # say something rather than nothing
+            error = {"type": "Error", "message": "the error cannot be encoded", "host": self.host}
+            return json.dumps({"error": error}).encode()
+
+    # Plumbing: reconnection, channels the broker closes, signals ----------------
 
     def run(self) -> None:
         """Serve until stopped. Raises BrokerError if the broker cannot be reached
@@ -225,6 +267,7 @@ class OpExecutor:
             try:
                 self._serve(connection)
             except pika.exceptions.AMQPConnectionError as exc:
+                # The broker restarted, or the network failed: connect again, for up to RECONNECT_FOR.
                 LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
                 lost_since = time.monotonic()
             except pika.exceptions.AMQPChannelError as exc:
@@ -261,7 +304,7 @@ class OpExecutor:
                 # A chunk still running from a closed channel (or a cancelled consumer) finishes first:
                 # the next chunk must not wait unacked behind it.
                 self._wait_for_chunk_in_hand(connection)
-                self._consume(connection, channel)
+                self._on_consuming(channel, self._consume(connection, channel))
                 if not self._announced:
                     self._announced = True
                     ops, url = ", ".join(self._ops), redact(self._url)
@@ -270,32 +313,13 @@ class OpExecutor:
                 # ChannelClosedByBroker if the broker closes the channel.
                 channel.start_consuming()
             except pika.exceptions.ChannelClosedByBroker as exc:
-                # The connection is fine; only this channel is gone, and with
-                # it the chunk in hand went back to the queue.
+                # The broker closed our channel (an op past its consumer_timeout): the chunk in hand went
+                # back to the queue; say why in one line (_channel_closed_reason), serve on a new channel.
                 LOGGER.warning("%s; serving on a new channel", _channel_closed_reason(exc))
                 connection.process_data_events(time_limit=1.0)  # no busy loop if it happens again
         self._wait_for_chunk_in_hand(connection)
         connection.close()  # anything still unacked goes back to the queue
         LOGGER.info("stopped")
-
-    def _work_forever(self) -> None:
-        """The worker thread: run each op handed over, whatever it raises; pass the reply back."""
-        while True:
-            connection, chunk = self._worker_inbox.get()
-            try:
-                body = self._run(chunk)
-            except BaseException as exc:  # SystemExit in an op must not end this thread
-                body = self._encode(self._error_reply(exc))
-            try:
-                self._hand_back(connection, chunk, body)
-            except pika.exceptions.AMQPError:
-                LOGGER.warning("connection lost during the op; the broker will deliver the chunk again")
-                self._in_hand = None
-
-    def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
-        # Short waits, so that a second signal is noticed promptly.
-        while self._in_hand is not None and not self._aborting.is_set():
-            connection.process_data_events(time_limit=0.5)
 
     def _tick(self, connection: pika.BlockingConnection) -> None:
         """Every half second, on the connection's thread: stop consuming once asked to stop."""
@@ -306,6 +330,7 @@ class OpExecutor:
             connection.call_later(0.5, lambda: self._tick(connection))
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
+        """Ctrl-C or SIGTERM: take no more chunks, finish the one in hand; a second one: give it back now."""
         if self._stopping.is_set():
             self._aborting.set()  # a second Ctrl-C: give the chunk back now
         else:
@@ -313,17 +338,24 @@ class OpExecutor:
             self._stopping.set()
 
     def _on_cancelled(self, _frame: Method) -> None:
+        """The broker cancelled our consumer (its queue was deleted): _serve declares it again."""
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
 
-    def _error_reply(self, exc: BaseException) -> dict[str, Any]:
-        return {"error": {"type": type(exc).__name__, "message": error_text(exc), "host": self.host}}
+    # Hooks for PipelinedOpExecutor (distop/pipelined.py), which takes a chunk ahead while ops are
+    # short. The plumbing above calls them; here they do nothing. ----------------
 
-    def _encode(self, reply: dict[str, Any]) -> bytes:
-        try:
-            return json.dumps(reply).encode()
-        except Exception:  # say something rather than nothing
-            error = {"type": "Error", "message": "the error cannot be encoded", "host": self.host}
-            return json.dumps({"error": error}).encode()
+    def _on_consuming(self, channel: BlockingChannel, consumer: str) -> None:
+        """``consumer`` (a consumer tag) now takes chunks on ``channel``."""
+
+    def _chunk_may_start(self, connection: pika.BlockingConnection, chunk: Chunk) -> bool:
+        """Whether the chunk's op starts now; if not, the hooks start it later. Here, always."""
+        return True
+
+    def _before_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        """The chunk's op is done; its reply and ack come next."""
+
+    def _after_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        """The chunk is answered and acked (or back in the queue, if its channel was closed)."""
 
 
 @dataclass
@@ -336,7 +368,7 @@ class Chunk:
     redelivered: bool
     props: BasicProperties  # reply_to and correlation_id: where the reply goes, and under which id
     request: dict[str, Any]
-    op_seconds: float = 0.0  # how long its op ran, once it has (PipelinedOpExecutor sets it)
+    op_seconds: float = 0.0  # how long its op ran, once it has (PipelinedOpExecutor reads it)
 
 
 def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:

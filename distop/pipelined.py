@@ -60,37 +60,28 @@ class PipelinedOpExecutor(OpExecutor):
         self._consumers: list[str] = []  # ours on self._channel: 2 while taking a chunk ahead
         self._ahead: str | None = None  # the one of them that takes a chunk ahead
         self._short_ops = 0  # ops in a row shorter than SHORT_OP
+        self._swapping = False  # a lone consumer taking chunks ahead is being swapped for a first one
 
-    # Where it changes OpExecutor's story -------------------------------------
+    # OpExecutor's hooks: where it takes chunks ahead; OpExecutor's story runs unchanged ------
 
-    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
-        consumer = super()._consume(connection, channel)  # prefetch 1, and the first consumer
-        self._consumers, self._ahead = [consumer], None
-        return consumer
+    def _on_consuming(self, channel: BlockingChannel, consumer: str) -> None:
+        self._consumers, self._ahead = [consumer], None  # OpExecutor's first consumer, prefetch 1
 
-    def _start_op(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+    def _chunk_may_start(self, connection: pika.BlockingConnection, chunk: Chunk) -> bool:
         """Start the chunk's op, or, if one is running, keep the chunk waiting behind it while it is short."""
         if self._in_hand is not None:
             self._waiting.append(chunk)
             if time.monotonic() - self._started > SHORT_OP:
                 self._on_long_op(chunk.channel, self._in_hand)
-            return
+            return False
         self._in_hand_from, self._started = chunk.consumer, time.monotonic()
         if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
             check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
             self._long_op_check = connection.call_later(SHORT_OP, check)
-        super()._start_op(connection, chunk)
+        return True
 
-    def _run(self, chunk: Chunk) -> bytes:
-        """On the worker thread: run the op, timing it."""
-        started = time.monotonic()
-        try:
-            return super()._run(chunk)
-        finally:
-            chunk.op_seconds = time.monotonic() - started
-
-    def _finish(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
-        """Reply and ack as OpExecutor does; then start the chunk waiting, or take one ahead."""
+    def _before_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        """Before OpExecutor replies and acks: count short ops; cancel a lone consumer taking chunks ahead."""
         if self._long_op_check is not None:
             connection.remove_timeout(self._long_op_check)
             self._long_op_check = None
@@ -98,24 +89,27 @@ class PipelinedOpExecutor(OpExecutor):
         current = self._channel
         # Left with only the consumer that takes chunks ahead (a long op made us cancel the
         # other): swap it for a first consumer, cancelling it while it still holds this chunk.
-        swap = (
+        self._swapping = (
             current is not None
             and current.is_open
             and chunk.channel is current
             and self._consumers == [chunk.consumer] == [self._ahead]
             and not self._stopping.is_set()
         )
-        if swap:
+        if self._swapping:
             self._cancel_consumer(chunk.channel, chunk.consumer)
-        super()._finish(connection, chunk, body)  # reply, then ack
+
+    def _after_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
+        """After OpExecutor replied and acked: start the chunk waiting, or take one ahead."""
+        current = self._channel
         if current is None or not current.is_open:
             return
-        if swap:
+        if self._swapping:
             self._add_consumer(connection, current)
         while self._waiting and self._waiting[0].channel is not current:
             self._waiting.popleft()  # back in the queue with its channel
         if self._waiting:
-            self._start_op(connection, self._waiting.popleft())
+            self._run_off_io_thread(connection, self._waiting.popleft())
         else:
             self._pipeline_if_short(connection, current)
 
@@ -124,11 +118,11 @@ class PipelinedOpExecutor(OpExecutor):
     def _add_consumer(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, *, ahead: bool = False
     ) -> None:
-        on_message = functools.partial(self._on_message, connection)
+        on_chunk = functools.partial(self._on_chunk, connection)
         # A lower priority: the broker gives it a chunk only while every
         # server's first consumer has one.
         arguments = {"x-priority": -1} if ahead else None
-        consumer = channel.basic_consume(self.QUEUE, on_message, arguments=arguments)
+        consumer = channel.basic_consume(self.QUEUE, on_chunk, arguments=arguments)
         self._consumers.append(consumer)
         if ahead:
             self._ahead = consumer
@@ -180,7 +174,7 @@ class PipelinedOpExecutor(OpExecutor):
     def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
         # OpExecutor waits here before consuming again: none of our consumers is left, and chunks
         # waiting from a closed channel are back in the queue. Forget them before the op in hand
-        # finishes, or _finish would take a chunk ahead on a channel that has no first consumer yet.
+        # finishes, or _after_reply would take a chunk ahead on a channel that has no first consumer yet.
         self._waiting = collections.deque(chunk for chunk in self._waiting if chunk.channel is self._channel)
         self._consumers, self._ahead = [], None
         super()._wait_for_chunk_in_hand(connection)
