@@ -4,23 +4,8 @@
     python distop/callee.py rabbit.example   # or a host name / amqp(s):// URL
 
 Start one or more, before or after the clients (distop/client.py, distop/caller.py): chunks wait in
-the queue. What each server does, and the pika call behind each step (OpExecutor's methods):
-
-    at start    queue_declare("distop.chunks", durable)  the work queue all servers share (_declare): a
-                                                         quorum queue with a delivery limit, whose dead
-                                                         chunks go to the exchange and queue distop.dead
-                basic_qos(prefetch_count=1)              one chunk at a time: a free server gets the next
-                basic_consume("distop.chunks")           the broker pushes chunks to us (_consume)
-    a chunk     {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}}, with reply_to and correlation_id
-                -> SampleExecutor.pow([4, 5, 6], esp=2)  the method named by "op" (_run)
-                basic_publish(reply_to, correlation_id)  {"result": [16, 25, 36]} to the client (_finish)
-                basic_ack(delivery_tag)                  only now may the broker forget the chunk
-    op raised   {"error": {"type": "ValueError", ...}} is the reply, then the ack: RemoteError there
-    garbage     basic_reject(requeue=False)              the broker dead-letters it to distop.dead
-
-Guarantee: a chunk is acked only after its reply is published, so a chunk whose server dies runs on
-another (it may run twice). Ctrl-C or SIGTERM stops a server after the chunk in hand; a second one at
-once, and that chunk goes back to the queue.
+the queue. Ctrl-C or SIGTERM stops a server after the chunk in hand; a second one at once, and that
+chunk goes back to the queue.
 """
 
 from __future__ import annotations
@@ -34,26 +19,36 @@ from distop.errors import BrokerError
 from distop.ops import WORK_QUEUE, OpExecutor
 
 
-# The plain OpExecutor, as in the lesson. For ops of a millisecond or less, subclass
-# PipelinedOpExecutor (distop/pipelined.py) instead: it takes the next chunk ahead.
+# A server, in RabbitMQ terms, is one more consumer of the work queue: an OpExecutor subclass with one
+# method per op. For ops of a millisecond or less, subclass PipelinedOpExecutor (distop/pipelined.py)
+# instead: it takes the next chunk ahead.
 class SampleExecutor(OpExecutor):
     """Three ops. A method's name is the op's name: the client's OP_NAME picks it."""
 
-    # The work queue these servers consume, shown here though it is the default. The broker gives each
-    # chunk to one server, so all servers on one queue must offer the same ops; clients publish to it too.
+    # The work queue, "distop.chunks" (the default, shown here). Every server declares it as the clients
+    # do (queue_declare: durable, quorum, dead chunks to distop.dead) and consumes it one chunk at a time
+    # (basic_qos(prefetch_count=1), basic_consume): the broker gives each chunk to one of the servers, so
+    # all servers on one queue must offer the same ops.
     QUEUE = WORK_QUEUE
 
-    # Each op gets the chunk's items, a list, and returns the partial result: JSON, sent to reply_to.
-    def nop(self, chunk: list[Any]) -> list[Any]:
-        return chunk
-
-    # esp is the exponent. Keyword arguments of the client's call() arrive as keyword arguments:
-    # call(esp=2) sends chunks such as {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}}.
+    # A chunk is a message on QUEUE, {"op": "pow", "chunk": [4, 5, 6], "params": {"esp": 2}} for a client's
+    # call(esp=2), with properties reply_to and correlation_id. OpExecutor calls self.pow([4, 5, 6], esp=2)
+    # and publishes {"result": [16, 25, 36]} to reply_to (basic_publish, quoting the correlation_id), then
+    # acks the chunk (basic_ack). An op that raises: {"error": {...}} is the reply, RemoteError at the client.
+    # A malformed chunk never gets here: it is rejected without requeue (basic_reject), into distop.dead.
     def pow(self, chunk: list[float], esp: float = 1) -> list[float]:
         return [x**esp for x in chunk]
 
+    # Each op gets the chunk's items, a list, and returns the partial result: anything JSON can hold.
     def plusone(self, chunk: list[float]) -> list[float]:
         return [x + 1 for x in chunk]
+
+    def nop(self, chunk: list[Any]) -> list[Any]:
+        return chunk
+
+
+def main() -> int:
+    return serve(SampleExecutor, __doc__.split("\n\n")[0])
 
 
 # --------------------------------------------------------------------------
@@ -76,15 +71,12 @@ def serve(executor_class: type[OpExecutor], description: str) -> int:
         # pika logs expected disconnections as errors, with tracebacks.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
-        executor_class(args.rabbit_host).run()  # serves until Ctrl-C or SIGTERM
-    except BrokerError as exc:
+        # Connects, declares, consumes until Ctrl-C or SIGTERM; reconnects if the broker restarts.
+        executor_class(args.rabbit_host).run()
+    except BrokerError as exc:  # no broker for 60 s, refused credentials, our queue declared otherwise
         print(f"callee: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def main() -> int:
-    return serve(SampleExecutor, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
