@@ -13,11 +13,11 @@ one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
 
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
-round trip per message as pc/send_one.py does. ``Publisher`` is the story, all
-of it plain pika; its docstring maps the steps in the order they happen. What
-goes wrong (lost connections, nacks, alarms), and what the producer does then,
-is ``ReliablePublisher`` in pc/publisher_plumbing.py, which main() runs. Tested
-against RabbitMQ 3.10.
+round trip per message as pc/send_one.py does. ``Publisher`` is the story, and
+the code that runs: its docstring maps the steps in the order they happen.
+Where the story meets a failure, it says so in one line and calls a hook of
+pc/publisher_plumbing.py for the detail (back-off, the confirm watchdog).
+Tested against RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
 
-from pc.broker import BrokerError, explain, parameters, redact, resolve
-from pc.outbox import Outbox
+from pc.broker import BrokerError, redact, resolve
+from pc.outbox import Nodes, Outbox
+from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -46,6 +47,10 @@ PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 # messages once they are on disk, in batches: a window of a few thousand keeps
 # us publishing while it writes.
 WINDOW = 5000
+# A broker short of memory or disk stops reading from publishers until it
+# recovers; give up after this long, rather than wait silently for ever
+# (``?blocked_connection_timeout=SECONDS`` in AMQP_URL overrides it).
+BLOCKED_FOR = 60.0
 
 
 class Publisher:
@@ -57,20 +62,26 @@ class Publisher:
         _on_connection_open     connection.channel(...)           open a channel
         _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
                                 channel.queue_declare("pc.dead")  the dead-letter queue
-                                channel.queue_declare("pc")       durable (or passive: only check it)
+                                channel.queue_declare("pc")       durable (passive after the first time)
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
         _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: _on_nack
+        _on_nack                channel.close(), then a new one   publish the unconfirmed again
         _on_returned            (basic.return)                    no queue took it: fail
-        _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() returns
-        _on_connection_closed
+        _on_blocked             (connection.blocked)              a memory or disk alarm: wait
+        _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() reconnects,
+        _on_connection_closed                                     or raises why it stopped
+
+    What goes wrong is named where it happens; ``self._recovery`` (pc/publisher_plumbing.py)
+    holds the detail: how long to wait before reconnecting, after a nack, and the confirm watchdog.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        self._url = url
         # Each message to send, in flight (by delivery tag) or confirmed: pc/outbox.py.
         self._outbox = Outbox(bodies, WINDOW)
+        self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
+        self._recovery = Recovery(url, self._outbox, self._nodes)
         self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None
+        self._channel: Channel | None = None  # None while a new one opens after a nack
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
         # True: declare pc passively, only checking that it is there. A publisher that
         # comes back after pc was deleted must not create it again (see _on_channel_open).
@@ -82,16 +93,19 @@ class Publisher:
         return self._outbox.confirmed
 
     def run(self) -> None:
-        """Connect and publish until every body is confirmed."""
-        self._connect(parameters(self._url)[0])
-        assert self._connection is not None
-        # A SelectConnection does nothing until its ioloop runs: the loop reads what
-        # the broker sends and calls our methods below, until one of them stops it.
-        self._connection.ioloop.start()
-        if self._failure is not None:
-            raise self._failure
-        if not self._outbox.done:
-            raise BrokerError(f"lost the connection with {self._outbox.in_flight} messages unconfirmed")
+        """Connect and publish until every body is confirmed; after a lost connection, again."""
+        while not self._outbox.done:
+            self._connect(self._nodes.next())
+            assert self._connection is not None
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what
+            # the broker sends and calls our methods below, until one of them stops it.
+            self._connection.ioloop.start()
+            if self._failure is not None:
+                raise self._failure
+            if not self._outbox.done:
+                # The connection dropped: what was in flight gets no confirm now, so wait
+                # and publish it again; BrokerError once the broker stays away too long.
+                self._recovery.wait_to_reconnect()
 
     def _connect(self, node: pika.URLParameters) -> None:
         self._connection = pika.SelectConnection(
@@ -100,10 +114,19 @@ class Publisher:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
         )
+        # A broker short of memory or disk blocks publishers until it recovers (_on_blocked).
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        # Connected: a later loss is a new outage. Confirms that never come: the watchdog reconnects.
+        self._recovery.connected(connection, lambda: self._channel)
+        self._open_channel(connection)
+
+    def _open_channel(self, connection: pika.SelectConnection) -> None:
         # A channel: the session we declare, publish and receive confirms on.
-        connection.channel(on_open_callback=self._on_channel_open)
+        if connection is self._connection and connection.is_open and self._failure is None:
+            connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
@@ -134,6 +157,7 @@ class Publisher:
         )
 
     def _on_declared(self, _frame: Method) -> None:
+        self.passive = True  # pc declared: a new connection or channel only checks that it is there
         self._publish()
 
     def _publish(self) -> None:
@@ -146,6 +170,8 @@ class Publisher:
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
+        if self._channel is None or frame.channel_number != self._channel.channel_number:
+            return  # from a channel given up after a nack: its tag would name the wrong message
         if self._failure is not None:
             return  # failed already, say at a return: the ack after it means "dropped"
         method = frame.method
@@ -162,9 +188,20 @@ class Publisher:
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
 
     def _on_nack(self, refused: int) -> None:
-        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error)."""
-        # Here we give up; publishing them again is for pc/publisher_plumbing.py.
-        self._fail(BrokerError(f"the broker refused {refused} message(s)"))
+        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error).
+
+        The contract: publish them again. Here every unconfirmed message goes
+        again on a new channel, after a pause (why a new one: Recovery.on_nack).
+        """
+        pause = self._recovery.on_nack(refused)  # logs; the unconfirmed are to send again
+        if pause is None:  # nacks and nothing else for NACKS_FOR seconds: give up
+            self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
+            return
+        channel, self._channel = self._channel, None  # its confirms and close are ignored from now on
+        assert channel is not None and self._connection is not None
+        channel.close()
+        connection = self._connection
+        connection.ioloop.call_later(pause, lambda: self._open_channel(connection))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # The broker sends basic.return for a mandatory message no queue took,
@@ -172,32 +209,54 @@ class Publisher:
         # "queued". So fail here, at the return; _on_confirm ignores the ack after it.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        # The broker closed the channel on an error in a command: the same command would fail alike.
+    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
+        # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
+        # closes the connection after blocked_connection_timeout (_on_connection_closed).
+        self._recovery.blocked = True  # the confirm watchdog leaves a blocked connection alone
+        LOGGER.warning(
+            "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
+            frame.method.reason,
+            connection.params.blocked_connection_timeout,
+        )
+
+    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self._recovery.blocked = False
+        LOGGER.info("the broker has unblocked this connection")
+
+    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._channel:
+            return  # one given up after a nack
+        # The broker closed the channel on an error in a command: the same command would fail
+        # alike. One line, exit 1; channel_error says which (a queue declared otherwise, pc deleted).
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._fail(BrokerError(f"the broker closed the channel: {reason}"))
+            self._fail(channel_error(reason))
 
     def _fail(self, error: BrokerError) -> None:
-        """Stop: close the connection, and run() raises ``error``."""
+        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
         self._failure = self._failure or error
         assert self._connection is not None
         if self._connection.is_open:
             self._connection.close()  # then _on_connection_closed stops the loop
+        elif self._connection.is_closed:
+            self._connection.ioloop.stop()  # closed already, between two connections: back to run()
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        self._failure = self._failure or explain(self._url, error)
+        # This node did not answer: run() tries the next. None ever did: one line saying why.
+        self._failure = self._failure or self._nodes.failed(error)
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if not self._outbox.done and self._failure is None:
-            LOGGER.warning("connection closed: %s", reason)
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked too long: give up
+            timeout = connection.params.blocked_connection_timeout
+            self._failure = self._failure or BrokerError(
+                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
+            )
+        elif not self._outbox.done and self._failure is None:
+            LOGGER.warning("connection closed: %s", reason)  # run() reconnects
         connection.ioloop.stop()  # back to run()
 
 
 def main() -> int:
-    # The story above, plus what goes wrong: pc/publisher_plumbing.py (which imports this file).
-    from pc.publisher_plumbing import ReliablePublisher  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("words", nargs="*", default=["Hello", "World!"], help="the message text")
     parser.add_argument(
@@ -227,7 +286,7 @@ def main() -> int:
     bodies = [t.encode() for t in texts]
 
     url = resolve()
-    publisher = ReliablePublisher(url, bodies)
+    publisher = Publisher(url, bodies)
     started = time.perf_counter()
     try:
         publisher.run()
