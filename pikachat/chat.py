@@ -139,7 +139,7 @@ def main() -> int:
     lines = Lines(terminal.lines if terminal else None)
     try:
         sender = Sender(resolve(args.rabbit_host), args.name)
-        plumbing.stop_on_signals(lines, sender)
+        plumbing.stop_on_signals(lines, sender.plumbing)
         failed = chat(sender, lines, terminal.print_above if terminal else print_now)
     except BrokerError as exc:
         print(f"chat: {exc}", file=sys.stderr)

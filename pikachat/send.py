@@ -37,14 +37,8 @@ from pikachat.message import EXCHANGE, Message, encode
 
 LOGGER = logging.getLogger("pikachat.send")
 
-# The story, in the order it happens (main, at the end, starts it with sender.open()):
-#   open_channel   connection.channel()                       a channel on a connection of our own
-#   open_channel   channel.confirm_delivery()                 publisher confirms on
-#   open_channel   channel.exchange_declare(type "fanout")    the exchange that receivers bind to
-#   send_lines     Sender.send for each line you type         and while idle, keep_alive (plumbing)
-#   Sender.send    reconnect_if_lost (plumbing)               after a lost broker: open_channel again
-#   Sender.send    channel.basic_publish(mandatory=True)      waits for the broker's confirm
-#   Sender.send    except UnroutableError, NackError, ...     what became of the line
+# The story, in the order it happens: main, at the end, calls Sender.open, which runs open_channel;
+# then send_lines calls Sender.send for each line typed.
 
 # Not persistent (Transient): every queue bound to the exchange is a receiver's temporary
 # queue, gone after a broker restart anyway; writing the line to disk would keep nothing.
@@ -61,7 +55,7 @@ def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
         # fanout: copy each message into every queue bound to the exchange (no routing key needed).
         # Both sides declare it, so whoever starts first creates it; durable: it outlives a restart.
         channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
-    except pika.exceptions.AMQPChannelError as exc:
+    except pika.exceptions.AMQPChannelError as exc:  # e.g. an exchange "pikachat" of another type
         close_quietly(connection)
         raise BrokerError(f"the broker at {redact(url)} refused: {exc}") from exc
     except pika.exceptions.AMQPConnectionError as exc:
@@ -70,54 +64,58 @@ def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
     return connection, channel
 
 
-def send_lines(sender: Sender, lines: Lines) -> int:
-    """Send each line you type until the input ends; return how many could not be sent."""
-    failed = 0
-    for line in lines:  # each non-blank line typed, or None after a moment without one
-        if line is None:
-            sender.keep_alive()  # idle: answer heartbeats, notice a lost broker and reconnect (plumbing)
-        elif not sender.send(line):
-            failed += 1
-    return failed
-
-
-class Sender(plumbing.SenderPlumbing):
-    """Publishes chat messages as ``name``, each confirmed by the broker; use it from one thread.
-
-    From SenderPlumbing (sender_plumbing.py): ``open()``, which calls
-    open_channel; ``keep_alive()``; ``close()``; ``reconnect_if_lost()``.
-    """
+class Sender:
+    """Publishes chat messages as ``name``, each confirmed by the broker; use it from one thread."""
 
     def __init__(self, url: str, name: str) -> None:
-        super().__init__(url, open_channel)
         self.name = name
         self.id = uuid.uuid4().hex  # in every message: lets chat.py skip its own lines
+        # The connection and channel that open_channel gives, opened again when lost (sender_plumbing.py).
+        self.plumbing = plumbing.SenderPlumbing(url, open_channel)
+        self.url = self.plumbing.url  # with blocked_connection_timeout set: see Sender.send
+
+    def open(self) -> None:
+        """open_channel, above; raise BrokerError if the broker cannot be reached or refuses."""
+        self.plumbing.open()
 
     def send(self, text: str, kind: str = "say") -> bool:
         """Publish one message and wait for its confirm; return False (logged) if it was not sent.
 
-        Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout
-        (a broker short of memory or disk blocks publishers; the plumbing says so at once).
+        Raises BlockedTooLongError if the broker blocked it past the blocked-connection timeout.
         """
         what = plumbing.preview(text) if kind == "say" else f"the {kind} notice"
         body = encode(Message(kind, self.name, self.id, text, time.time()))
         try:
-            # The broker lost since the last line? Connect and open_channel() again first (plumbing).
-            with self.reconnect_if_lost(what) as channel:
+            # While pika waits for the broker: a second Ctrl-C may cut the wait, and a broker that
+            # blocks publishers is reported at once, naming this line (sender_plumbing.py).
+            with self.plumbing.waiting_for_broker(what):
+                # The broker or the channel lost since the last line? open_channel again (plumbing).
+                channel = self.plumbing.reopen_if_lost()
                 # mandatory: with no queue bound, the broker returns the message (basic.return) before
                 # it confirms, and pika raises UnroutableError; without it, the line would vanish silently.
                 channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
         except pika.exceptions.UnroutableError:  # returned: no queue was bound, nobody listens
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
-        except pika.exceptions.NackError:  # the confirm was a nack
+        except pika.exceptions.NackError:  # the confirm was a nack; the channel is fine
             why = "the broker refused it"
+        # Blocked past blocked_connection_timeout (60 s); caught before its base class, AMQPConnectionError.
+        except pika.exceptions.ConnectionBlockedTimeout:
+            self.plumbing.drop()  # sending more would only block again: give up on the rest
+            raise plumbing.BlockedTooLongError(
+                f"gave up on {what}: the broker blocked it for {self.plumbing.blocked_for:g} s"
+            ) from None
         # pika's two kinds of failure: a channel error closes the channel, a connection error everything.
         except pika.exceptions.AMQPChannelError as exc:  # e.g. the exchange was deleted
+            self.plumbing.drop()  # the next line opens a channel and declares the exchange again
             why = f"the broker closed the channel: {exc}"
         except pika.exceptions.AMQPConnectionError as exc:  # before or after the broker took the line
+            self.plumbing.drop()  # the next line reconnects
             why = f"lost the broker ({type(exc).__name__})"
-        except (BrokerError, plumbing.SecondSignalError) as exc:  # no broker to reconnect to; a second Ctrl-C
+        except BrokerError as exc:  # reconnecting found no broker
+            why = str(exc)
+        except plumbing.SecondSignalError as exc:  # a second Ctrl-C cut pika's wait
+            self.plumbing.abandon()  # no close handshake: a broker that blocks us would never answer it
             why = str(exc)
         else:
             return True
@@ -125,6 +123,24 @@ class Sender(plumbing.SenderPlumbing):
         # twice if the first copy went out. Reported instead.
         LOGGER.error("could not send %s: %s", what, why)
         return False
+
+    def keep_alive(self) -> None:
+        """Idle: answer heartbeats, notice a lost broker and reconnect (sender_plumbing.py)."""
+        self.plumbing.keep_alive()
+
+    def close(self) -> None:
+        self.plumbing.close()
+
+
+def send_lines(sender: Sender, lines: Lines) -> int:
+    """Send each line you type until the input ends; return how many could not be sent."""
+    failed = 0
+    for line in lines:  # each non-blank line typed (cli.py reads and decodes stdin), or None when idle
+        if line is None:
+            sender.keep_alive()
+        elif not sender.send(line):
+            failed += 1
+    return failed
 
 
 # The plumbing: arguments, signals, exit status.
@@ -136,7 +152,8 @@ def main() -> int:
     lines = Lines()
     try:
         sender = Sender(resolve(args.rabbit_host), args.name)
-        plumbing.stop_on_signals(lines, sender)
+        # Ctrl-C: the first finishes the line in hand, a second stops at once (sender_plumbing.py).
+        plumbing.stop_on_signals(lines, sender.plumbing)
         sender.open()
     except BrokerError as exc:
         print(f"send: {exc}", file=sys.stderr)

@@ -4,14 +4,15 @@ send.py tells the story: open_channel, the loop over the lines typed, the
 publish, and what each answer from the broker means for the line. This is the
 rest, which a learner may skip:
 
-- reconnecting after a lost broker: before the next line (``reconnect_if_lost``),
+- reconnecting after a lost broker: before the next line (``reopen_if_lost``),
   or while idle, with capped back-off and jitter (``keep_alive``);
 - serving the connection while idle, so that heartbeats are answered and a
   lost broker is noticed before a line is lost with it;
-- a broker that blocks publishers (memory or disk alarm): saying so at once,
-  and giving up after ``blocked_connection_timeout`` (``watch_blocked``);
+- a broker that blocks publishers (memory or disk alarm): saying so at once
+  (``watch_blocked``), and a timeout after which Sender.send gives up
+  (``with_blocked_timeout``);
 - Ctrl-C: the first finishes the line in hand, the second stops at once
-  (``stop_on_signals``, the ``busy`` flag, and ``_abandon``).
+  (``stop_on_signals``, the ``busy`` flag, and ``abandon``).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ class SecondSignalError(Exception):
 
 
 class SenderPlumbing:
-    """A channel from ``open_channel(url)``, opened again whenever it is lost.
+    """A channel from ``open_channel(url)`` (send.py), opened again whenever it is lost.
 
-    ``open()`` connects and raises BrokerError if it cannot.
-    ``reconnect_if_lost()`` gives an open channel, reconnecting if need be,
-    and drops the connection if it fails under the caller. It owns a BlockingConnection, so use it from
-    one thread, and call ``keep_alive()`` every second or so while there is
-    nothing to send.
+    Sender (send.py) calls it: ``open()`` connects and raises BrokerError if
+    it cannot; ``reopen_if_lost()``, inside ``waiting_for_broker()``, gives an
+    open channel; ``drop()`` and ``abandon()`` let go of a failed connection;
+    ``keep_alive()`` serves it while there is nothing to send. It owns a
+    BlockingConnection, so use it from one thread.
     """
 
     def __init__(self, url: str, open_channel: OpenChannel) -> None:
@@ -88,36 +89,37 @@ class SenderPlumbing:
         self._lost, self._backoff = False, FIRST_BACKOFF
 
     @contextlib.contextmanager
-    def reconnect_if_lost(self, in_hand: str) -> Iterator[BlockingChannel]:
-        """An open channel for ``in_hand`` (a line, as the log names it), reconnecting if need be;
-        drop the connection if it fails under us.
+    def waiting_for_broker(self, in_hand: str) -> Iterator[None]:
+        """Mark a wait for the broker about ``in_hand`` (a line, as the log names it).
 
-        Raises BlockedTooLongError if the broker blocked the caller past the
-        blocked-connection timeout. A second Ctrl-C in there (SecondSignalError)
-        leaves the connection without a close handshake, which a broker that
-        blocks us would never answer.
+        A broker that blocks publishers meanwhile is reported naming that line; a
+        second Ctrl-C meanwhile raises SecondSignalError inside pika (stop_on_signals).
         """
         self.in_hand = in_hand
+        with self._inside_pika():
+            yield
+
+    def reopen_if_lost(self) -> BlockingChannel:
+        """The open channel; after a lost broker or channel, open_channel again (BrokerError if it cannot)."""
+        self._check()  # a connection that died while we were idle
+        if self._channel is None:
+            self.open()
+        assert self._channel is not None
+        return self._channel
+
+    def drop(self) -> None:
+        """Close a connection that failed under us; the next line opens a new one."""
         try:
             with self._inside_pika():
-                self._check()  # a connection that died while we were idle
-                if self._channel is None:
-                    self.open()
-                assert self._channel is not None
-                yield self._channel
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-            raise  # the broker's answer about one message: the channel is fine
-        except pika.exceptions.ConnectionBlockedTimeout:  # before its base class, AMQPConnectionError
-            self._drop()
-            raise BlockedTooLongError(
-                f"gave up on {self.in_hand}: the broker blocked it for {self.blocked_for:g} s"
-            ) from None
+                close_quietly(self._connection)
         except SecondSignalError:
-            self._abandon()
-            raise
-        except (pika.exceptions.AMQPChannelError, pika.exceptions.AMQPConnectionError):
-            self._drop()  # the next line opens a new channel, and declares the exchange again
-            raise
+            pass  # a second Ctrl-C: leave it unclosed
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Forget the connection without a close handshake (a broker that blocks us would not answer it)."""
+        self._connection = self._channel = None
+        self._lost, self._retry_at = True, 0.0
 
     def keep_alive(self) -> None:
         """Serve the connection while idle; after losing it, try to reconnect with capped back-off."""
@@ -129,7 +131,7 @@ class SenderPlumbing:
         try:
             self.open()
         except SecondSignalError:
-            self._abandon()
+            self.abandon()
         except BrokerError as exc:
             LOGGER.debug("%s", exc)
             # Jitter, so that many senders do not come back in lockstep.
@@ -138,7 +140,7 @@ class SenderPlumbing:
 
     def close(self) -> None:
         """Close the connection; a second Ctrl-C leaves it unclosed."""
-        self._drop()
+        self.drop()
 
     @contextlib.contextmanager
     def _inside_pika(self) -> Iterator[None]:
@@ -168,20 +170,7 @@ class SenderPlumbing:
             self._connection.process_data_events(0)
         except pika.exceptions.AMQPError as exc:
             LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
-            self._drop()
-
-    def _drop(self) -> None:
-        try:
-            with self._inside_pika():
-                close_quietly(self._connection)
-        except SecondSignalError:
-            pass  # a second Ctrl-C: leave it unclosed
-        self._abandon()
-
-    def _abandon(self) -> None:
-        # No close handshake: a broker that blocks us would never answer it.
-        self._connection = self._channel = None
-        self._lost, self._retry_at = True, 0.0
+            self.drop()
 
 
 def with_blocked_timeout(url: str) -> str:
