@@ -8,8 +8,10 @@ receive.py and send.py in one program. Start as many as you like, in any order:
 The lesson: a program that both consumes and publishes needs two
 BlockingConnections, one per thread; it binds its queue before it says "joined"
 (everyone sees "* ash joined", and "* ash left" at the end); and it skips its
-own lines, which the fanout exchange copies back to it. The story is chat(),
-below, whose map names every pika call, made through receive.py and send.py.
+own lines, which the fanout exchange copies back to it. The story is
+hear_others() and chat(), below: each pika call is made by a story function of
+receive.py or send.py, named where it is called. The receiving thread's
+mechanics are below the story.
 
 Guarantees: those of receive.py (nothing from before you joined; each line at
 most once and in order while you are there) and send.py (a line is sent when
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import Callable
+from functools import partial
+from threading import Event, Thread
 
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -37,59 +40,62 @@ from pikachat.terminal import open_terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
 
+# The story, in the order it happens, on two threads with a BlockingConnection each: a pika connection
+# may be used only by the thread that opened it, and the receiving one spends its life in start_consuming().
+
+
+def hear_others(
+    channel: BlockingChannel, my_id: str, print_line: Callable[[str], None], bound: Event
+) -> None:
+    """On the receiving thread, at each (re)connection: our own queue, bound to the exchange, consumed."""
+
+    def show(message: Message) -> None:
+        # The fanout exchange copies our own lines into our queue too: skip them by sender id.
+        if message.sender_id != my_id:
+            print_line(render(message))
+
+    # receive.py's subscribe: exchange_declare(fanout), queue_declare("", exclusive=True),
+    # queue_bind(queue, exchange), basic_consume(auto_ack=True); Listener then runs start_consuming().
+    subscribe(channel, show)
+    bound.set()  # from now on, every line published to the exchange reaches our queue
+
 
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
     """Listen, join, send ``lines``, leave; return how many lines could not be sent.
 
-    Two threads, each with a BlockingConnection of its own, in this order:
-      receiving  Listener.run (receive.py)  connect, then on_channel(): subscribe, and set ``bound``
-      receiving  subscribe (receive.py)     queue_declare("", exclusive), queue_bind, basic_consume
-      receiving  Listener.run               start_consuming(): show() for each line that arrives
-      this one   receiving.wait(bound)      our queue is bound: from now on we hear every line
-      this one   sender.open()              confirm_delivery(), exchange_declare (send.py's open_channel)
-      this one   sender.send(join)          basic_publish(mandatory=True), then wait for the confirm
-      this one   send_lines (send.py)       the same for each line typed, until Ctrl-D
-      this one   sender.send(leave)         then both connections close
-
     Raises BrokerError if the broker cannot be reached at start, or refuses
     the exchange or our queue later.
     """
-
-    def show(message: Message) -> None:
-        # The fanout exchange copies our own lines into our queue too: skip them by sender id.
-        if message.sender_id != sender.id:
-            print_line(render(message))
-
-    bound = threading.Event()  # set once our queue is bound to the exchange
-
-    def on_channel(channel: BlockingChannel) -> None:  # on the receiving thread, at each (re)connection
-        # receive.py's subscribe: the fanout exchange, an exclusive server-named queue, bound, consumed.
-        subscribe(channel, show)
-        bound.set()  # from now on, every message published to the exchange reaches us
-
-    # A BlockingConnection belongs to the thread that opened it, and the receiving one sits in
-    # start_consuming(): Listener (receive.py) connects, calls on_channel and consumes on a thread of its own.
-    receiving = ReceivingThread(Listener(sender.url, on_channel), on_failure=lines.stop)
+    bound = Event()
+    # Connection 1, on a thread of its own: receive.py's Listener connects, opens a channel and calls
+    # hear_others; if the broker goes away, it reconnects and calls hear_others again.
+    listener = Listener(sender.url, partial(hear_others, my_id=sender.id, print_line=print_line, bound=bound))
+    receiving = ReceivingThread(listener, on_failure=lines.stop)  # listener.run() there; a refusal ends input
     try:
-        # Bind before saying "joined", so that every answer to it is heard.
+        # Bind before saying "joined": a line published before queue_bind never reaches our queue.
         if not receiving.wait(bound, given_up=lambda: lines.stopped):
             return 0  # Ctrl-C before we were bound
-        sender.open()  # this thread's connection, with confirms on and the exchange declared
-        sender.send("", kind="join")  # everyone else sees "* ash joined"
+        # Connection 2, this thread's, to publish on: send.py's open_channel, with confirm_delivery()
+        # and exchange_declare(fanout).
+        sender.open()
+        # basic_publish(mandatory=True), then the broker's confirm: everyone else sees "* ash joined".
+        sender.send("", kind="join")
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
             EXCHANGE,
             redact(sender.url),
             sender.name,
         )
-        failed = send_lines(sender, lines)
+        failed = send_lines(sender, lines)  # send.py: the same publish for each line typed, until Ctrl-D
         receiving.check()  # raise the BrokerError that ended the receiving thread, if any
         if not lines.hurry:  # a second Ctrl-C: no goodbye
             sender.send("", kind="leave")
         return failed
     finally:
-        sender.close()
-        receiving.stop()  # stop_consuming() on the receiving thread, which then closes its connection
+        sender.close()  # connection 2
+        # Connection 1: Listener.stop asks its thread, by add_callback_threadsafe (the one call another
+        # thread may make on a connection), to stop_consuming(); that thread then closes it.
+        receiving.stop()
 
 
 # The plumbing: the receiving thread, arguments, the terminal, signals, exit status.
@@ -101,7 +107,7 @@ class ReceivingThread:
     def __init__(self, listener: Listener, on_failure: Callable[[], None]) -> None:
         self._listener = listener
         self._failure: BrokerError | None = None
-        self._thread = threading.Thread(target=self._run, args=(on_failure,), name="receive")
+        self._thread = Thread(target=self._run, args=(on_failure,), name="receive")
         self._thread.start()
 
     def _run(self, on_failure: Callable[[], None]) -> None:
@@ -116,7 +122,7 @@ class ReceivingThread:
         if self._failure is not None:
             raise self._failure
 
-    def wait(self, event: threading.Event, given_up: Callable[[], bool]) -> bool:
+    def wait(self, event: Event, given_up: Callable[[], bool]) -> bool:
         """Wait until ``event`` is set (True) or ``given_up()`` (False); raise the thread's BrokerError."""
         while not event.wait(0.1):
             self.check()
