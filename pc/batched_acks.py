@@ -27,7 +27,7 @@ ACK_DELAY = 0.1
 
 
 class BatchedAcks:
-    """Acknowledge handled messages on one channel in batches: ``basic_ack`` as the channel's, batched."""
+    """Acknowledge handled messages on one channel in batches: ``handled(tag)``; ``flush()`` on closing."""
 
     def __init__(self, channel: BlockingChannel) -> None:
         self.channel = channel
@@ -35,7 +35,7 @@ class BatchedAcks:
         self._waiting = 0  # handled, not yet acknowledged
         self._acked_at = time.monotonic()
 
-    def basic_ack(self, delivery_tag: int) -> None:
+    def handled(self, delivery_tag: int) -> None:
         """A message has been handled: acknowledge it, with the others of its batch when the batch is due."""
         self._last_tag = delivery_tag
         self._waiting += 1

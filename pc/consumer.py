@@ -86,23 +86,19 @@ def listen(
     # Prefetch: the broker pushes at most PREFETCH unacknowledged messages to
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
-    # Where acks go: the channel itself (--ack-each), or, as an optimisation, BatchedAcks,
-    # whose basic_ack sends one ack for up to 50 handled messages (pc/batched_acks.py).
-    acks = channel if ack_each else BatchedAcks(channel)
-    # Consumer cancel notification: the broker tells us when it ends our
-    # consumer (the queue was deleted). pika then drops the consumer, so
-    # start_consuming() would return (pikachat/receive.py relies on that); but
-    # our loop (consume) runs process_data_events(), which knows nothing of
-    # consumers and would wait silently forever without this flag.
+    # An option: by default acks go in batches, one for up to 50 handled messages (pc/batched_acks.py).
+    batch = None if ack_each else BatchedAcks(channel)
+    # Consumer cancel notification: the broker tells us when it ends our consumer (the queue
+    # was deleted). start_consuming() would return; consume's loop watches this flag instead.
     cancelled = threading.Event()
     channel.add_on_cancel_callback(lambda _frame: cancelled.set())
     # Manual acks (auto_ack=False, the default): a message stays the broker's
     # until we ack it, and goes to another consumer if we die first.
-    channel.basic_consume(QUEUE, make_handler(acks, quiet, work, fail_on))
-    return Listening(channel, acks, cancelled)
+    channel.basic_consume(QUEUE, make_handler(batch, quiet, work, fail_on))
+    return Listening(channel, batch, cancelled)
 
 
-def make_handler(acks: BlockingChannel | BatchedAcks, quiet: bool, work: float, fail_on: bytes | None):
+def make_handler(batch: BatchedAcks | None, quiet: bool, work: float, fail_on: bytes | None):
     """Return the on-message callback: handle, then ack; if handling fails, give the message back."""
 
     def on_message(
@@ -125,7 +121,10 @@ def make_handler(acks: BlockingChannel | BatchedAcks, quiet: bool, work: float, 
         if not handled:
             return  # cut short by Ctrl-C: not acked either
         # Ack after handling, never before: now the broker may forget the message.
-        acks.basic_ack(delivery_tag=method.delivery_tag)
+        if batch is None:  # --ack-each
+            channel.basic_ack(delivery_tag=method.delivery_tag)
+        else:  # the default: the same ack, sent with its batch (pc/batched_acks.py)
+            batch.handled(method.delivery_tag)
 
     return on_message
 
@@ -138,10 +137,10 @@ def handle(body: bytes, work: float, fail_on: bytes | None) -> bool:
 
 
 class Listening(NamedTuple):
-    """What listen() set up: the channel, where its acks go (listen), and the cancel flag."""
+    """What listen() set up: the channel, the ack batch (None with --ack-each), and the cancel flag."""
 
     channel: BlockingChannel
-    acks: BlockingChannel | BatchedAcks
+    batch: BatchedAcks | None
     cancelled: threading.Event
 
 
@@ -174,11 +173,7 @@ def consume(
             while not STOPPING.is_set():
                 listening = listen(connection, quiet, work, ack_each, fail_on)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-                # Not start_consuming(), which returns only once the consumer is
-                # gone: the same work in half-second slices, and between them we
-                # notice STOPPING (Ctrl-C, which only sets a flag) or a cancel.
-                # start_consuming() is the form to copy when Ctrl-C may simply
-                # interrupt it (pc/consume_one.py, pikachat/receive.py).
+                # start_consuming() in half-second slices: between them, notice Ctrl-C (a flag) or a cancel.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
                 if listening.cancelled.is_set():
@@ -232,8 +227,8 @@ def _close_channel(channel: BlockingChannel) -> None:
 def _close(connection: pika.BlockingConnection, listening: Listening | None) -> None:
     """Ack what has been handled, then close; unacked messages go back to the queue."""
     try:
-        if listening is not None and isinstance(listening.acks, BatchedAcks) and connection.is_open:
-            listening.acks.flush()
+        if listening is not None and listening.batch is not None and connection.is_open:
+            listening.batch.flush()
     except pika.exceptions.AMQPError:
         pass  # then those are handled again, as after a crash
     try:
