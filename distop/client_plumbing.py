@@ -1,27 +1,26 @@
-"""The plumbing of distop's client; the RabbitMQ story it serves is _ClientLink in distop/dist_op.py.
+"""The plumbing under distop's client; the RabbitMQ story is _ClientLink in distop/dist_op.py, which calls it.
 
-- pika_callback: a bug in a callback fails the pending jobs; the I/O thread never dies silently.
-- _LinkPlumbing, which _ClientLink extends: the thread and its loop, reconnection and giving up, a
-  channel the broker closed, shutdown, and the jobs' bookkeeping: which chunks to publish (again), and
-  which job each reply belongs to.
-- _Publisher: the publishing channel, given up for a new one after a nack, and its unconfirmed chunks.
-- _Job, and DistOp's argument checks.
+- IOThread: the thread that runs pika's loop, for the life of one _ClientLink: reconnection with back-off
+  to each node in turn, giving up (every pending job fails with one error), shutdown, and a bug in a
+  callback, which fails the pending jobs instead of hanging them (IOThread.run, GuardedSelectConnection).
+- JobBook: the jobs' bookkeeping on the I/O thread: which chunks to publish (again), which job a reply is
+  for, filing a partial result.
+- Publisher: the publishing channel, given up for a new one after a nack, and its unconfirmed chunks.
+- Job, and DistOp's argument checks.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
-import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 from pika.frame import Method
@@ -30,7 +29,10 @@ from pika.spec import Basic
 from distop import codec
 from distop.broker import explain, parameters, redact
 from distop.errors import BrokerError, DistOpError
-from distop.protocol import CORRELATION_ID, MAX_BACKOFF, RECONNECT_FOR, error_text, refused
+from distop.protocol import CORRELATION_ID, MAX_BACKOFF, RECONNECT_FOR, error_text
+
+if TYPE_CHECKING:
+    from distop.dist_op import _ClientLink
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,48 +41,41 @@ NACK_BACKOFF = 0.1
 MAX_NACK_BACKOFF = 2.0
 
 
-def pika_callback(method: Callable[..., None]) -> Callable[..., None]:
-    """Mark a method that pika calls on the I/O thread: a bug in it fails the pending jobs.
+class GuardedSelectConnection(pika.SelectConnection):
+    """A pika.SelectConnection that hands an exception raised in one of our callbacks to ``on_bug``.
 
-    Unguarded, an exception escaping a callback is taken by pika for a lost connection (the client
-    would reconnect and publish every pending chunk again, and again) or ends its loop (get_result()
-    would wait for a thread that is gone).
+    pika calls the callbacks for what the broker sends (replies, confirms, returns, channels opened) while
+    it reads the socket, and takes whatever they raise for a lost connection: the client would reconnect
+    and publish every pending chunk again, and again. A bug must fail the jobs instead, with one error.
     """
 
-    @functools.wraps(method)
-    def guarded(self: _LinkPlumbing, *args: Any) -> None:
+    def __init__(
+        self, node: pika.ConnectionParameters, on_bug: Callable[[Exception], None], **kwargs: Any
+    ) -> None:
+        self._on_bug = on_bug
+        super().__init__(node, **kwargs)
+
+    def _proto_data_received(self, data: bytes) -> None:  # pika's entry for the bytes the broker sent
         try:
-            method(self, *args)
+            super()._proto_data_received(data)
         except Exception as exc:
-            LOGGER.exception("unexpected error in the client's I/O thread")
-            self._give_up(DistOpError(f"the distop client failed: {type(exc).__name__}: {error_text(exc)}"))
-
-    return guarded
+            self._on_bug(exc)
 
 
-class _LinkPlumbing(threading.Thread):
-    """Everything _ClientLink needs besides the RabbitMQ story.
+class IOThread(threading.Thread):
+    """The thread of one _ClientLink: its pika IOLoop, connections that come and go, and the end.
 
-    Its thread runs one pika IOLoop for its whole life; connections come and go inside it. Other
-    threads only submit jobs (submit) and close it (close).
+    Other threads only start it (start_and_wait), hand it work (through ``ioloop.add_callback_threadsafe``)
+    and close it (close).
     """
 
-    # Set by the story, _ClientLink: the connection, its two channels, and the reply queue's name
-    # while it is consumed.
-    _connection: pika.SelectConnection | None
-    _channel: Channel | None
-    _publisher: _Publisher
-    _reply_queue: str
-
-    def __init__(self, url: str, cond: threading.Condition, jobs: dict[str, _Job]) -> None:
+    def __init__(self, url: str, link: _ClientLink, book: JobBook) -> None:
         super().__init__(name="distop-client", daemon=True)
+        self.ioloop = IOLoop()
+        self.failed = False  # given up, or ended: the next call() makes a new link
         self._url = url
-        self._ioloop = IOLoop()
-        self._cond = cond  # guards jobs and _new; notified when a job changes
-        self._jobs = jobs
-        self._new: list[str] = []  # job ids submitted since the last (re)connection
-        self._outbox: collections.deque[tuple[str, int]] = collections.deque()  # (job id, start)
-        self._redeclaring = False  # a chunk came back: the work queue is being declared again
+        self._link = link
+        self._book = book
         self._nodes = parameters(url)  # each connection attempt tries the next
         self._attempts: list[BaseException] = []  # why each node failed, until one answers
         self._ready = threading.Event()  # the caller's wait for the first connection
@@ -89,17 +84,11 @@ class _LinkPlumbing(threading.Thread):
         self._lost_since: float | None = None
         self._backoff = 0.5
         self._closing = False
-        self.failed = False
 
-    # The story's steps that the plumbing starts again (see _ClientLink).
-    def _connect(self) -> None:
-        raise NotImplementedError
-
-    def _open_publisher(self) -> None:
-        raise NotImplementedError
-
-    def _publish(self) -> None:
-        raise NotImplementedError
+    @property
+    def stopping(self) -> bool:
+        """Closing or given up: a channel or connection that closes now is not a failure to handle."""
+        return self._closing or self.failed
 
     # Called from the caller's thread ---------------------------------------
 
@@ -112,216 +101,169 @@ class _LinkPlumbing(threading.Thread):
         if self._error is not None:
             raise self._error
 
-    def submit(self, job: _Job) -> None:
-        with self._cond:
-            self._jobs[job.id] = job
-            self._new.append(job.id)
-        self._ioloop.add_callback_threadsafe(self._publish_new)  # only this thread may use pika
-
     def close(self) -> None:
         self._closing = True
         if self.is_alive():
-            self._ioloop.add_callback_threadsafe(self._shutdown)
+            self.ioloop.add_callback_threadsafe(self._shutdown)
             if threading.current_thread() is not self:
                 self.join(10)
 
-    # On the I/O thread: its loop, and the jobs' bookkeeping ------------------
+    # On the I/O thread -------------------------------------------------------
 
     def run(self) -> None:
+        self.ioloop.add_callback_threadsafe(self._connect)
         try:
-            self._connect()
-            self._ioloop.start()
-        except Exception as exc:
-            LOGGER.exception("unexpected error in the client's I/O thread")
-            self._error = DistOpError(f"the distop client failed: {type(exc).__name__}: {error_text(exc)}")
+            while True:
+                try:
+                    self.ioloop.start()  # returns once stop() is called
+                    break
+                except Exception as exc:  # raised by a callback the loop called: a timer, a hand-over
+                    self.bug(exc)  # fails the jobs, closes the connection; the loop runs until it is closed
         finally:
             # Whatever ended the loop, no job waits for a thread that is gone.
             self.failed = True
-            self._fail_pending(self._error or DistOpError("the distop client's connection was closed"))
+            self._book.fail_pending(self._error or DistOpError("the distop client's connection was closed"))
             self._ready.set()
-            self._ioloop.close()
+            self.ioloop.close()
 
-    def _next_node(self) -> pika.ConnectionParameters:
+    def _connect(self) -> None:
         self._nodes.append(self._nodes.pop(0))  # the first, the first time
-        return self._nodes[-1]
+        self._link.connect(self._nodes[-1])
 
-    def _connected(self) -> None:
-        """A connection is ready: every chunk whose result has not arrived goes out again.
-
-        Replies sent to a lost connection's reply queue are gone with it; duplicates are ignored.
-        """
+    def connected(self) -> None:
+        """A connection is ready: the caller's wait ends, and the next loss starts a fresh back-off."""
         self._ever_connected = True
         self._lost_since, self._backoff = None, 0.5
-        self._outbox_every_unanswered_chunk()
         self._ready.set()
 
-    def _outbox_every_unanswered_chunk(self) -> None:
-        with self._cond:
+    def bug(self, exc: Exception) -> None:
+        """An exception in one of our callbacks: fail the pending jobs with it rather than hang them."""
+        LOGGER.error("unexpected error in the client's I/O thread", exc_info=exc)
+        self.give_up(DistOpError(f"the distop client failed: {type(exc).__name__}: {error_text(exc)}"))
+
+    def on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
+        self._attempts.append(error)
+        if self._ever_connected or len(self._attempts) < len(self._nodes):
+            self.reconnect_later()
+        else:
+            # Never reached any node: say why at once rather than retry.
+            self.give_up(explain(self._url, *self._attempts))
+
+    def connection_lost(self, reason: Exception) -> None:
+        """The connection closed: stop if we meant it, else reconnect after a pause."""
+        if self.stopping:
+            self.ioloop.stop()
+            return
+        LOGGER.warning("lost the broker (%s); reconnecting", reason)
+        self.reconnect_later()
+
+    def reconnect_later(self) -> None:
+        now = time.monotonic()
+        if self._lost_since is None:
+            self._lost_since = now
+        if now - self._lost_since > RECONNECT_FOR:
+            self.give_up(
+                BrokerError(f"lost {redact(self._url)} and could not reconnect within {RECONNECT_FOR:.0f} s")
+            )
+            return
+        self.ioloop.call_later(self._backoff, self._connect)
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def give_up(self, error: DistOpError) -> None:
+        """Fail every pending job with ``error`` and end the thread."""
+        self.failed = True
+        self._error = error
+        self._book.fail_pending(error)
+        self._ready.set()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        connection = self._link.connection
+        if connection is not None and connection.is_open:
+            connection.close()  # the link's close callback calls connection_lost, which stops the loop
+        else:
+            self.ioloop.stop()
+
+
+class JobBook:
+    """The jobs, and the chunks to publish: shared with the caller's thread, under ``cond``."""
+
+    def __init__(self, cond: threading.Condition, jobs: dict[str, Job]) -> None:
+        self.cond = cond  # guards jobs and _new; notified when a job changes
+        self.jobs = jobs
+        self._new: list[str] = []  # job ids submitted since the outbox was last filled
+        self._outbox: collections.deque[tuple[str, int]] = collections.deque()  # (job id, start)
+
+    def add(self, job: Job) -> None:
+        """From the caller's thread: a new job, whose chunks take_new() puts in the outbox."""
+        with self.cond:
+            self.jobs[job.id] = job
+            self._new.append(job.id)
+
+    def take_new(self) -> None:
+        with self.cond:
+            for job_id in self._new:
+                self._outbox.extend((job_id, start) for start in self.jobs[job_id].requests)
+            self._new.clear()
+
+    def every_unanswered_chunk_again(self) -> None:
+        """Every chunk whose result has not arrived goes out again: the outbox holds them all, in order."""
+        with self.cond:
             self._new.clear()
             self._outbox = collections.deque(
                 (job.id, start)
-                for job in self._jobs.values()
+                for job in self.jobs.values()
                 if not job.done
                 for start in job.requests
                 if start not in job.partials
             )
 
-    @pika_callback
-    def _publish_new(self) -> None:
-        with self._cond:
-            for job_id in self._new:
-                self._outbox.extend((job_id, start) for start in self._jobs[job_id].requests)
-            self._new.clear()
-        self._publish()
+    def put_back(self, chunks: list[tuple[str, int]]) -> None:
+        """Chunks a channel did not confirm go out first on the next one."""
+        self._outbox.extendleft(reversed(chunks))
 
-    def _next_chunk(self) -> tuple[str, int, bytes] | None:
+    def next_chunk(self) -> tuple[str, int, bytes] | None:
         """The next chunk in the outbox whose job still waits for it: (job id, start, body); None if none."""
-        with self._cond:
+        with self.cond:
             while self._outbox:
                 job_id, start = self._outbox.popleft()
-                job = self._jobs.get(job_id)
+                job = self.jobs.get(job_id)
                 if job is not None and not job.done and start not in job.partials:
                     return job_id, start, job.requests[start]
         return None  # the others were collected, failed or cancelled meanwhile
 
-    def _chunk_answered(self, correlation_id: object) -> tuple[_Job, int] | None:
+    def chunk_answered(self, correlation_id: object) -> tuple[Job, int] | None:
         """The job a reply is for, and its chunk's start, if the job still waits for it; else None."""
         match = CORRELATION_ID.fullmatch(correlation_id if isinstance(correlation_id, str) else "")
         if match is None:
             LOGGER.warning("dropped a reply whose correlation_id is not JOB:START: %.80r", correlation_id)
             return None
         job_id, start = match[1], int(match[2])
-        with self._cond:
-            job = self._jobs.get(job_id)
+        with self.cond:
+            job = self.jobs.get(job_id)
             if job is None or job.done or start not in job.requests or start in job.partials:
                 LOGGER.debug("dropped a reply for %s: unknown, late or duplicate", match[0])
                 return None
             return job, start
 
-    def _file(self, job: _Job, start: int, outcome: Any) -> None:
+    def file(self, job: Job, start: int, outcome: Any) -> None:
         """File a partial result under its job, or fail the job if ``outcome`` is a DistOpError."""
-        with self._cond:
+        with self.cond:
             if isinstance(outcome, DistOpError):
                 job.fail(outcome)
             else:
                 job.partials[start] = outcome
             if job.done or job.watched:  # one wake-up per job, not one per partial
-                self._cond.notify_all()
+                self.cond.notify_all()
 
-    def _first_return(self, channel: Channel) -> bool:
-        """True for the first chunk returned since the work queue was last declared."""
-        if channel is not self._publisher.channel or self._redeclaring:
-            return False  # one of a batch, or from a channel given up after a nack
-        self._redeclaring = True
-        return True
-
-    @pika_callback
-    def _publish_unanswered(self, _frame: Method) -> None:
-        """The work queue is declared again: as on a reconnection, every chunk not yet answered goes out.
-
-        The deleted queue took with it those that waited in it; duplicates of the others are ignored.
-        """
-        self._redeclaring = False
-        self._outbox_every_unanswered_chunk()
-        self._publish()
-
-    # Reconnection, refusals, shutdown ----------------------------------------
-
-    @pika_callback
-    def _shutdown(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()  # _on_closed stops the loop
-        else:
-            self._ioloop.stop()
-
-    @pika_callback
-    def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
-        self._attempts.append(error)
-        if self._ever_connected or len(self._attempts) < len(self._nodes):
-            self._reconnect_later()
-        else:
-            # Never reached any node: say why at once rather than retry.
-            self._give_up(explain(self._url, *self._attempts))
-
-    @pika_callback
-    def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
-        # Nothing of this connection may be used again: not its channels, and
-        # not its reply queue, which the broker deletes with it.
-        self._channel = None
-        self._publisher.forget()
-        self._reply_queue = ""
-        self._redeclaring = False  # the next connection declares the queue and publishes everything
-        if self._closing or self.failed:
-            self._ioloop.stop()
-            return
-        LOGGER.warning("lost the broker (%s); reconnecting", reason)
-        self._reconnect_later()
-
-    def _reconnect_later(self) -> None:
-        now = time.monotonic()
-        if self._lost_since is None:
-            self._lost_since = now
-        if now - self._lost_since > RECONNECT_FOR:
-            self._give_up(
-                BrokerError(f"lost {redact(self._url)} and could not reconnect within {RECONNECT_FOR:.0f} s")
-            )
-            return
-        self._ioloop.call_later(self._backoff, self._connect)
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-
-    def _give_up(self, error: DistOpError) -> None:
-        """Fail every pending job with ``error`` and end the thread."""
-        self.failed = True
-        self._error = error
-        self._fail_pending(error)
-        self._ready.set()
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
-        else:
-            self._ioloop.stop()
-
-    def _fail_pending(self, error: DistOpError) -> None:
-        with self._cond:
-            for job in self._jobs.values():
+    def fail_pending(self, error: DistOpError) -> None:
+        with self.cond:
+            for job in self.jobs.values():
                 job.fail(error)
-            self._cond.notify_all()
-
-    @pika_callback
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            return
-        if not self._reply_queue:
-            # A declaration refused, e.g. the work queue exists with other
-            # arguments: retrying won't help.
-            self._give_up(BrokerError(refused(reason)))
-        elif self._connection is not None and self._connection.is_open:
-            # Our replies were consumed on it: start over on a new connection.
-            LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
-            self._connection.close()
-
-    @pika_callback
-    def _on_publisher_closed(self, channel: Channel, reason: Exception) -> None:
-        if channel is not self._publisher.opening:
-            return  # one we gave up on purpose
-        if self._closing or self.failed or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._publisher.forget()
-            return
-        self._publish_again_later(f"the broker closed the publishing channel ({reason})")
-
-    def _publish_again_later(self, why: str) -> None:
-        """Give up the publishing channel; its unconfirmed chunks go out first on a new one, after a pause."""
-        chunks, pause = self._publisher.give_up()
-        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
-        self._outbox.extendleft(reversed(chunks))
-        self._ioloop.call_later(pause, self._reopen_publisher)
-
-    @pika_callback
-    def _reopen_publisher(self) -> None:
-        if self._publisher.opening is None:
-            self._open_publisher()
+            self.cond.notify_all()
 
 
-class _Publisher:
+class Publisher:
     """The channel the chunks are published on, in confirm mode, and the chunks it has not confirmed.
 
     A channel that nacks is given up, not published on again: on a cluster, a
@@ -386,7 +328,7 @@ class _Publisher:
 
 
 @dataclass
-class _Job:
+class Job:
     """One call(): its encoded chunk requests and what has come back so far."""
 
     id: str
@@ -427,7 +369,7 @@ class _Job:
             cond.wait(remaining)
 
 
-def pending_job(jobs: dict[str, _Job], job_id: str | None) -> _Job:
+def pending_job(jobs: dict[str, Job], job_id: str | None) -> Job:
     if job_id is None:
         if len(jobs) != 1:
             raise ValueError(f"{len(jobs)} jobs are pending: say which one with job_id")

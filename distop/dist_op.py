@@ -1,7 +1,23 @@
 """distop's client: DistOp scatters a job's chunks over the servers and gathers their partial results.
 
-Used by distop/client.py and distop/caller.py; the servers are distop/callee.py. Read distop/protocol.py
-first (the queues and messages both sides agree on), and distop/call_one.py, the same RPC at its simplest.
+What you write (distop/caller.py does it):
+
+    class PowOp(DistOp):
+        OP_NAME = "pow"  # the servers' op
+
+        def gather(self, partials):  # {start index: partial result}, in order
+            return [x for part in partials.values() for x in part]
+
+    with PowOp(data=list(range(10)), group_size=3) as op:
+        job_id = op.call(esp=2)  # returns at once; the chunks go out on the client's thread
+        print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
+
+Read distop/protocol.py first (the queues and messages both sides agree on), and distop/call_one.py, the
+same RPC at its simplest. _ClientLink, below, is call_one.py pipelined: many chunks in flight, their
+confirms and replies arriving in any order. It runs on a thread of its own with a SelectConnection, not a
+BlockingConnection, so that call() returns at once while replies keep arriving, and a reconnection
+publishes the jobs in flight again without the caller's help. pika calls each of its methods when the
+broker answers the one before: read them top to bottom. DistOp, the interface, follows it.
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack, a
 reconnection or a return (no queue took one: every unanswered chunk goes out again), until its result is
@@ -10,13 +26,9 @@ raised, a poison chunk, the broker lost for a minute, the timeout). Limits: chun
 deleted under us go out again only once a later chunk comes back, or on a reconnection; and a job dies
 with the process that called it (its results go to that process's memory only).
 
-Why a SelectConnection on a thread of its own, not a BlockingConnection: call() returns at once while
-replies keep arriving, confirms are pipelined rather than awaited one by one, and a reconnection
-publishes the jobs in flight again without the caller's help. The caller's thread only hands jobs over
-(add_callback_threadsafe) and waits on a condition in get_result().
-
-The story is _ClientLink's first methods, in the order they happen on each (re)connection; DistOp, the
-interface, follows. Reconnection and bookkeeping are in distop/client_plumbing.py.
+The plumbing, in distop/client_plumbing.py: IOThread (the thread and its loop, reconnection, giving up, a
+bug in a callback), JobBook (which chunks to publish, which job a reply is for), Publisher (the
+publishing channel and its unconfirmed chunks).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pika
+import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
@@ -35,15 +48,16 @@ from pika.spec import Basic, BasicProperties
 from distop import codec
 from distop.broker import parameters, resolve
 from distop.client_plumbing import (
-    _Job,
-    _LinkPlumbing,
-    _Publisher,
+    GuardedSelectConnection,
+    IOThread,
+    Job,
+    JobBook,
+    Publisher,
     check_json,
     checked_data,
     pending_job,
-    pika_callback,
 )
-from distop.errors import DistOpError, RemoteError
+from distop.errors import BrokerError, DistOpError, RemoteError
 from distop.protocol import (
     CLIENT_HEADER,
     DEAD_LETTER_EXCHANGE,
@@ -53,6 +67,7 @@ from distop.protocol import (
     dead_letter_error,
     decode_reply,
     error_text,
+    refused,
     split,
 )
 
@@ -63,10 +78,10 @@ RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pa
 CONNECT_TIMEOUT = 60.0
 
 
-class _ClientLink(_LinkPlumbing):
-    """The client's connection, on a thread of its own: the RabbitMQ story, in the order it happens.
+class _ClientLink:
+    """The client's connection: the RabbitMQ story, in the order it happens on each (re)connection.
 
-        _connect             pika.SelectConnection         asynchronous: pika calls the next method
+        connect              pika.SelectConnection         asynchronous: pika calls the next method
         _on_open             connection.channel()          to declare on, then to consume replies from
         _on_channel_open     exchange_declare("headers")   where the work queue sends dead chunks
                              queue_declare(distop.chunks)  the durable quorum queue the servers share
@@ -75,41 +90,42 @@ class _ClientLink(_LinkPlumbing):
                              basic_consume(auto_ack)       replies arrive in _on_reply
                              connection.channel()          a second channel, to publish on
         _on_publisher_open   confirm_delivery()            the broker will ack or nack each chunk
-        _on_publisher_ready  _publish: basic_publish       mandatory, with reply_to and correlation_id
+        _publish             basic_publish                 persistent, mandatory, reply_to, correlation_id
         _on_confirm          Basic.Ack or Basic.Nack       the broker has the chunks, or refused them
         _on_returned         basic.return                  the queue is gone: declare it, publish all again
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
-    @pika_callback marks the methods pika calls: a bug in one fails the pending jobs instead of the
-    thread dying silently.
+    Then what goes wrong: the connection lost, a channel closed by the broker. Each method runs on the
+    thread ``io``, and asks it in one named call to reconnect or to give up (distop/client_plumbing.py).
     """
 
-    def __init__(self, url: str, queue: str, cond: threading.Condition, jobs: dict[str, _Job]) -> None:
-        super().__init__(url, cond, jobs)  # the plumbing: reconnection, the jobs' bookkeeping
+    def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
         self._queue = queue
+        self._jobs = jobs  # which chunks to publish, which job a reply is for
         self._client_id = uuid.uuid4().hex  # our dead chunks come back to us on this header
-        self._connection: pika.SelectConnection | None = None
+        self.connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None  # declarations, then the reply consumer
         self._reply_queue = ""  # set only while this connection's reply queue is consumed
-        self._publisher = _Publisher()  # the channel the chunks go out on, and their confirms
+        self._publisher = Publisher()  # the channel the chunks go out on, and their confirms
+        self._redeclaring = False  # a chunk came back: the work queue is being declared again
+        self.io = IOThread(url, self, jobs)  # runs pika's loop; calls connect(), first and after a loss
 
-    @pika_callback
-    def _connect(self) -> None:
+    def connect(self, node: pika.ConnectionParameters) -> None:
         # Asynchronous: each method below is a callback that pika calls when the broker answers.
-        self._connection = pika.SelectConnection(
-            self._next_node(),  # a cluster's nodes in turn
+        # GuardedSelectConnection is a pika.SelectConnection whose callbacks' bugs fail the jobs.
+        self.connection = GuardedSelectConnection(
+            node,  # a cluster's nodes in turn
+            on_bug=self.io.bug,
             on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,  # try again, or give up (the plumbing)
-            on_close_callback=self._on_closed,  # reconnect (the plumbing)
-            custom_ioloop=self._ioloop,
+            on_open_error_callback=self.io.on_open_error,  # no broker: try the next node, or give up
+            on_close_callback=self._on_closed,
+            custom_ioloop=self.io.ioloop,
         )
 
-    @pika_callback
     def _on_open(self, connection: pika.SelectConnection) -> None:
         # A channel: a lightweight session inside the connection; AMQP commands go on one.
         connection.channel(on_open_callback=self._on_channel_open)
 
-    @pika_callback
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         # A refused declaration closes the channel: _on_channel_closed says why, in one line.
@@ -126,7 +142,6 @@ class _ClientLink(_LinkPlumbing):
         # Our reply queue: exclusive and server-named ("amq.gen-..."): ours alone, gone with this connection.
         channel.queue_declare("", exclusive=True, callback=self._on_reply_queue)
 
-    @pika_callback
     def _on_reply_queue(self, frame: Method) -> None:
         assert self._channel is not None
         queue_name = frame.method.queue  # the name the broker chose
@@ -138,15 +153,17 @@ class _ClientLink(_LinkPlumbing):
         # auto_ack: a reply's only destination is this process's memory; an ack would protect nothing.
         self._channel.basic_consume(queue_name, self._on_reply, auto_ack=True)
         self._reply_queue = queue_name
-        self._connected()  # every chunk not yet answered goes out again: the old reply queue is gone
+        # Every chunk not yet answered goes out again: replies sent to a lost connection's reply queue are
+        # gone with it (the first time, that is every chunk submitted so far). Duplicates are ignored.
+        self._jobs.every_unanswered_chunk_again()
+        self.io.connected()
         self._open_publisher()
 
     def _open_publisher(self) -> None:
-        if self._connection is not None and self._connection.is_open and self._reply_queue:
+        if self.connection is not None and self.connection.is_open and self._reply_queue:
             # A second channel for publishing: one given up after a nack leaves the consumer alone.
-            self._connection.channel(on_open_callback=self._on_publisher_open)
+            self.connection.channel(on_open_callback=self._on_publisher_open)
 
-    @pika_callback
     def _on_publisher_open(self, channel: Channel) -> None:
         self._publisher.opened(channel)
         channel.add_on_close_callback(self._on_publisher_closed)
@@ -155,17 +172,26 @@ class _ClientLink(_LinkPlumbing):
         # Publisher confirms: the broker acks each chunk once the queue has it (on disk: it is persistent).
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_publisher_ready(channel))
 
-    @pika_callback
     def _on_publisher_ready(self, channel: Channel) -> None:
         if self._publisher.ready(channel):  # False if given up meanwhile
             self._publish()
+
+    def submit(self, job: Job) -> None:
+        """From the caller's thread: file the job, and have this thread publish its chunks."""
+        self._jobs.add(job)
+        # Only the I/O thread may use pika: add_callback_threadsafe runs _publish_new there.
+        self.io.ioloop.add_callback_threadsafe(self._publish_new)
+
+    def _publish_new(self) -> None:
+        self._jobs.take_new()  # the new jobs' chunks join the outbox
+        self._publish()
 
     def _publish(self) -> None:
         channel = self._publisher.channel
         if channel is None or not channel.is_open or not self._reply_queue:
             return  # not yet: the next publishing channel starts with the outbox
         # Confirms are pipelined: up to PUBLISH_WINDOW chunks await theirs at once.
-        while len(self._publisher.unconfirmed) < PUBLISH_WINDOW and (chunk := self._next_chunk()):
+        while len(self._publisher.unconfirmed) < PUBLISH_WINDOW and (chunk := self._jobs.next_chunk()):
             job_id, start, body = chunk
             # Persistent: it survives a broker restart. reply_to and correlation_id: where the reply
             # goes, and what it answers. The header brings the chunk back to us if it is dead-lettered.
@@ -182,28 +208,27 @@ class _ClientLink(_LinkPlumbing):
             channel.basic_publish("", self._queue, body, properties, mandatory=True)
             self._publisher.published((job_id, start))  # its confirm will name it by delivery tag
 
-    @pika_callback
     def _on_confirm(self, frame: Method) -> None:
         # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
         if not self._publisher.is_current(frame):
             return  # late, from a channel given up after a nack: its chunks are in the outbox again
         if isinstance(frame.method, Basic.Nack):
-            # The broker could not take them: on a new channel, after a pause (see _Publisher).
+            # Failure: the broker could not take them. On a new channel, after a pause (Publisher).
             count = len(self._publisher.tags(frame.method))
             self._publish_again_later(f"the broker refused {count} chunk(s)")
             return
         self._publisher.confirmed(frame.method)
         self._publish()  # room in the window for more
 
-    @pika_callback
     def _on_returned(self, channel: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
-        # No queue took the chunk: the work queue was deleted, and every chunk of ours that waited in it
-        # with it. The chunk's ack follows, and means "dropped", not "queued".
-        if self._first_return(channel):  # of a batch: declare the queue once
-            LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
-            self._ioloop.call_later(RETURN_PAUSE, self._declare_work_queue_again)
+        # Failure: no queue took the chunk. The work queue was deleted, and every chunk of ours that waited
+        # in it with it. The chunk's ack follows, and means "dropped", not "queued".
+        if channel is not self._publisher.channel or self._redeclaring:
+            return  # one of a batch (the queue is being declared again), or from a channel given up
+        self._redeclaring = True
+        LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
+        self.io.ioloop.call_later(RETURN_PAUSE, self._declare_work_queue_again)
 
-    @pika_callback
     def _declare_work_queue_again(self) -> None:
         # pc's producer refuses to recreate its deleted queue, as that would hide the loss of messages it
         # no longer holds; we still hold every unanswered chunk and publish them all again: nothing is hidden.
@@ -212,25 +237,72 @@ class _ClientLink(_LinkPlumbing):
                 self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._publish_unanswered
             )
 
-    @pika_callback
+    def _publish_unanswered(self, _frame: Method) -> None:
+        # As on a reconnection: the deleted queue took with it those that waited in it; duplicates of the
+        # others are ignored.
+        self._redeclaring = False
+        self._jobs.every_unanswered_chunk_again()
+        self._publish()
+
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         # The correlation_id, "JOB:START", says which job the reply is for, and where its chunk starts.
         # Anyone allowed to publish to this queue can send anything: what does not check out is dropped.
-        found = self._chunk_answered(props.correlation_id)  # (job, start), or None: unknown, late, forged
+        found = self._jobs.chunk_answered(props.correlation_id)  # (job, start); None: unknown, late, forged
         if found is None:
             return
         job, start = found
         headers = props.headers if isinstance(props.headers, dict) else {}
         if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:
             # Not a reply: our chunk itself, dead-lettered, back through our binding; x-death says why.
-            self._file(job, start, dead_letter_error(job.id, start, headers))
+            self._jobs.file(job, start, dead_letter_error(job.id, start, headers))
             return
         try:
             reply = decode_reply(body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             LOGGER.warning("dropped a malformed reply for %s:%s: %s", job.id, start, error_text(exc)[:200])
             return
-        self._file(job, start, reply if isinstance(reply, RemoteError) else reply.result)
+        self._jobs.file(job, start, reply if isinstance(reply, RemoteError) else reply.result)
+
+    # What goes wrong, and what we do ------------------------------------------
+
+    def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
+        # The connection is gone, and with it its channels and our reply queue (the broker deletes it):
+        # nothing of it may be used again. The next connection declares the queue and publishes everything.
+        self._channel = None
+        self._publisher.forget()
+        self._reply_queue = ""
+        self._redeclaring = False
+        self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
+
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        if self.io.stopping or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return  # we closed it, or its connection went: _on_closed sees to that
+        if not self._reply_queue:
+            # A declaration refused, e.g. the work queue exists with other arguments: retrying won't help.
+            self.io.give_up(BrokerError(refused(reason)))
+        elif self.connection is not None and self.connection.is_open:
+            # Our replies were consumed on it: start over on a new connection.
+            LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
+            self.connection.close()
+
+    def _on_publisher_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._publisher.opening:
+            return  # one we gave up on purpose
+        if self.io.stopping or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._publisher.forget()
+            return
+        self._publish_again_later(f"the broker closed the publishing channel ({reason})")
+
+    def _publish_again_later(self, why: str) -> None:
+        # Give the publishing channel up; its unconfirmed chunks go out first on a new one, after a pause.
+        chunks, pause = self._publisher.give_up()
+        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
+        self._jobs.put_back(chunks)
+        self.io.ioloop.call_later(pause, self._reopen_publisher)
+
+    def _reopen_publisher(self) -> None:
+        if self._publisher.opening is None:
+            self._open_publisher()
 
 
 class DistOp:
@@ -252,7 +324,7 @@ class DistOp:
         self._url = resolve(rabbit_host)
         parameters(self._url)  # a malformed URL fails here, not at the first call
         self._cond = threading.Condition()  # guards _jobs; notified when a job changes
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._link: _ClientLink | None = None
 
     def gather(self, partials: dict[int, Any]) -> Any:
@@ -275,12 +347,12 @@ class DistOp:
             start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
             for start, chunk in split(self.data, self.group_size)
         }
-        if self._link is None or self._link.failed:
+        if self._link is None or self._link.io.failed:
             self._link = None
-            link = _ClientLink(self._url, self.QUEUE, self._cond, self._jobs)
-            link.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
+            link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
+            link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
             self._link = link
-        self._link.submit(_Job(job_id, requests))  # the I/O thread publishes its chunks
+        self._link.submit(Job(job_id, requests))  # the I/O thread publishes its chunks
         return job_id
 
     def get_result(
@@ -333,7 +405,7 @@ class DistOp:
         The object stays usable: the next ``call()`` connects again.
         """
         if self._link is not None:
-            self._link.close()
+            self._link.io.close()
             self._link = None
         with self._cond:
             for job in self._jobs.values():
