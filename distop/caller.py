@@ -3,19 +3,9 @@
     python distop/caller.py [RABBIT_HOST]
 
 Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
-Guarantee: every chunk is processed, and a server's error comes back as an exception here. What each
-call does on the wire, and the pika calls behind it (DistOp, distop/dist_op.py):
-
-    PowOp(...)          nothing yet: the first call() connects
-    first call()        queue_declare("", exclusive=True)  our reply queue, "amq.gen-...", named by the
-                                                           broker, deleted with our connection
-    call(esp=2)         hands the chunks to DistOp's I/O thread and returns the job id at once; that
-                        thread publishes each: basic_publish("", "distop.chunks", chunk, persistent,
-                        mandatory, reply_to="amq.gen-...", correlation_id="JOB_ID:START"), and again
-                        until the broker confirms it
-    (servers)           each takes a chunk, publishes its result to reply_to quoting correlation_id
-    get_result(job_id)  replies of every job arrive on the one reply queue (basic_consume); JOB_ID
-                        says which job each is for, START where it goes; gather() once all are in
+Guarantee: every chunk is processed, and a server's error comes back as an exception here. run() below says,
+at each step, what goes over the wire; DistOp (distop/dist_op.py) makes the pika calls. The command line is
+at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +32,9 @@ class PowOp(DistOp):
 
 def start_job(op: DistOp, name: str, **params: Any) -> str:
     """Publish a job's chunks and return its id at once, without waiting for any result."""
+    # Returns at once. DistOp's I/O thread publishes each chunk to the work queue: basic_publish("",
+    # "distop.chunks", chunk, persistent, mandatory, reply_to="amq.gen-...", correlation_id="JOB_ID:START"),
+    # again until the broker confirms it.
     job_id = op.call(**params)
     # Each chunk's reply will carry correlation_id "JOB_ID:START": this job, and where its chunk starts.
     print(f"{name}: job {job_id[:8]}... started; its chunks go to {op.QUEUE!r}")
@@ -49,7 +42,8 @@ def start_job(op: DistOp, name: str, **params: Any) -> str:
 
 
 def run(rabbit_host: str | None) -> None:
-    # Nothing connects yet: the first call() opens the connection and its exclusive reply queue.
+    # Nothing connects yet: the first call() opens the connection and declares our reply queue,
+    # queue_declare("", exclusive=True): named by the broker ("amq.gen-..."), deleted with our connection.
     with PowOp(data=list(range(10)), group_size=3, rabbit_host=rabbit_host) as op:
         # 3 chunks for the durable work queue, published by DistOp's I/O thread: pow(chunk, esp=2).
         squares = start_job(op, "squares", esp=2)
@@ -57,6 +51,8 @@ def run(rabbit_host: str | None) -> None:
         cubes = start_job(op, "cubes", esp=3)
         # The servers work while this process does something else.
         print(f"meanwhile, here: sum(range(10**6)) = {sum(range(10**6))}")
+        # Each server takes a chunk, publishes its result to reply_to quoting the correlation_id; the
+        # replies of both jobs arrive on our one reply queue (basic_consume), each filed by JOB_ID and START.
         print("squares:", op.get_result(squares, timeout=TIMEOUT))  # blocks for 3 replies, then gathers
         print("cubes:  ", op.get_result(cubes, timeout=TIMEOUT))
     # Leaving the block closes the connection: the broker deletes the reply queue with it.

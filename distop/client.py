@@ -9,21 +9,18 @@ the durable work queue. Guarantee: the result is exact and complete, or one line
 server's op raised, a poison chunk, the broker, the timeout). Exit status 0 with the result as JSON
 on stdout, 1 when the job fails, 2 on bad arguments.
 
-The job on the wire, in run_job() below (DistOp, distop/dist_op.py, makes the pika calls):
-
-    call()        returns the job id at once; DistOp's I/O thread publishes one message per chunk to the
-                  work queue "distop.chunks" (basic_publish: persistent, reply_to = our exclusive reply
-                  queue, correlation_id = "JOB_ID:START"), again until the broker confirms it
-    the bar       one tick per reply taken off our reply queue (basic_consume), whichever server sent it
-    get_result()  returns once every chunk's reply is in, gathered by START; a chunk that kept killing
-                  servers comes back dead-lettered instead, through our reply queue: PoisonChunkError
+run_job() below is the job as RabbitMQ sees it: call() publishes the chunks and returns the job id, the
+progress bar counts the replies as they come off our reply queue, get_result() gathers them. DistOp
+(distop/dist_op.py) makes the pika calls; the command line is at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -51,20 +48,30 @@ class ConcatOp(DistOp):
 def run_job(args: argparse.Namespace) -> Any:
     """Scatter range(SIZE) as CHUNKS chunks, then gather their partial results, counting them on a bar."""
     with ConcatOp(args.op, list(range(args.size)), args.chunks, args.rabbit_host) as op:
-        # Hands the chunks to DistOp's I/O thread, which publishes them, and returns the job id at once.
-        op.call(**dict(args.param))
-        # One tick per partial result on our reply queue. disable=None: shown only on a terminal.
-        with tqdm(total=op.group_size, unit="partial", disable=True if args.quiet else None) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total  # fewer chunks than asked when the data is shorter
-                bar.update(done - bar.n)
-
-            # Waits for every partial, then gather()s them in order; PoisonChunkError is a DistOpError.
-            return op.get_result(timeout=args.timeout, progress=progress)
+        # call() hands the chunks to DistOp's I/O thread and returns the job id at once. That thread
+        # publishes each chunk to the work queue "distop.chunks": persistent, reply_to = our exclusive
+        # reply queue ("amq.gen-..."), correlation_id = "JOB_ID:START", again until the broker confirms it.
+        job_id = op.call(**dict(args.param))
+        with replies_bar(job_id, op.group_size, shown=not args.quiet) as count_replies:
+            # Blocks until our reply queue has given one reply per chunk, whichever server sent it; each
+            # one ticks the bar. Then gather() by START. A chunk that kept killing servers comes back
+            # dead-lettered through the same queue instead: PoisonChunkError, a DistOpError.
+            return op.get_result(job_id, timeout=args.timeout, progress=count_replies)
 
 
 # Command line ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replies_bar(job_id: str, chunks: int, shown: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar, on a terminal only, of the replies in for the job; yields get_result's progress()."""
+    with tqdm(total=chunks, desc=f"job {job_id[:8]}", unit="reply", disable=None if shown else True) as bar:
+
+        def count_replies(done: int, total: int) -> None:
+            bar.total = total  # fewer chunks than asked when the data is shorter
+            bar.update(done - bar.n)
+
+        yield count_replies
 
 
 def main() -> int:
