@@ -36,7 +36,7 @@ class SampleExecutor(OpExecutor):
     # and publishes {"result": [16, 25, 36]} to reply_to (basic_publish, quoting the correlation_id), then
     # acks the chunk (basic_ack). An op that raises: {"error": {...}} is the reply, RemoteError at the client.
     # A malformed chunk never gets here: it is rejected without requeue (basic_reject), into distop.dead.
-    def pow(self, chunk: list[float], esp: float = 1) -> list[float]:
+    def pow(self, chunk: list[float], esp: float = 1) -> list[float]:  # esp: the exponent
         return [x**esp for x in chunk]
 
     # Each op gets the chunk's items, a list, and returns the partial result: anything JSON can hold.

@@ -12,8 +12,8 @@ What you write (distop/caller.py does it):
         job_id = op.call(esp=2)  # returns at once; the chunks go out on the client's thread
         print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
 
-Read distop/protocol.py first (the queues and messages both sides agree on), and distop/call_one.py, the
-same RPC at its simplest. _ClientLink, below, is call_one.py pipelined: many chunks in flight, their
+Read distop/call_one.py first, the same RPC at its simplest, then distop/protocol.py (the queues and
+messages both sides agree on). _ClientLink, below, is call_one.py pipelined: many chunks in flight, their
 confirms and replies arriving in any order. It runs on a thread of its own with a SelectConnection, not a
 BlockingConnection, so that call() returns at once while replies keep arriving, and a reconnection
 publishes the jobs in flight again without the caller's help. pika calls each of its methods when the

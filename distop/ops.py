@@ -6,10 +6,11 @@ reply queue, named in the chunk's ``reply_to``; the ``correlation_id`` (job id a
 index) tells the client where the partial belongs. When every partial is in, ``get_result()`` hands
 them, in order, to ``gather()``. The lesson, line by line: docs/distop.md.
 
-It is written in four parts, to read in this order:
+Read distop/call_one.py and distop/serve_one.py first: the same RPC at its simplest, one chunk sent and
+answered. Then this library, in four parts, in this order:
 
 - distop/protocol.py: what both sides agree on: the queues, their arguments, the messages, split();
-- distop/dist_op.py: the client, DistOp, and the thread that owns its connection;
+- distop/dist_op.py: the client, DistOp (its thread, reconnection and bookkeeping: client_plumbing.py);
 - distop/op_executor.py: the server, OpExecutor;
 - distop/pipelined.py: PipelinedOpExecutor, the server that takes a chunk ahead while ops are short.
 
