@@ -286,13 +286,15 @@ def main() -> int:
     bodies = [t.encode() for t in texts]
 
     url = resolve()
-    publisher = Publisher(url, bodies)
     started = time.perf_counter()
+    publisher: Publisher | None = None
     try:
+        publisher = Publisher(url, bodies)  # BrokerError here if AMQP_URL is malformed
         publisher.run()
     except (BrokerError, KeyboardInterrupt) as exc:
         why = exc if isinstance(exc, BrokerError) else "interrupted"
-        print(f"producer: {why} ({publisher.confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
+        confirmed = publisher.confirmed if publisher is not None else 0
+        print(f"producer: {why} ({confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
     if args.count is None:
