@@ -5,7 +5,9 @@
   callback, which fails the pending jobs instead of hanging them (IOThread.run, GuardedSelectConnection).
 - JobBook: the jobs' bookkeeping on the I/O thread: which chunks to publish (again), which job a reply is
   for, filing a partial result.
-- Publisher: the publishing channel, given up for a new one after a nack, and its unconfirmed chunks.
+- Publisher: the publishing channel, given up for a new one after a nack (a workaround for RabbitMQ before
+  3.12.5), its unconfirmed chunks, and current(), which ignores what a channel given up still says.
+- QueueAgain: after a return, the work queue declared again once for the whole batch of returns.
 - Job, and DistOp's argument checks.
 """
 
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import pika
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
-from pika.frame import Method
 from pika.spec import Basic
 
 from distop import codec
@@ -39,6 +40,7 @@ LOGGER = logging.getLogger(__name__)
 # After a nack, publish again on a new channel after this pause, doubled up to the maximum.
 NACK_BACKOFF = 0.1
 MAX_NACK_BACKOFF = 2.0
+RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pause
 
 
 class GuardedSelectConnection(pika.SelectConnection):
@@ -47,6 +49,8 @@ class GuardedSelectConnection(pika.SelectConnection):
     pika calls the callbacks for what the broker sends (replies, confirms, returns, channels opened) while
     it reads the socket, and takes whatever they raise for a lost connection: the client would reconnect
     and publish every pending chunk again, and again. A bug must fail the jobs instead, with one error.
+    It overrides a private pika method: pika has no public hook for that error, and a guard around each
+    callback instead would stand between every step of the story and its pika call.
     """
 
     def __init__(
@@ -206,8 +210,8 @@ class JobBook:
                 self._outbox.extend((job_id, start) for start in self.jobs[job_id].requests)
             self._new.clear()
 
-    def every_unanswered_chunk_again(self) -> None:
-        """Every chunk whose result has not arrived goes out again: the outbox holds them all, in order."""
+    def refill_outbox_with_unanswered_chunks(self) -> None:
+        """The outbox holds every chunk whose result has not arrived, in order, and nothing else."""
         with self.cond:
             self._new.clear()
             self._outbox = collections.deque(
@@ -266,38 +270,51 @@ class JobBook:
 class Publisher:
     """The channel the chunks are published on, in confirm mode, and the chunks it has not confirmed.
 
-    A channel that nacks is given up, not published on again: on a cluster, a
-    channel can keep pointing at a queue leader that died, and nack everything
-    (a workaround for RabbitMQ before 3.12.5, harmless after); a new channel finds the new leader. The pause
-    before the next channel doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF,
-    and starts again from NACK_BACKOFF at the first ack.
+    A channel that nacks is given up, not published on again (again_on_a_new_channel): on a cluster, a
+    channel can keep pointing at a queue leader that died, and nack everything (a workaround for RabbitMQ
+    before 3.12.5, harmless after); a new channel finds the new leader. The pause before the next channel
+    doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF, and starts again from NACK_BACKOFF at the first ack.
+    A channel given up can still answer (confirms, returns, its close) until it is closed: the callbacks
+    wrapped by opened()'s current() ignore it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ioloop: IOLoop, jobs: JobBook, open_channel: Callable[[], None]) -> None:
         self.opening: Channel | None = None  # the newest channel, from its opening on
         self.channel: Channel | None = None  # the same, once in confirm mode: publish on it
         self.unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start)
         self._next_tag = 1
         self._backoff = NACK_BACKOFF
+        self._ioloop = ioloop
+        self._jobs = jobs
+        self._open_channel = open_channel  # opens the next publishing channel on the connection
 
-    def opened(self, channel: Channel) -> None:
+    def opened(self, channel: Channel) -> Callable[[Callable[..., None]], Callable[..., None]]:
+        """``channel`` is the newest; returns current(), which wraps a callback to run only while it is."""
         self.opening = channel
 
-    def ready(self, channel: Channel) -> bool:
-        """``channel`` is in confirm mode: publish on it, if it was not given up meanwhile."""
-        if channel is not self.opening:
-            return False
-        self.channel = channel
+        def current(callback: Callable[..., None]) -> Callable[..., None]:
+            def if_still_current(*args: Any) -> None:
+                if channel is self.opening:  # else given up: its chunks are in the outbox again
+                    callback(*args)
+
+            return if_still_current
+
+        return current
+
+    def ready(self) -> None:
+        """The newest channel is in confirm mode: publish on it."""
+        self.channel = self.opening
         self._next_tag = 1  # a channel numbers its deliveries from 1
         self.unconfirmed.clear()
-        return True
+
+    def channel_to_publish_on(self) -> Channel | None:
+        """The channel in confirm mode, if it is open; else None (the next one starts with the outbox)."""
+        channel = self.channel
+        return channel if channel is not None and channel.is_open else None
 
     def published(self, chunk: tuple[str, int]) -> None:
         self.unconfirmed[self._next_tag] = chunk
         self._next_tag += 1
-
-    def is_current(self, frame: Method) -> bool:
-        return self.channel is not None and frame.channel_number == self.channel.channel_number
 
     def tags(self, method: Basic.Ack | Basic.Nack) -> list[int]:
         """The delivery tags an ack or nack covers (``multiple``: every tag up to its own)."""
@@ -311,20 +328,55 @@ class Publisher:
             self.unconfirmed.pop(tag, None)
         self._backoff = NACK_BACKOFF
 
-    def give_up(self) -> tuple[list[tuple[str, int]], float]:
-        """Close and forget the channel; return its unconfirmed chunks, in order, and the pause to wait."""
-        channel = self.channel
+    def again_on_a_new_channel(self, why: str) -> None:
+        """Give the channel up; its unconfirmed chunks go out first on a new one, after a pause."""
+        channel = self.opening
         chunks = [self.unconfirmed[tag] for tag in sorted(self.unconfirmed)]
         self.forget()
         pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_NACK_BACKOFF)
         if channel is not None and channel.is_open:
             channel.close()
-        return chunks, pause
+        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
+        self._jobs.put_back(chunks)
+        self._ioloop.call_later(pause, lambda: self._reopen(channel))
+
+    def _reopen(self, given_up: Channel | None) -> None:
+        connection = given_up.connection if given_up is not None else None
+        # Not if its connection went meanwhile (the next one opens its own), nor if a channel is opening.
+        if self.opening is None and connection is not None and connection.is_open:
+            self._open_channel()
 
     def forget(self) -> None:
         """The channel is gone (or its connection is): nothing of it may be used again."""
         self.channel = self.opening = None
         self.unconfirmed.clear()
+
+
+class QueueAgain:
+    """After a return (the work queue was deleted): declare the queue again once, after RETURN_PAUSE.
+
+    Every chunk published to the deleted queue comes back, one return each: only the first declares.
+    """
+
+    def __init__(self, ioloop: IOLoop, queue: str) -> None:
+        self._ioloop = ioloop
+        self._queue = queue
+        self._declaring = False
+
+    def declare_later(self, declare: Callable[[], None]) -> None:
+        if self._declaring:
+            return  # one of a batch: the queue is being declared again
+        self._declaring = True
+        LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
+        self._ioloop.call_later(RETURN_PAUSE, declare)
+
+    def declared(self) -> None:
+        """The queue is back: the next return means it was deleted again."""
+        self._declaring = False
+
+    def forget(self) -> None:
+        """The connection is gone: the next one declares the queue anyway."""
+        self._declaring = False
 
 
 @dataclass

@@ -28,7 +28,8 @@ with the process that called it (its results go to that process's memory only).
 
 The plumbing, in distop/client_plumbing.py: IOThread (the thread and its loop, reconnection, giving up, a
 bug in a callback), JobBook (which chunks to publish, which job a reply is for), Publisher (the
-publishing channel and its unconfirmed chunks).
+publishing channel, its unconfirmed chunks, and the workaround for RabbitMQ before 3.12.5: a new channel
+after a nack), QueueAgain (after a return, the work queue declared again once for the whole batch).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from distop.client_plumbing import (
     Job,
     JobBook,
     Publisher,
+    QueueAgain,
     check_json,
     checked_data,
     pending_job,
@@ -74,7 +76,6 @@ from distop.protocol import (
 LOGGER = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 1000  # chunks published but not yet confirmed by the broker, at most
-RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pause
 CONNECT_TIMEOUT = 60.0
 
 
@@ -96,7 +97,7 @@ class _ClientLink:
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
     Then what goes wrong: the connection lost, a channel closed by the broker. Each method runs on the
-    thread ``io``, and asks it in one named call to reconnect or to give up (distop/client_plumbing.py).
+    thread ``io``; where the story meets the plumbing (distop/client_plumbing.py), one named line says so.
     """
 
     def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
@@ -106,9 +107,10 @@ class _ClientLink:
         self.connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None  # declarations, then the reply consumer
         self._reply_queue = ""  # set only while this connection's reply queue is consumed
-        self._publisher = Publisher()  # the channel the chunks go out on, and their confirms
-        self._redeclaring = False  # a chunk came back: the work queue is being declared again
         self.io = IOThread(url, self, jobs)  # runs pika's loop; calls connect(), first and after a loss
+        # The channel the chunks go out on, their confirms, and a new channel after a nack.
+        self._publisher = Publisher(self.io.ioloop, jobs, self._open_publisher)
+        self._queue_again = QueueAgain(self.io.ioloop, queue)  # after a return: declare the queue again, once
 
     def connect(self, node: pika.ConnectionParameters) -> None:
         # Asynchronous: each method below is a callback that pika calls when the broker answers.
@@ -153,28 +155,30 @@ class _ClientLink:
         # auto_ack: a reply's only destination is this process's memory; an ack would protect nothing.
         self._channel.basic_consume(queue_name, self._on_reply, auto_ack=True)
         self._reply_queue = queue_name
-        # Every chunk not yet answered goes out again: replies sent to a lost connection's reply queue are
-        # gone with it (the first time, that is every chunk submitted so far). Duplicates are ignored.
-        self._jobs.every_unanswered_chunk_again()
+        # The outbox, published once the publishing channel is ready: every chunk not yet answered. The
+        # first time, every chunk submitted so far; after a reconnection, those too whose replies went with
+        # the old reply queue (the server's duplicates are ignored).
+        self._jobs.refill_outbox_with_unanswered_chunks()
         self.io.connected()
         self._open_publisher()
 
     def _open_publisher(self) -> None:
-        if self.connection is not None and self.connection.is_open and self._reply_queue:
-            # A second channel for publishing: one given up after a nack leaves the consumer alone.
-            self.connection.channel(on_open_callback=self._on_publisher_open)
+        assert self.connection is not None
+        # A second channel for publishing: one given up after a nack leaves the consumer alone.
+        self.connection.channel(on_open_callback=self._on_publisher_open)
 
     def _on_publisher_open(self, channel: Channel) -> None:
-        self._publisher.opened(channel)
-        channel.add_on_close_callback(self._on_publisher_closed)
+        # current(f) is f, ignored once this channel is given up: after a nack, it can still answer a while.
+        current = self._publisher.opened(channel)
+        channel.add_on_close_callback(current(self._on_publisher_closed))
         # mandatory publishes that no queue takes come back here (basic.return).
-        channel.add_on_return_callback(self._on_returned)
+        channel.add_on_return_callback(current(self._on_returned))
         # Publisher confirms: the broker acks each chunk once the queue has it (on disk: it is persistent).
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_publisher_ready(channel))
+        channel.confirm_delivery(current(self._on_confirm), callback=current(self._on_publisher_ready))
 
-    def _on_publisher_ready(self, channel: Channel) -> None:
-        if self._publisher.ready(channel):  # False if given up meanwhile
-            self._publish()
+    def _on_publisher_ready(self, _frame: Method) -> None:
+        self._publisher.ready()  # publish on it; its delivery tags count from 1
+        self._publish()
 
     def submit(self, job: Job) -> None:
         """From the caller's thread: file the job, and have this thread publish its chunks."""
@@ -187,8 +191,8 @@ class _ClientLink:
         self._publish()
 
     def _publish(self) -> None:
-        channel = self._publisher.channel
-        if channel is None or not channel.is_open or not self._reply_queue:
+        channel = self._publisher.channel_to_publish_on()
+        if channel is None:
             return  # not yet: the next publishing channel starts with the outbox
         # Confirms are pipelined: up to PUBLISH_WINDOW chunks await theirs at once.
         while len(self._publisher.unconfirmed) < PUBLISH_WINDOW and (chunk := self._jobs.next_chunk()):
@@ -210,24 +214,20 @@ class _ClientLink:
 
     def _on_confirm(self, frame: Method) -> None:
         # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
-        if not self._publisher.is_current(frame):
-            return  # late, from a channel given up after a nack: its chunks are in the outbox again
         if isinstance(frame.method, Basic.Nack):
-            # Failure: the broker could not take them. On a new channel, after a pause (Publisher).
+            # Failure: the broker refused them. They go out again, on a new channel after a pause: a
+            # workaround for RabbitMQ before 3.12.5 (Publisher.again_on_a_new_channel says why).
             count = len(self._publisher.tags(frame.method))
-            self._publish_again_later(f"the broker refused {count} chunk(s)")
+            self._publisher.again_on_a_new_channel(f"the broker refused {count} chunk(s)")
             return
         self._publisher.confirmed(frame.method)
         self._publish()  # room in the window for more
 
-    def _on_returned(self, channel: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
+    def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
         # Failure: no queue took the chunk. The work queue was deleted, and every chunk of ours that waited
-        # in it with it. The chunk's ack follows, and means "dropped", not "queued".
-        if channel is not self._publisher.channel or self._redeclaring:
-            return  # one of a batch (the queue is being declared again), or from a channel given up
-        self._redeclaring = True
-        LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
-        self.io.ioloop.call_later(RETURN_PAUSE, self._declare_work_queue_again)
+        # in it with it. The chunk's ack follows, and means "dropped", not "queued". Declare the queue again
+        # after a pause, once for all the chunks that come back meanwhile (QueueAgain).
+        self._queue_again.declare_later(self._declare_work_queue_again)
 
     def _declare_work_queue_again(self) -> None:
         # pc's producer refuses to recreate its deleted queue, as that would hide the loss of messages it
@@ -238,10 +238,10 @@ class _ClientLink:
             )
 
     def _publish_unanswered(self, _frame: Method) -> None:
+        self._queue_again.declared()  # the next return is a new deletion
         # As on a reconnection: the deleted queue took with it those that waited in it; duplicates of the
         # others are ignored.
-        self._redeclaring = False
-        self._jobs.every_unanswered_chunk_again()
+        self._jobs.refill_outbox_with_unanswered_chunks()
         self._publish()
 
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
@@ -269,9 +269,9 @@ class _ClientLink:
         # The connection is gone, and with it its channels and our reply queue (the broker deletes it):
         # nothing of it may be used again. The next connection declares the queue and publishes everything.
         self._channel = None
-        self._publisher.forget()
         self._reply_queue = ""
-        self._redeclaring = False
+        self._publisher.forget()  # the publishing channel went with the connection
+        self._queue_again.forget()  # the next connection declares the work queue anyway
         self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
@@ -285,24 +285,12 @@ class _ClientLink:
             LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
             self.connection.close()
 
-    def _on_publisher_closed(self, channel: Channel, reason: Exception) -> None:
-        if channel is not self._publisher.opening:
-            return  # one we gave up on purpose
+    def _on_publisher_closed(self, _channel: Channel, reason: Exception) -> None:
         if self.io.stopping or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._publisher.forget()
+            self._publisher.forget()  # we closed it, or its connection went
             return
-        self._publish_again_later(f"the broker closed the publishing channel ({reason})")
-
-    def _publish_again_later(self, why: str) -> None:
-        # Give the publishing channel up; its unconfirmed chunks go out first on a new one, after a pause.
-        chunks, pause = self._publisher.give_up()
-        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
-        self._jobs.put_back(chunks)
-        self.io.ioloop.call_later(pause, self._reopen_publisher)
-
-    def _reopen_publisher(self) -> None:
-        if self._publisher.opening is None:
-            self._open_publisher()
+        # The broker closed it: its unconfirmed chunks go out again on a new channel, after a pause.
+        self._publisher.again_on_a_new_channel(f"the broker closed the publishing channel ({reason})")
 
 
 class DistOp:
