@@ -9,18 +9,17 @@ the durable work queue. Guarantee: the result is exact and complete, or one line
 server's op raised, a poison chunk, the broker, the timeout). Exit status 0 with the result as JSON
 on stdout, 1 when the job fails, 2 on bad arguments.
 
-run_job() below is the job as RabbitMQ sees it: call() publishes the chunks and returns the job id, the
-progress bar counts the replies as they come off our reply queue, get_result() gathers them. DistOp
-(distop/dist_op.py) makes the pika calls; the command line is at the end.
+run_job() below is the job as RabbitMQ sees it: call() publishes the chunks and returns the job id,
+get_result() waits for one reply per chunk on our reply queue, then gathers them. DistOp
+(distop/dist_op.py) makes the pika calls. The plumbing is at the end: the op class, the progress bar and
+the command line.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -30,11 +29,39 @@ from distop.errors import DistOpError
 from distop.ops import DistOp
 
 
+def run_job(
+    op_name: str,
+    data: list[int],
+    chunks: int,
+    *,
+    params: dict[str, Any],
+    timeout: float,
+    rabbit_host: str | None,
+    bar: RepliesBar,
+) -> Any:
+    """Scatter ``data`` as ``chunks`` chunks to the servers that run ``op_name``; gather their results."""
+    # Nothing connects yet: the first call() opens the connection (rabbit_host, else AMQP_URL, else
+    # localhost) and declares our reply queue: exclusive, named by the broker ("amq.gen-...").
+    with ConcatOp(op_name, data, chunks, rabbit_host) as op:
+        # call() hands the chunks to DistOp's I/O thread and returns the job id at once. That thread
+        # publishes each chunk to the work queue "distop.chunks": persistent, reply_to = our reply queue,
+        # correlation_id = "JOB_ID:START", again until the broker confirms it.
+        job_id = op.call(**params)
+        # Blocks until our reply queue has given one reply per chunk, whichever server sent it; each one
+        # ticks the bar. Then gather() by START. A chunk that kept killing servers comes back
+        # dead-lettered through the same queue instead: PoisonChunkError, a DistOpError.
+        return op.get_result(job_id, timeout=timeout, progress=bar.counter(job_id, op.group_size))
+    # Leaving the block closes the connection: the broker deletes the reply queue with it.
+
+
+# The op class, the progress bar, the command line ---------------------------
+
+
 class ConcatOp(DistOp):
     """The op named on the command line; its partial results are lists, concatenated in order."""
 
     def __init__(self, op_name: str, data: list[Any], chunks: int, rabbit_host: str | None) -> None:
-        self.OP_NAME = op_name  # the servers' method to run: chosen at run time, so set on the object
+        self.OP_NAME = op_name  # DistOp's op name, usually a class attribute: here chosen at run time
         super().__init__(data, chunks, rabbit_host)
 
     def gather(self, partials: dict[int, Any]) -> list[Any]:
@@ -45,33 +72,30 @@ class ConcatOp(DistOp):
         return result
 
 
-def run_job(args: argparse.Namespace) -> Any:
-    """Scatter range(SIZE) as CHUNKS chunks, then gather their partial results, counting them on a bar."""
-    with ConcatOp(args.op, list(range(args.size)), args.chunks, args.rabbit_host) as op:
-        # call() hands the chunks to DistOp's I/O thread and returns the job id at once. That thread
-        # publishes each chunk to the work queue "distop.chunks": persistent, reply_to = our exclusive
-        # reply queue ("amq.gen-..."), correlation_id = "JOB_ID:START", again until the broker confirms it.
-        job_id = op.call(**dict(args.param))
-        with replies_bar(job_id, op.group_size, shown=not args.quiet) as count_replies:
-            # Blocks until our reply queue has given one reply per chunk, whichever server sent it; each
-            # one ticks the bar. Then gather() by START. A chunk that kept killing servers comes back
-            # dead-lettered through the same queue instead: PoisonChunkError, a DistOpError.
-            return op.get_result(job_id, timeout=args.timeout, progress=count_replies)
+class RepliesBar:
+    """A progress bar, on a terminal only, of the replies in for a job; closed on leaving ``with``."""
 
+    def __init__(self, shown: bool) -> None:
+        self._shown = shown
+        self._bar: tqdm[Any] | None = None
 
-# Command line ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def replies_bar(job_id: str, chunks: int, shown: bool) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar, on a terminal only, of the replies in for the job; yields get_result's progress()."""
-    with tqdm(total=chunks, desc=f"job {job_id[:8]}", unit="reply", disable=None if shown else True) as bar:
+    def counter(self, job_id: str, chunks: int) -> Callable[[int, int], None]:
+        """get_result's progress(done, total), ticking a bar named after the job."""
+        disable = None if self._shown else True  # None: shown on a terminal only
+        bar = self._bar = tqdm(total=chunks, desc=f"job {job_id[:8]}", unit="reply", disable=disable)
 
         def count_replies(done: int, total: int) -> None:
             bar.total = total  # fewer chunks than asked when the data is shorter
             bar.update(done - bar.n)
 
-        yield count_replies
+        return count_replies
+
+    def __enter__(self) -> RepliesBar:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def main() -> int:
@@ -95,7 +119,16 @@ def main() -> int:
     setup_logging()
 
     try:
-        result = run_job(args)
+        with RepliesBar(shown=not args.quiet) as bar:
+            result = run_job(
+                args.op,
+                list(range(args.size)),
+                args.chunks,
+                params=dict(args.param),
+                timeout=args.timeout,
+                rabbit_host=args.rabbit_host,
+                bar=bar,
+            )
     except (DistOpError, TimeoutError) as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 1
