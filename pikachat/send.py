@@ -72,7 +72,7 @@ class Sender:
         self.id = uuid.uuid4().hex  # in every message: lets chat.py skip its own lines
         # The connection and channel that open_channel gives, opened again when lost (sender_plumbing.py).
         self.plumbing = plumbing.SenderPlumbing(url, open_channel)
-        self.url = self.plumbing.url  # with blocked_connection_timeout set: see Sender.send
+        self.url = self.plumbing.url  # with blocked_connection_timeout set: see SenderPlumbing.publishing
 
     def open(self) -> None:
         """open_channel, above; raise BrokerError if the broker cannot be reached or refuses."""
@@ -86,38 +86,28 @@ class Sender:
         what = plumbing.preview(text) if kind == "say" else f"the {kind} notice"
         body = encode(Message(kind, self.name, self.id, text, time.time()))
         try:
-            # While pika waits for the broker: a second Ctrl-C may cut the wait, and a broker that
-            # blocks publishers is reported at once, naming this line (sender_plumbing.py).
-            with self.plumbing.waiting_for_broker(what):
-                # The broker or the channel lost since the last line? open_channel again (plumbing).
-                channel = self.plumbing.reopen_if_lost()
+            # The plumbing (sender_plumbing.py): a channel, opened again if lost since the last line; it
+            # also ends a publish blocked too long (BlockedTooLongError) and handles a second Ctrl-C.
+            with self.plumbing.publishing(what) as channel:
                 # mandatory: with no queue bound, the broker returns the message (basic.return) before
                 # it confirms, and pika raises UnroutableError; without it, the line would vanish silently.
                 channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
-        except pika.exceptions.UnroutableError:  # returned: no queue was bound, nobody listens
+        # The broker's answers, but for the confirm itself (under else, below).
+        except pika.exceptions.UnroutableError:  # returned (basic.return): no queue bound, nobody listens
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
-        except pika.exceptions.NackError:  # the confirm was a nack; the channel is fine
+        except pika.exceptions.NackError:  # nacked (basic.nack): the broker refused it; the channel is fine
             why = "the broker refused it"
-        # Blocked past blocked_connection_timeout (60 s); caught before its base class, AMQPConnectionError.
-        except pika.exceptions.ConnectionBlockedTimeout:
-            self.plumbing.drop()  # sending more would only block again: give up on the rest
-            raise plumbing.BlockedTooLongError(
-                f"gave up on {what}: the broker blocked it for {self.plumbing.blocked_for:g} s"
-            ) from None
-        # pika's two kinds of failure: a channel error closes the channel, a connection error everything.
-        except pika.exceptions.AMQPChannelError as exc:  # e.g. the exchange was deleted
+        except pika.exceptions.AMQPChannelError as exc:  # the channel closed, e.g. the exchange was deleted
             self.plumbing.drop()  # the next line opens a channel and declares the exchange again
             why = f"the broker closed the channel: {exc}"
-        except pika.exceptions.AMQPConnectionError as exc:  # before or after the broker took the line
+        except pika.exceptions.AMQPConnectionError as exc:  # the connection lost, before or after the confirm
             self.plumbing.drop()  # the next line reconnects
             why = f"lost the broker ({type(exc).__name__})"
-        except BrokerError as exc:  # reconnecting found no broker
+        # Not an answer from the broker: the plumbing's, in one exception (SenderPlumbing.publishing).
+        except plumbing.NotSentError as exc:  # reconnecting failed, or a second Ctrl-C cut the wait
             why = str(exc)
-        except plumbing.SecondSignalError as exc:  # a second Ctrl-C cut pika's wait
-            self.plumbing.abandon()  # no close handshake: a broker that blocks us would never answer it
-            why = str(exc)
-        else:
+        else:  # basic_publish returned: the broker routed it to every bound queue and confirmed (basic.ack)
             return True
         # Not sent, or not known to be: never sent again, since it would show
         # twice if the first copy went out. Reported instead.

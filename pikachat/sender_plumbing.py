@@ -4,12 +4,16 @@ send.py tells the story: open_channel, the loop over the lines typed, the
 publish, and what each answer from the broker means for the line. This is the
 rest, which a learner may skip:
 
+- ``publishing``, the one line around send.py's publish: it gives the open
+  channel, and turns what is no answer from the broker into one exception
+  each: reconnecting failed or a second Ctrl-C (NotSentError, the line is
+  reported), blocked past the timeout (BlockedTooLongError, the sender stops);
 - reconnecting after a lost broker: before the next line (``reopen_if_lost``),
   or while idle, with capped back-off and jitter (``keep_alive``);
 - serving the connection while idle, so that heartbeats are answered and a
   lost broker is noticed before a line is lost with it;
 - a broker that blocks publishers (memory or disk alarm): saying so at once
-  (``watch_blocked``), and a timeout after which Sender.send gives up
+  (``watch_blocked``), and a timeout after which the publish gives up
   (``with_blocked_timeout``);
 - Ctrl-C: the first finishes the line in hand, the second stops at once
   (``stop_on_signals``, the ``busy`` flag, and ``abandon``).
@@ -48,6 +52,10 @@ class BlockedTooLongError(Exception):
     """The broker blocked a line past the timeout: sending more would only block again."""
 
 
+class NotSentError(Exception):
+    """The line was not sent, or not known to be, for a reason other than an answer from the broker."""
+
+
 class SecondSignalError(Exception):
     """A second Ctrl-C or SIGTERM came while the sender waited inside pika."""
 
@@ -59,10 +67,10 @@ class SenderPlumbing:
     """A channel from ``open_channel(url)`` (send.py), opened again whenever it is lost.
 
     Sender (send.py) calls it: ``open()`` connects and raises BrokerError if
-    it cannot; ``reopen_if_lost()``, inside ``waiting_for_broker()``, gives an
-    open channel; ``drop()`` and ``abandon()`` let go of a failed connection;
-    ``keep_alive()`` serves it while there is nothing to send. It owns a
-    BlockingConnection, so use it from one thread.
+    it cannot; ``publishing()`` gives an open channel to publish on; ``drop()``
+    lets go of a connection that failed; ``keep_alive()`` serves it while
+    there is nothing to send. It owns a BlockingConnection, so use it from one
+    thread.
     """
 
     def __init__(self, url: str, open_channel: OpenChannel) -> None:
@@ -89,15 +97,32 @@ class SenderPlumbing:
         self._lost, self._backoff = False, FIRST_BACKOFF
 
     @contextlib.contextmanager
-    def waiting_for_broker(self, in_hand: str) -> Iterator[None]:
-        """Mark a wait for the broker about ``in_hand`` (a line, as the log names it).
+    def publishing(self, in_hand: str) -> Iterator[BlockingChannel]:
+        """Give the open channel to publish ``in_hand`` on (a line, as the log names it), reopened if lost.
 
-        A broker that blocks publishers meanwhile is reported naming that line; a
-        second Ctrl-C meanwhile raises SecondSignalError inside pika (stop_on_signals).
+        What is no answer from the broker ends here. Reconnecting failed, or a
+        second Ctrl-C cut pika's wait: NotSentError, and the line is reported
+        as not sent. The broker blocked the publish past blocked_connection_timeout:
+        BlockedTooLongError, since sending more would only block again. The
+        broker's answers pass through, to the story.
         """
-        self.in_hand = in_hand
-        with self._inside_pika():
-            yield
+        self.in_hand = in_hand  # a broker that blocks publishers meanwhile is reported naming it
+        try:
+            # busy: a second Ctrl-C meanwhile raises SecondSignalError inside pika (stop_on_signals).
+            with self._inside_pika():
+                yield self.reopen_if_lost()
+        except BrokerError as exc:  # reconnecting found no broker
+            raise NotSentError(str(exc)) from None
+        except SecondSignalError as exc:
+            self.abandon()  # no close handshake: a broker that blocks us would never answer it
+            raise NotSentError(str(exc)) from None
+        # Blocked past blocked_connection_timeout (60 s); a kind of AMQPConnectionError, so caught here,
+        # before the story takes it for a lost connection.
+        except pika.exceptions.ConnectionBlockedTimeout:
+            self.drop()  # sending more would only block again: give up on the rest
+            raise BlockedTooLongError(
+                f"gave up on {in_hand}: the broker blocked it for {self.blocked_for:g} s"
+            ) from None
 
     def reopen_if_lost(self) -> BlockingChannel:
         """The open channel; after a lost broker or channel, open_channel again (BrokerError if it cannot)."""
