@@ -5,7 +5,8 @@
 
 Start one or more, before or after the clients (distop/client.py, distop/caller.py): chunks wait in
 the queue. Ctrl-C or SIGTERM stops a server after the chunk in hand; a second one at once, and that
-chunk goes back to the queue.
+chunk goes back to the queue. distop/serve_one.py is a server at its simplest, with the same pika calls
+in one function.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
 Guarantee: every chunk is processed, and a server's error comes back as an exception here. run() below says,
-at each step, what goes over the wire; DistOp (distop/dist_op.py) makes the pika calls. The command line is
-at the end.
+at each step, what goes over the wire; DistOp (distop/dist_op.py) makes the pika calls, as distop/call_one.py
+makes them for one chunk, at its simplest. The command line is at the end.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
     python distop/client.py --op pow --param esp=3 --size 1000 --chunks 8
     python distop/client.py rabbit.example --op plusone --timeout 10
 
-Pairs with distop/callee.py, the servers; start them before or after this script: the chunks wait in
-the durable work queue. Guarantee: the result is exact and complete, or one line says why not (a
-server's op raised, a poison chunk, the broker, the timeout). Exit status 0 with the result as JSON
-on stdout, 1 when the job fails, 2 on bad arguments.
+The pika calls behind it are distop/call_one.py's, for many chunks (DistOp). Pairs with distop/callee.py, the
+servers; start them before or after this script: the chunks wait in the durable work queue. Guarantee: the
+result is exact and complete, or one line says why not (a server's op raised, a poison chunk, the broker, the
+timeout). Exit status 0 with the result as JSON on stdout, 1 when the job fails, 2 on bad arguments.
 
 run_job() below is the job as RabbitMQ sees it: call() publishes the chunks and returns the job id,
 get_result() waits for one reply per chunk on our reply queue, then gathers them. DistOp

@@ -297,10 +297,10 @@ class DistOp:
     """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
 
     ``data`` is a non-empty list of JSON-serialisable items, split into
-    ``group_size`` chunks (one per server). ``rabbit_host`` is a host name or
-    an amqp(s):// URL; without it, ``AMQP_URL``, then localhost. Nothing
-    connects until the first ``call()``. Use it as a context manager, or call
-    ``close()``, to release the connection.
+    ``group_size`` chunks (one per server): a count of chunks, not their size.
+    ``rabbit_host`` is a host name or an amqp(s):// URL; without it,
+    ``AMQP_URL``, then localhost. Nothing connects until the first ``call()``.
+    Use it as a context manager, or call ``close()``, to release the connection.
     """
 
     OP_NAME: str = ""  # the name of the servers' op; set per object if chosen at run time

@@ -1,7 +1,8 @@
 """Consume the durable queue ``pc``, acknowledging each message once handled.
 
 Pairs with pc/producer.py; either may start first, because the queue keeps
-messages until a consumer acknowledges them.
+messages until a consumer acknowledges them. Read pc/consume_one.py first: the
+same consumer in 49 lines, without reconnection, batched acks or failing handlers.
 
     python pc/consumer.py            # Ctrl-C or SIGTERM to stop
     python pc/consumer.py --quiet    # no line per message (for benchmarks)

@@ -1,7 +1,8 @@
 """Publish messages to the durable queue ``pc`` and wait for the broker's confirms.
 
 Pairs with pc/consumer.py; run it before or after the consumer, as often as
-you like: the queue keeps the messages until a consumer takes them.
+you like: the queue keeps the messages until a consumer takes them. Read
+pc/send_many.py first: the same publish, confirms pipelined, with nothing retried.
 
     python pc/producer.py my awesome message     # one message
     python pc/producer.py --count 10000 batch    # 'batch 1' .. 'batch 10000'
