@@ -15,12 +15,10 @@ one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
 Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
 round trip per message as pc/send_one.py does. ``Publisher`` is the story, and
-the code that runs: its docstring maps the steps in the order they happen, and
-its methods make only the calls the protocol requires. Where the story meets a
-failure, it says so in one line and calls pc/publisher_plumbing.py for the
-detail, saying whether that is RabbitMQ's contract (reconnect, publish a nacked
-message again) or a workaround for RabbitMQ 3.10 (a new channel after a nack,
-the confirm watchdog). Tested against RabbitMQ 3.10.
+the code that runs: its docstring maps the steps in the order they happen.
+Where the story meets a failure, it says so in one line and calls a hook of
+pc/publisher_plumbing.py for the detail (back-off, the confirm watchdog).
+Tested against RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -68,16 +66,14 @@ class Publisher:
                                 channel.queue_declare("pc")       durable (passive after the first time)
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
         _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: _on_nack
-        _on_nack                                                  publish the unconfirmed again
+        _on_nack                channel.close(), then a new one   publish the unconfirmed again
         _on_returned            (basic.return)                    no queue took it: fail
         _on_blocked             (connection.blocked)              a memory or disk alarm: wait
-        _on_channel_closed      (channel.close)                   an error in a command: fail
-        _on_connection_closed   (connection.close)                stop the ioloop: run() reconnects,
-                                                                  or raises why it stopped
+        _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() reconnects,
+        _on_connection_closed                                     or raises why it stopped
 
     What goes wrong is named where it happens; ``self._recovery`` (pc/publisher_plumbing.py)
-    holds the detail, and each line that calls it says whether it is RabbitMQ's contract or
-    a workaround for RabbitMQ 3.10.
+    holds the detail: how long to wait before reconnecting, after a nack, and the confirm watchdog.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
@@ -86,8 +82,11 @@ class Publisher:
         self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         self._recovery = Recovery(url, self._outbox, self._nodes)
         self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None  # the one we publish on
+        self._channel: Channel | None = None  # None while a new one opens after a nack
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
+        # True: declare pc passively, only checking that it is there. A publisher that
+        # comes back after pc was deleted must not create it again (see _on_channel_open).
+        self.passive = False
 
     @property
     def confirmed(self) -> int:
@@ -121,43 +120,45 @@ class Publisher:
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        # Contract: a later loss is a new outage. Workaround (RabbitMQ 3.10): confirms that
-        # never come; a watchdog reconnects (Recovery.watch_confirms).
+        # Connected: a later loss is a new outage. Confirms that never come: the watchdog reconnects.
         self._recovery.connected(connection, lambda: self._channel)
+        self._open_channel(connection)
+
+    def _open_channel(self, connection: pika.SelectConnection) -> None:
         # A channel: the session we declare, publish and receive confirms on.
-        connection.channel(on_open_callback=self._on_channel_open)
+        if connection is self._connection and connection.is_open and self._failure is None:
+            connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         self._outbox.new_channel()  # its delivery tags start from 1
-        # The broker closes a channel on an error, such as a declaration it refuses. Workaround
-        # (RabbitMQ before 3.12.5): not for one given up after a nack (Recovery.unless_given_up).
-        channel.add_on_close_callback(self._recovery.unless_given_up(channel, self._on_channel_closed))
+        # The broker closes a channel on an error, such as a declaration it refuses.
+        channel.add_on_close_callback(self._on_channel_closed)
         # A mandatory message the broker cannot route comes back here (basic.return).
         channel.add_on_return_callback(self._on_returned)
         # Three commands in a row, a callback on the last only: pika sends the
         # others without asking for an answer (nowait), and the broker takes a
         # channel's commands in order, so that answer means all three are done.
         # Publisher confirms: the broker now acks (or nacks) every message we
-        # publish on this channel, numbered 1, 2, 3... as we publish them. None once
-        # we close the channel: after a nack, or a failure (Recovery.confirms_while_open).
-        channel.confirm_delivery(self._recovery.confirms_while_open(channel, self._on_confirm))
+        # publish on this channel, numbered 1, 2, 3... as we publish them.
+        channel.confirm_delivery(self._on_confirm)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
         # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
         # whichever starts first creates it. Passive: the broker only checks that
-        # it is there, and closes the channel (404) if not; our exit status's
-        # promise, not RabbitMQ's: once declared, pc is never created again (Recovery.passive).
+        # it is there, and closes the channel (404) if not. Our exit status
+        # promises that what was confirmed is in pc; a deleted pc took those
+        # messages with it, and recreating it would let us exit 0 anyway.
         channel.queue_declare(
             QUEUE,
             durable=True,
             arguments=QUEUE_ARGUMENTS,
-            passive=self._recovery.passive,
+            passive=self.passive,
             callback=self._on_declared,
         )
 
     def _on_declared(self, _frame: Method) -> None:
-        self._recovery.declared()  # pc is there: from now on only checked (Recovery.passive)
+        self.passive = True  # pc declared: a new connection or channel only checks that it is there
         self._publish()
 
     def _publish(self) -> None:
@@ -170,6 +171,10 @@ class Publisher:
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
+        if self._channel is None or frame.channel_number != self._channel.channel_number:
+            return  # from a channel given up after a nack: its tag would name the wrong message
+        if self._failure is not None:
+            return  # failed already, say at a return: the ack after it means "dropped"
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe. One confirm may cover many messages:
@@ -184,26 +189,31 @@ class Publisher:
             self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
 
     def _on_nack(self, refused: int) -> None:
-        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error)."""
-        # Contract: publish every unconfirmed message again, after a pause (Recovery.on_nack).
-        pause = self._recovery.on_nack(refused)
+        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error).
+
+        The contract: publish them again. Here every unconfirmed message goes
+        again on a new channel, after a pause (why a new one: Recovery.on_nack).
+        """
+        pause = self._recovery.on_nack(refused)  # logs; the unconfirmed are to send again
         if pause is None:  # nacks and nothing else for NACKS_FOR seconds: give up
             self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
             return
-        assert self._connection is not None and self._channel is not None
-        # Workaround (RabbitMQ before 3.12.5): not on this channel, which may keep nacking, but
-        # on a new one; _on_channel_open then declares and publishes (Recovery.new_channel).
-        self._recovery.new_channel(self._connection, self._channel, pause, self._on_channel_open)
+        channel, self._channel = self._channel, None  # its confirms and close are ignored from now on
+        assert channel is not None and self._connection is not None
+        channel.close()
+        connection = self._connection
+        connection.ioloop.call_later(pause, lambda: self._open_channel(connection))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # The broker sends basic.return for a mandatory message no queue took,
         # then basic.ack for it: that ack means "dealt with" (dropped), not
-        # "queued". So fail here, at the return: _fail closes the channel, and so its ack is dropped.
+        # "queued". So fail here, at the return; _on_confirm ignores the ack after it.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
     def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
         # closes the connection after blocked_connection_timeout (_on_connection_closed).
+        self._recovery.blocked = True  # the confirm watchdog leaves a blocked connection alone
         LOGGER.warning(
             "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
             frame.method.reason,
@@ -211,9 +221,12 @@ class Publisher:
         )
 
     def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self._recovery.blocked = False
         LOGGER.info("the broker has unblocked this connection")
 
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._channel:
+            return  # one given up after a nack
         # The broker closed the channel on an error in a command: the same command would fail
         # alike. One line, exit 1; channel_error says which (a queue declared otherwise, pc deleted).
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
