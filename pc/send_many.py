@@ -113,14 +113,16 @@ def main() -> int:
         parser.error("count must be at least 1")
     text = " ".join(args.words)
     bodies = [f"{text} {i}".encode() for i in range(1, args.count + 1)]
+    sender: SendMany | None = None
     try:
         sender = SendMany(resolve(), bodies)
         sender.run()
     except BrokerError as exc:  # a malformed AMQP_URL
         print(f"send_many: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("send_many: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: those confirmed are in pc; the others may or may not be
+        confirmed = sender.confirmed if sender is not None else 0
+        print(f"send_many: interrupted ({confirmed} of {len(bodies)} confirmed)", file=sys.stderr)
         return 1
     if sender.confirmed < len(bodies):
         print(f"send_many: {sender.error} ({sender.confirmed} of {len(bodies)} confirmed)", file=sys.stderr)

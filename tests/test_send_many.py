@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import signal
+
 import pika
 
-from tests.conftest import Spawn, assert_one_line_error, free_port, messages_ready, run_to_end
+from tests.conftest import (
+    Spawn,
+    assert_one_line_error,
+    free_port,
+    messages_ready,
+    run_to_end,
+    wait_until,
+)
 from tests.docs import doc_command
 
 
@@ -47,3 +57,15 @@ def test_a_malformed_url_and_a_bad_count_are_one_line(spawn: Spawn) -> None:
     counted = run_to_end(spawn, "pc/send_many.py", "0")
     assert counted.popen.returncode == 2
     assert counted.stderr_lines[-1] == "send_many.py: error: count must be at least 1"
+
+
+def test_ctrl_c_says_how_many_were_confirmed(spawn: Spawn, amqp_url: str) -> None:
+    sender = spawn("pc/send_many.py", "300000")
+    wait_until(lambda: (messages_ready(amqp_url, "pc") or 0) >= 1000, 30, "send_many to be publishing")
+    sender.signal(signal.SIGINT)
+    assert sender.wait(15) == 1, sender.output
+    last = re.fullmatch(r"send_many: interrupted \((\d+) of 300000 confirmed\)", sender.stderr_lines[-1])
+    assert last, sender.output
+    # Those it counts as confirmed are in the queue; more may be (queued, their confirms on the way).
+    assert 0 < int(last.group(1)) <= (messages_ready(amqp_url, "pc") or 0) < 300000
+    assert "Traceback" not in sender.output
