@@ -1,12 +1,13 @@
 """The plumbing under distop's client; the RabbitMQ story is _ClientLink in distop/dist_op.py, which calls it.
 
 - IOThread: the thread that runs pika's loop, for the life of one _ClientLink: reconnection with back-off
-  to each node in turn, giving up (every pending job fails with one error), shutdown, and a bug in a
-  callback, which fails the pending jobs instead of hanging them (IOThread.run, GuardedSelectConnection).
+  to each node in turn, starting over on a new connection after a nack, giving up (every pending job
+  fails with one error), shutdown, and a bug in a callback, which fails the pending jobs instead of
+  hanging them (IOThread.run, GuardedSelectConnection).
 - JobBook: the jobs' bookkeeping on the I/O thread: which chunks to publish (again), which job a reply is
   for, filing a partial result.
-- Publisher: the publishing channel, given up for a new one after a nack (a workaround for RabbitMQ before
-  3.12.5), its unconfirmed chunks, and current(), which ignores what a channel given up still says.
+- Unconfirmed: the chunks published on the channel and not yet confirmed, by delivery tag, and the pause
+  before starting over.
 - QueueAgain: after a return, the work queue declared again once for the whole batch of returns.
 - Job, and DistOp's argument checks.
 """
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import pika
 from pika.adapters.select_connection import IOLoop
-from pika.channel import Channel
 from pika.spec import Basic
 
 from distop import codec
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-# After a nack, publish again on a new channel after this pause, doubled up to the maximum.
+# After a nack, start over on a new connection after this pause, doubled up to the maximum.
 NACK_BACKOFF = 0.1
 MAX_NACK_BACKOFF = 2.0
 RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pause
@@ -88,6 +88,7 @@ class IOThread(threading.Thread):
         self._lost_since: float | None = None
         self._backoff = 0.5
         self._closing = False
+        self._start_over_in: float | None = None  # set while closing a connection to start over
 
     @property
     def stopping(self) -> bool:
@@ -158,8 +159,30 @@ class IOThread(threading.Thread):
         if self.stopping:
             self.ioloop.stop()
             return
+        if self._start_over_in is not None:  # closed by start_over, which said why
+            pause, self._start_over_in = self._start_over_in, None
+            self.ioloop.call_later(pause, self._connect)
+            return
         LOGGER.warning("lost the broker (%s); reconnecting", reason)
         self.reconnect_later()
+
+    def start_over(self, why: str, pause: float) -> None:
+        """Close the connection; after ``pause``, a new one publishes every chunk not yet answered.
+
+        For a nack, or a channel the broker closed: the contract is to publish again what it refused, and a
+        new connection does that and more (the replies in flight go with the old reply queue; duplicates
+        are ignored). A new channel, not the same one: on a RabbitMQ 3.10 cluster, a channel opened just
+        as a node died can keep pointing at the queue's dead leader and nack everything published on it
+        (fixed in 3.12.5); a new channel finds the new leader.
+        """
+        connection = self._link.connection
+        if self._start_over_in is not None or connection is None or not connection.is_open:
+            return  # starting over already (nacks come in batches), or the connection is going anyway
+        LOGGER.warning(
+            "%s; publishing every chunk not yet answered again in %.1f s, on a new connection", why, pause
+        )
+        self._start_over_in = pause
+        connection.close()  # then connection_lost
 
     def reconnect_later(self) -> None:
         now = time.monotonic()
@@ -222,10 +245,6 @@ class JobBook:
                 if start not in job.partials
             )
 
-    def put_back(self, chunks: list[tuple[str, int]]) -> None:
-        """Chunks a channel did not confirm go out first on the next one."""
-        self._outbox.extendleft(reversed(chunks))
-
     def next_chunk(self) -> tuple[str, int, bytes] | None:
         """The next chunk in the outbox whose job still waits for it: (job id, start, body); None if none."""
         with self.cond:
@@ -267,89 +286,50 @@ class JobBook:
             self.cond.notify_all()
 
 
-class Publisher:
-    """The channel the chunks are published on, in confirm mode, and the chunks it has not confirmed.
+class Unconfirmed:
+    """The chunks published on this connection's channel that the broker has not confirmed yet.
 
-    A channel that nacks is given up, not published on again (again_on_a_new_channel): on a cluster, a
-    channel can keep pointing at a queue leader that died, and nack everything (a workaround for RabbitMQ
-    before 3.12.5, harmless after); a new channel finds the new leader. The pause before the next channel
-    doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF, and starts again from NACK_BACKOFF at the first ack.
-    A channel given up can still answer (confirms, returns, its close) until it is closed: the callbacks
-    wrapped by opened()'s current() ignore it.
+    A channel in confirm mode numbers what it publishes 1, 2, 3... (delivery tags); an ack or a nack names
+    one tag, or with ``multiple`` every tag up to it. After a nack, the next connection comes after a
+    pause (backoff) that doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF, back to NACK_BACKOFF at an ack.
     """
 
-    def __init__(self, ioloop: IOLoop, jobs: JobBook, open_channel: Callable[[], None]) -> None:
-        self.opening: Channel | None = None  # the newest channel, from its opening on
-        self.channel: Channel | None = None  # the same, once in confirm mode: publish on it
-        self.unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start)
+    def __init__(self) -> None:
+        self._chunks: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start)
         self._next_tag = 1
         self._backoff = NACK_BACKOFF
-        self._ioloop = ioloop
-        self._jobs = jobs
-        self._open_channel = open_channel  # opens the next publishing channel on the connection
+        self._pause: float | None = None  # this connection's pause before starting over, once asked for
 
-    def opened(self, channel: Channel) -> Callable[[Callable[..., None]], Callable[..., None]]:
-        """``channel`` is the newest; returns current(), which wraps a callback to run only while it is."""
-        self.opening = channel
-
-        def current(callback: Callable[..., None]) -> Callable[..., None]:
-            def if_still_current(*args: Any) -> None:
-                if channel is self.opening:  # else given up: its chunks are in the outbox again
-                    callback(*args)
-
-            return if_still_current
-
-        return current
-
-    def ready(self) -> None:
-        """The newest channel is in confirm mode: publish on it."""
-        self.channel = self.opening
-        self._next_tag = 1  # a channel numbers its deliveries from 1
-        self.unconfirmed.clear()
-
-    def channel_to_publish_on(self) -> Channel | None:
-        """The channel in confirm mode, if it is open; else None (the next one starts with the outbox)."""
-        channel = self.channel
-        return channel if channel is not None and channel.is_open else None
+    def __len__(self) -> int:
+        return len(self._chunks)
 
     def published(self, chunk: tuple[str, int]) -> None:
-        self.unconfirmed[self._next_tag] = chunk
+        self._chunks[self._next_tag] = chunk
         self._next_tag += 1
 
     def tags(self, method: Basic.Ack | Basic.Nack) -> list[int]:
         """The delivery tags an ack or nack covers (``multiple``: every tag up to its own)."""
         if method.multiple:
             # Tags go in increasing: stop at the first beyond, not scan all 1,000.
-            return list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self.unconfirmed))
+            return list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self._chunks))
         return [method.delivery_tag]
 
     def confirmed(self, method: Basic.Ack) -> None:
         for tag in self.tags(method):
-            self.unconfirmed.pop(tag, None)
+            self._chunks.pop(tag, None)
         self._backoff = NACK_BACKOFF
 
-    def again_on_a_new_channel(self, why: str) -> None:
-        """Give the channel up; its unconfirmed chunks go out first on a new one, after a pause."""
-        channel = self.opening
-        chunks = [self.unconfirmed[tag] for tag in sorted(self.unconfirmed)]
-        self.forget()
-        pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_NACK_BACKOFF)
-        if channel is not None and channel.is_open:
-            channel.close()
-        LOGGER.warning("%s; publishing again on a new channel in %.1f s", why, pause)
-        self._jobs.put_back(chunks)
-        self._ioloop.call_later(pause, lambda: self._reopen(channel))
-
-    def _reopen(self, given_up: Channel | None) -> None:
-        connection = given_up.connection if given_up is not None else None
-        # Not if its connection went meanwhile (the next one opens its own), nor if a channel is opening.
-        if self.opening is None and connection is not None and connection.is_open:
-            self._open_channel()
+    def backoff(self) -> float:
+        """How long to wait before starting over; the same for every nack of one connection."""
+        if self._pause is None:
+            self._pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_NACK_BACKOFF)
+        return self._pause
 
     def forget(self) -> None:
-        """The channel is gone (or its connection is): nothing of it may be used again."""
-        self.channel = self.opening = None
-        self.unconfirmed.clear()
+        """The connection is gone: the next channel numbers its deliveries from 1."""
+        self._chunks.clear()
+        self._next_tag = 1
+        self._pause = None
 
 
 class QueueAgain:

@@ -26,10 +26,10 @@ raised, a poison chunk, the broker lost for a minute, the timeout). Limits: chun
 deleted under us go out again only once a later chunk comes back, or on a reconnection; and a job dies
 with the process that called it (its results go to that process's memory only).
 
-The plumbing, in distop/client_plumbing.py: IOThread (the thread and its loop, reconnection, giving up, a
-bug in a callback), JobBook (which chunks to publish, which job a reply is for), Publisher (the
-publishing channel, its unconfirmed chunks, and the workaround for RabbitMQ before 3.12.5: a new channel
-after a nack), QueueAgain (after a return, the work queue declared again once for the whole batch).
+The plumbing, in distop/client_plumbing.py: IOThread (the thread and its loop, reconnection, starting
+over, giving up, a bug in a callback), JobBook (which chunks to publish, which job a reply is for),
+Unconfirmed (the chunks the broker has not confirmed yet, by delivery tag), QueueAgain (after a return, the
+work queue declared again once for the whole batch).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from distop.client_plumbing import (
     IOThread,
     Job,
     JobBook,
-    Publisher,
     QueueAgain,
+    Unconfirmed,
     check_json,
     checked_data,
     pending_job,
@@ -83,21 +83,22 @@ class _ClientLink:
     """The client's connection: the RabbitMQ story, in the order it happens on each (re)connection.
 
         connect              pika.SelectConnection         asynchronous: pika calls the next method
-        _on_open             connection.channel()          to declare on, then to consume replies from
+        _on_open             connection.channel()          one channel: declare, consume replies, publish
         _on_channel_open     exchange_declare("headers")   where the work queue sends dead chunks
                              queue_declare(distop.chunks)  the durable quorum queue the servers share
                              queue_declare("", exclusive)  our reply queue, named by the broker
         _on_reply_queue      queue_bind(dead-letter exch.) our dead chunks come back to us too
                              basic_consume(auto_ack)       replies arrive in _on_reply
-                             connection.channel()          a second channel, to publish on
-        _on_publisher_open   confirm_delivery()            the broker will ack or nack each chunk
+                             confirm_delivery()            the broker will ack or nack each chunk
+        _on_confirm_mode     (every chunk not answered)    the outbox, published from here on
         _publish             basic_publish                 persistent, mandatory, reply_to, correlation_id
-        _on_confirm          Basic.Ack or Basic.Nack       the broker has the chunks, or refused them
+        _on_confirm          Basic.Ack or Basic.Nack       the broker has the chunks; or it refused them
         _on_returned         basic.return                  the queue is gone: declare it, publish all again
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
-    Then what goes wrong: the connection lost, a channel closed by the broker. Each method runs on the
-    thread ``io``; where the story meets the plumbing (distop/client_plumbing.py), one named line says so.
+    Then what goes wrong: the connection lost, the channel closed by the broker. One rule covers a lost
+    connection, a nack and a closed channel: start over on a new connection, which publishes every chunk
+    not yet answered. Each method runs on the thread ``io`` (distop/client_plumbing.py).
     """
 
     def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
@@ -105,11 +106,11 @@ class _ClientLink:
         self._jobs = jobs  # which chunks to publish, which job a reply is for
         self._client_id = uuid.uuid4().hex  # our dead chunks come back to us on this header
         self.connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None  # declarations, then the reply consumer
+        self._channel: Channel | None = None  # this connection's channel
         self._reply_queue = ""  # set only while this connection's reply queue is consumed
+        self._publishing = False  # the channel is in confirm mode: chunks may go out
+        self._unconfirmed = Unconfirmed()  # delivery tag -> (job id, start), until the broker confirms it
         self.io = IOThread(url, self, jobs)  # runs pika's loop; calls connect(), first and after a loss
-        # The channel the chunks go out on, their confirms, and a new channel after a nack.
-        self._publisher = Publisher(self.io.ioloop, jobs, self._open_publisher)
         self._queue_again = QueueAgain(self.io.ioloop, queue)  # after a return: declare the queue again, once
 
     def connect(self, node: pika.ConnectionParameters) -> None:
@@ -125,13 +126,16 @@ class _ClientLink:
         )
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
-        # A channel: a lightweight session inside the connection; AMQP commands go on one.
+        # A channel: a lightweight session inside the connection; AMQP commands go on one. One is enough:
+        # we declare, consume our replies and publish our chunks on it.
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         # A refused declaration closes the channel: _on_channel_closed says why, in one line.
         channel.add_on_close_callback(self._on_channel_closed)
+        # mandatory publishes that no queue takes come back here (basic.return).
+        channel.add_on_return_callback(self._on_returned)
         # Declarations in a row: pika sends one without a callback with nowait (no answer), and the broker
         # takes a channel's commands in order, so only the last needs a callback.
 
@@ -155,29 +159,15 @@ class _ClientLink:
         # auto_ack: a reply's only destination is this process's memory; an ack would protect nothing.
         self._channel.basic_consume(queue_name, self._on_reply, auto_ack=True)
         self._reply_queue = queue_name
-        # The outbox, published once the publishing channel is ready: every chunk not yet answered. The
-        # first time, every chunk submitted so far; after a reconnection, those too whose replies went with
-        # the old reply queue (the server's duplicates are ignored).
-        self._jobs.refill_outbox_with_unanswered_chunks()
-        self.io.connected()
-        self._open_publisher()
-
-    def _open_publisher(self) -> None:
-        assert self.connection is not None
-        # A second channel for publishing: one given up after a nack leaves the consumer alone.
-        self.connection.channel(on_open_callback=self._on_publisher_open)
-
-    def _on_publisher_open(self, channel: Channel) -> None:
-        # current(f) is f, ignored once this channel is given up: after a nack, it can still answer a while.
-        current = self._publisher.opened(channel)
-        channel.add_on_close_callback(current(self._on_publisher_closed))
-        # mandatory publishes that no queue takes come back here (basic.return).
-        channel.add_on_return_callback(current(self._on_returned))
         # Publisher confirms: the broker acks each chunk once the queue has it (on disk: it is persistent).
-        channel.confirm_delivery(current(self._on_confirm), callback=current(self._on_publisher_ready))
+        self._channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
 
-    def _on_publisher_ready(self, _frame: Method) -> None:
-        self._publisher.ready()  # publish on it; its delivery tags count from 1
+    def _on_confirm_mode(self, _frame: Method) -> None:
+        # The outbox: every chunk not yet answered. The first time, every chunk submitted so far; after a
+        # reconnection, those too whose replies went with the old reply queue (duplicates are ignored).
+        self._jobs.refill_outbox_with_unanswered_chunks()
+        self._publishing = True  # delivery tags count from 1 on this channel
+        self.io.connected()
         self._publish()
 
     def submit(self, job: Job) -> None:
@@ -191,11 +181,11 @@ class _ClientLink:
         self._publish()
 
     def _publish(self) -> None:
-        channel = self._publisher.channel_to_publish_on()
-        if channel is None:
-            return  # not yet: the next publishing channel starts with the outbox
+        channel = self._channel
+        if not self._publishing or channel is None or not channel.is_open:
+            return  # not in confirm mode yet, or starting over: the next channel starts with the outbox
         # Confirms are pipelined: up to PUBLISH_WINDOW chunks await theirs at once.
-        while len(self._publisher.unconfirmed) < PUBLISH_WINDOW and (chunk := self._jobs.next_chunk()):
+        while len(self._unconfirmed) < PUBLISH_WINDOW and (chunk := self._jobs.next_chunk()):
             job_id, start, body = chunk
             # Persistent: it survives a broker restart. reply_to and correlation_id: where the reply
             # goes, and what it answers. The header brings the chunk back to us if it is dead-lettered.
@@ -210,17 +200,19 @@ class _ClientLink:
                 headers={CLIENT_HEADER: self._client_id},
             )
             channel.basic_publish("", self._queue, body, properties, mandatory=True)
-            self._publisher.published((job_id, start))  # its confirm will name it by delivery tag
+            self._unconfirmed.published((job_id, start))  # its confirm will name it by delivery tag
 
     def _on_confirm(self, frame: Method) -> None:
         # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
+        # (multiple: every tag up to this one).
         if isinstance(frame.method, Basic.Nack):
-            # Failure: the broker refused them. They go out again, on a new channel after a pause: a
-            # workaround for RabbitMQ before 3.12.5 (Publisher.again_on_a_new_channel says why).
-            count = len(self._publisher.tags(frame.method))
-            self._publisher.again_on_a_new_channel(f"the broker refused {count} chunk(s)")
+            # The broker refused them (a queue at its length limit, an internal error). The contract: publish
+            # them again. We start over, as after a lost connection: the new connection publishes every chunk
+            # not yet answered, and its new channel finds a quorum queue's new leader (Unconfirmed.backoff).
+            count = len(self._unconfirmed.tags(frame.method))
+            self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
             return
-        self._publisher.confirmed(frame.method)
+        self._unconfirmed.confirmed(frame.method)
         self._publish()  # room in the window for more
 
     def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
@@ -270,7 +262,8 @@ class _ClientLink:
         # nothing of it may be used again. The next connection declares the queue and publishes everything.
         self._channel = None
         self._reply_queue = ""
-        self._publisher.forget()  # the publishing channel went with the connection
+        self._publishing = False
+        self._unconfirmed.forget()  # the next channel counts delivery tags from 1 again
         self._queue_again.forget()  # the next connection declares the work queue anyway
         self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
 
@@ -280,17 +273,9 @@ class _ClientLink:
         if not self._reply_queue:
             # A declaration refused, e.g. the work queue exists with other arguments: retrying won't help.
             self.io.give_up(BrokerError(refused(reason)))
-        elif self.connection is not None and self.connection.is_open:
-            # Our replies were consumed on it: start over on a new connection.
-            LOGGER.warning("the broker closed the reply channel (%s); reconnecting", reason)
-            self.connection.close()
-
-    def _on_publisher_closed(self, _channel: Channel, reason: Exception) -> None:
-        if self.io.stopping or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._publisher.forget()  # we closed it, or its connection went
-            return
-        # The broker closed it: its unconfirmed chunks go out again on a new channel, after a pause.
-        self._publisher.again_on_a_new_channel(f"the broker closed the publishing channel ({reason})")
+        else:
+            # Later, our replies were consumed on it: start over on a new connection.
+            self.io.start_over(f"the broker closed the channel ({reason})", self._unconfirmed.backoff())
 
 
 class DistOp:

@@ -110,7 +110,8 @@ class OpExecutor:
             # dead chunk goes back to its client. Durable, like the queues.
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
             # A queue also named distop.dead (exchange and queue names do not clash) keeps a copy of
-            # every dead chunk for a person to look at: bound with no arguments, it gets them all.
+            # every dead chunk for a person to look at. Its binding lists no header to match, and a headers
+            # exchange sends a message to every binding whose listed headers all match: so it gets them all.
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
         except pika.exceptions.ChannelClosedByBroker as exc:

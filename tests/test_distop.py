@@ -722,7 +722,7 @@ def queued_jobs(amqp_url: str) -> Counter[str]:
             jobs[props.correlation_id.partition(":")[0]] += 1
 
 
-def test_nacked_chunks_are_published_again_on_a_new_channel(
+def test_nacked_chunks_are_published_again_on_a_new_connection(
     spawn: Spawn, amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="distop")
@@ -747,7 +747,7 @@ def test_nacked_chunks_are_published_again_on_a_new_channel(
         assert op.get_result(second, timeout=15) == [0, 1, 2, 3]
     # Published again after a growing pause, not in a tight loop on the refusing channel.
     assert refusals() <= 10, refusals()
-    assert all("on a new channel" in r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    assert all("on a new connection" in r.getMessage() for r in caplog.records if "refused" in r.getMessage())
 
 
 def test_chunks_published_to_a_deleted_queue_are_published_again(
