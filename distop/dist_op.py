@@ -122,7 +122,7 @@ class _ClientLink:
             on_open_callback=self._on_open,
             on_open_error_callback=self.io.on_open_error,  # no broker: try the next node, or give up
             on_close_callback=self._on_closed,
-            custom_ioloop=self.io.ioloop,
+            custom_ioloop=self.io.ioloop,  # the I/O thread's one loop, kept across reconnections
         )
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
