@@ -16,9 +16,10 @@ Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
 pipelined, up to WINDOW messages in flight at once, rather than one network
 round trip per message as pc/send_one.py does. ``Publisher`` is the story, and
 the code that runs: its docstring maps the steps in the order they happen.
-Where the story meets a failure, it says so in one line and calls a hook of
-pc/publisher_plumbing.py for the detail (back-off, the confirm watchdog).
-Tested against RabbitMQ 3.10.
+It is send_many.py's story plus one rule: after a lost connection or a nack,
+start over on a new connection and publish every unconfirmed message again.
+The detail (back-off, giving up, the confirm watchdog) is in
+pc/publisher_plumbing.py, called by name. Tested against RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
 from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error
+from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_or_drop
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
+# We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
+CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
 # Persistent: written to disk, so it survives a broker restart. Plain UTF-8
 # text, readable by any client in any language.
@@ -65,15 +68,15 @@ class Publisher:
                                 channel.queue_declare("pc.dead")  the dead-letter queue
                                 channel.queue_declare("pc")       durable (passive after the first time)
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
-        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: _on_nack
-        _on_nack                channel.close(), then a new one   publish the unconfirmed again
+        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: start over
         _on_returned            (basic.return)                    no queue took it: fail
         _on_blocked             (connection.blocked)              a memory or disk alarm: wait
         _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() reconnects,
         _on_connection_closed                                     or raises why it stopped
 
-    What goes wrong is named where it happens; ``self._recovery`` (pc/publisher_plumbing.py)
-    holds the detail: how long to wait before reconnecting, after a nack, and the confirm watchdog.
+    One rule for a lost connection and a nack: start over. run() connects again and
+    publishes every unconfirmed message again. ``self._recovery`` (pc/publisher_plumbing.py)
+    holds the detail: how long to wait first, when to give up, and the confirm watchdog.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
@@ -82,7 +85,7 @@ class Publisher:
         self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         self._recovery = Recovery(url, self._outbox, self._nodes)
         self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None  # None while a new one opens after a nack
+        self._channel: Channel | None = None  # this connection's, once open
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
         # True: declare pc passively, only checking that it is there. A publisher that
         # comes back after pc was deleted must not create it again (see _on_channel_open).
@@ -104,8 +107,8 @@ class Publisher:
             if self._failure is not None:
                 raise self._failure
             if not self._outbox.done:
-                # The connection dropped: what was in flight gets no confirm now, so wait
-                # and publish it again; BrokerError once the broker stays away too long.
+                # The connection dropped, or we closed it after a nack: what was in flight gets
+                # no confirm now, so wait and publish it again (BrokerError if it is time to give up).
                 self._recovery.wait_to_reconnect()
 
     def _connect(self, node: pika.URLParameters) -> None:
@@ -121,13 +124,9 @@ class Publisher:
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
         # Connected: a later loss is a new outage. Confirms that never come: the watchdog reconnects.
-        self._recovery.connected(connection, lambda: self._channel)
-        self._open_channel(connection)
-
-    def _open_channel(self, connection: pika.SelectConnection) -> None:
+        self._recovery.connected(connection)
         # A channel: the session we declare, publish and receive confirms on.
-        if connection is self._connection and connection.is_open and self._failure is None:
-            connection.channel(on_open_callback=self._on_channel_open)
+        connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
@@ -171,38 +170,27 @@ class Publisher:
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
-        if self._channel is None or frame.channel_number != self._channel.channel_number:
-            return  # from a channel given up after a nack: its tag would name the wrong message
-        if self._failure is not None:
-            return  # failed already, say at a return: the ack after it means "dropped"
+        assert self._connection is not None
+        if self._failure is not None or not self._connection.is_open:
+            return  # failed already (the ack after a return means "dropped"), or closing to start over
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe. One confirm may cover many messages:
             # every tag up to this one (multiple).
             self._outbox.settle(method.delivery_tag, method.multiple)
             if self._outbox.done:
-                assert self._connection is not None
                 self._connection.close()  # all confirmed: run() returns
             else:
                 self._publish()  # room in the window: send the next ones
-        else:
-            self._on_nack(self._outbox.covered(method.delivery_tag, method.multiple))
-
-    def _on_nack(self, refused: int) -> None:
-        """The broker did not take ``refused`` messages (a queue at its length limit, an internal error).
-
-        The contract: publish them again. Here every unconfirmed message goes
-        again on a new channel, after a pause (why a new one: Recovery.on_nack).
-        """
-        pause = self._recovery.on_nack(refused)  # logs; the unconfirmed are to send again
-        if pause is None:  # nacks and nothing else for NACKS_FOR seconds: give up
-            self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
             return
-        channel, self._channel = self._channel, None  # its confirms and close are ignored from now on
-        assert channel is not None and self._connection is not None
-        channel.close()
-        connection = self._connection
-        connection.ioloop.call_later(pause, lambda: self._open_channel(connection))
+        # A nack: the broker did not take them (a queue at its length limit, an internal error).
+        # The contract: publish them again. We start over, as after a lost connection: run()
+        # publishes every unconfirmed message again, on a new connection (Recovery.on_nack says why).
+        refused = self._outbox.covered(method.delivery_tag, method.multiple)
+        if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
+            close_or_drop(self._connection)
+        else:  # nacks and nothing else for NACKS_FOR seconds
+            self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # The broker sends basic.return for a mandatory message no queue took,
@@ -224,9 +212,7 @@ class Publisher:
         self._recovery.blocked = False
         LOGGER.info("the broker has unblocked this connection")
 
-    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
-        if channel is not self._channel:
-            return  # one given up after a nack
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         # The broker closed the channel on an error in a command: the same command would fail
         # alike. One line, exit 1; channel_error says which (a queue declared otherwise, pc deleted).
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
@@ -237,7 +223,7 @@ class Publisher:
         self._failure = self._failure or error
         assert self._connection is not None
         if self._connection.is_open:
-            self._connection.close()  # then _on_connection_closed stops the loop
+            close_or_drop(self._connection)  # then _on_connection_closed stops the loop
         elif self._connection.is_closed:
             self._connection.ioloop.stop()  # closed already, between two connections: back to run()
 
@@ -252,7 +238,7 @@ class Publisher:
             self._failure = self._failure or BrokerError(
                 f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
             )
-        elif not self._outbox.done and self._failure is None:
+        elif not self._outbox.done and self._failure is None and not isinstance(reason, CLOSED_BY_US):
             LOGGER.warning("connection closed: %s", reason)  # run() reconnects
         connection.ioloop.stop()  # back to run()
 

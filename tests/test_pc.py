@@ -466,11 +466,11 @@ def refuse_publishes(spawn: Spawn, amqp_url: str, vhost: str) -> None:
 
 
 REFUSED = re.compile(
-    r"WARNING the broker refused \d+ message\(s\); publishing \d+ again on a new channel in [\d.]+ s$"
+    r"WARNING the broker refused \d+ message\(s\); reconnecting in [\d.]+ s to publish the unconfirmed again$"
 )
 
 
-def test_nacked_messages_are_published_again_on_a_new_channel(
+def test_nacked_messages_are_published_again_on_a_new_connection(
     spawn: Spawn, amqp_url: str, vhost: str
 ) -> None:
     refuse_publishes(spawn, amqp_url, vhost)
@@ -509,7 +509,7 @@ def test_a_producer_nacked_for_30_s_gives_up_with_one_line(spawn: Spawn, amqp_ur
         "producer: the broker refused every message for 30 s; giving up (0 of 3 confirmed)"
     )
     assert "Traceback" not in producer.output
-    # Each new channel after a longer pause, up to 2 s: some 20 tries in 30 s.
+    # Each new connection after a longer pause, up to 2 s: some 20 tries in 30 s.
     assert 10 <= producer.count("WARNING the broker refused") <= 25, producer.output
 
 

@@ -8,7 +8,7 @@ confirmed (all of them, since each producer exits 0 only when all are) is
 delivered; the producers caught by the kill reconnect to a surviving node and
 publish again what was unconfirmed (on RabbitMQ 3.10, one that reconnects at
 once may get a channel still pointing at the dead leader, which nacks: it
-publishes again on a new channel); the restarted node rejoins the cluster and
+publishes again on a new connection); the restarted node rejoins the cluster and
 the queue.
 """
 
@@ -173,7 +173,7 @@ def test_every_confirmed_message_survives_the_queue_leaders_death(
         seconds=seconds,
         note=(
             f"{len(producers)} producers, {len(caught)} mid-run at the kill, "
-            f"{reconnected} of them reconnected, {nacked} nacked and published again on a new channel; "
+            f"{reconnected} of them reconnected, {nacked} nacked and published again on a new connection; "
             f"{redelivered} redelivered, {republished} republished; deliveries resumed in {resumed:.1f} s; "
             f"node back in the cluster in {rejoined:.1f} s, its replica online in {back_as_member:.1f} s"
         ),
