@@ -206,9 +206,10 @@ class _ClientLink:
         # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
         # (multiple: every tag up to this one).
         if isinstance(frame.method, Basic.Nack):
-            # The broker refused them (a queue at its length limit, an internal error). The contract: publish
-            # them again. We start over, as after a lost connection: the new connection publishes every chunk
-            # not yet answered, and its new channel finds a quorum queue's new leader (Unconfirmed.backoff).
+            # The broker refused them (a queue at its length limit, an internal error). RabbitMQ's contract:
+            # publish them again. We do that as after a lost connection: the new connection publishes every
+            # chunk not yet answered. Why not on this channel: a RabbitMQ 3.10 workaround (a channel stuck on
+            # a dead queue leader; IOThread.start_over).
             count = len(self._unconfirmed.tags(frame.method))
             self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
             return

@@ -92,7 +92,10 @@ def parse_request(props: BasicProperties, body: bytes) -> dict[str, Any]:
         raise ValueError("no reply_to")
     if not props.reply_to.startswith(REPLY_QUEUE_PREFIX) or props.reply_to == REPLY_QUEUE_PREFIX:
         # Only a queue the broker named for a client: a chunk must not make us
-        # publish into someone else's queue.
+        # publish into someone else's queue. Names that start with "amq." are
+        # reserved: no client may declare one, so an amq.gen- queue is always a
+        # broker-named, exclusive reply queue. Whose, we cannot tell: a chunk may
+        # still name another client's reply queue, which drops a reply it did not ask for.
         raise ValueError(
             f"reply_to {props.reply_to[:80]!r} is not a client's reply queue ({REPLY_QUEUE_PREFIX}...)"
         )

@@ -123,7 +123,8 @@ class Publisher:
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        # Connected: a later loss is a new outage. Confirms that never come: the watchdog reconnects.
+        # Connected: a later loss is a new outage. Confirms that never come (a RabbitMQ 3.10
+        # workaround, Recovery.watch_confirms): reconnect.
         self._recovery.connected(connection)
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
@@ -184,8 +185,9 @@ class Publisher:
                 self._publish()  # room in the window: send the next ones
             return
         # A nack: the broker did not take them (a queue at its length limit, an internal error).
-        # The contract: publish them again. We start over, as after a lost connection: run()
-        # publishes every unconfirmed message again, on a new connection (Recovery.on_nack says why).
+        # RabbitMQ's contract: publish them again. We do that as after a lost connection: run()
+        # publishes every unconfirmed message again, on a new connection. Why not on this channel:
+        # a RabbitMQ 3.10 workaround (a channel stuck on a dead queue leader; Recovery.on_nack).
         refused = self._outbox.covered(method.delivery_tag, method.multiple)
         if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
             close_or_drop(self._connection)
@@ -223,7 +225,9 @@ class Publisher:
         self._failure = self._failure or error
         assert self._connection is not None
         if self._connection.is_open:
-            close_or_drop(self._connection)  # then _on_connection_closed stops the loop
+            # Then _on_connection_closed stops the loop. close_or_drop: a RabbitMQ 3.10 workaround
+            # for a close the broker never reads (pc deleted under us).
+            close_or_drop(self._connection)
         elif self._connection.is_closed:
             self._connection.ioloop.stop()  # closed already, between two connections: back to run()
 

@@ -59,7 +59,9 @@ def close_or_drop(connection: pika.SelectConnection) -> None:
 
     A RabbitMQ 3.10 workaround: with messages in flight to a quorum queue
     deleted under it, the broker may stop reading from the connection (flow
-    control: rabbitmqctl shows it "blocked", for a minute or more), sometimes
+    control: the broker's own brake on a publisher it cannot keep up with; unlike
+    an alarm, it sends no connection.blocked; rabbitmqctl shows the connection
+    "blocked", here for a minute or more), sometimes
     just after returning a few messages. Our close then sits unread, and
     without this we would wait as long. run() goes on as after any closed
     connection: it raises the failure that made us close, or reconnects.

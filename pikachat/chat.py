@@ -54,7 +54,7 @@ def hear_others(
         if message.sender_id != my_id:
             print_line(render(message))
 
-    # receive.py's subscribe: exchange_declare(fanout), queue_declare("", exclusive=True),
+    # receive.py's subscribe: exchange_declare(fanout), queue_declare("", exclusive=True, auto_delete=True),
     # queue_bind(queue, exchange), basic_consume(auto_ack=True); Listener then runs start_consuming().
     subscribe(channel, show)
     bound.set()  # from now on, every line published to the exchange reaches our queue

@@ -5,7 +5,7 @@ terminals:
 
     python pikachat/receive.py [RABBIT_HOST]     # Ctrl-C or SIGTERM to stop
 
-The lesson: a queue of its own (named by the broker, exclusive), bound to the
+The lesson: a queue of its own (named by the broker, exclusive and auto-delete), bound to the
 fanout exchange, which copies every message into every bound queue; consumed
 with auto-ack. It prints each line as ``HH:MM:SS name: text`` on stdout; its
 log (ready, lost broker, skipped messages) goes to stderr.
