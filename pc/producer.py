@@ -35,7 +35,7 @@ from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
 from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error
+from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_or_drop
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -237,7 +237,8 @@ class Publisher:
         self._failure = self._failure or error
         assert self._connection is not None
         if self._connection.is_open:
-            self._connection.close()  # then _on_connection_closed stops the loop
+            # Then _on_connection_closed stops the loop; RabbitMQ 3.10 may never read the close (pc deleted).
+            close_or_drop(self._connection)
         elif self._connection.is_closed:
             self._connection.ioloop.stop()  # closed already, between two connections: back to run()
 

@@ -10,7 +10,8 @@ handle, or a workaround for what RabbitMQ 3.10 does:
   (``channel_error``);
 - a nack (contract: publish again) on a new channel (a workaround for RabbitMQ
   before 3.12.5, harmless after): ``Recovery.on_nack``;
-- no confirm at all (RabbitMQ 3.10 workaround): ``Recovery.watch_confirms``.
+- no confirm at all (RabbitMQ 3.10 workaround): ``Recovery.watch_confirms``;
+- our own close never answered (RabbitMQ 3.10 workaround): ``close_or_drop``.
 
 The broker blocking publishers, and no node answering at all, are in the story
 itself (``_on_blocked``, ``_on_open_error``).
@@ -40,6 +41,8 @@ RECONNECT_FOR = 30.0
 NACKS_FOR = 30.0
 # Seconds with messages in flight and no confirm: then reconnect, and so check that the queue is there.
 CONFIRMS_DUE = 10.0
+# Seconds the broker gets to answer our connection.close; then we drop the connection.
+CLOSE_DUE = 10.0
 
 
 def channel_error(reason: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
@@ -50,6 +53,20 @@ def channel_error(reason: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
     if reason.reply_code == 404:  # NOT_FOUND: the passive declare, the only command that can
         return BrokerError(f"queue {QUEUE!r} was deleted while we published to it")
     return BrokerError(f"the broker closed the channel: {reason}")
+
+
+def close_or_drop(connection: pika.SelectConnection) -> None:
+    """Close ``connection``; if the broker has not answered within CLOSE_DUE, stop its ioloop (back to run()).
+
+    A RabbitMQ 3.10 workaround: with messages in flight to a quorum queue
+    deleted under it, the broker may stop reading from the connection (flow
+    control: rabbitmqctl shows it "blocked", for a minute or more), sometimes
+    just after returning a few messages. Our close then sits unread, and
+    without this we would wait as long. run() goes on as after any closed
+    connection: it raises the failure that made us close, or reconnects.
+    """
+    connection.close()  # answered: Publisher._on_connection_closed stops the ioloop
+    connection.ioloop.call_later(CLOSE_DUE, connection.ioloop.stop)
 
 
 class Recovery:
@@ -153,9 +170,7 @@ class Recovery:
         )
         if stuck and not self.blocked:  # blocked: Publisher._on_blocked said so, and its timeout applies
             LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
-            connection.close()  # run() reconnects, and publishes the unconfirmed messages again
-            # A broker that does not answer the close either: drop the connection (back to run()).
-            connection.ioloop.call_later(CONFIRMS_DUE, connection.ioloop.stop)
+            close_or_drop(connection)  # run() reconnects, and publishes the unconfirmed messages again
             return
         channel, confirmed = current(), self._outbox.confirmed
         connection.ioloop.call_later(
