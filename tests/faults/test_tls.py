@@ -56,6 +56,9 @@ def tls_broker() -> Iterator[TLSBroker]:
                 f"ssl_options.keyfile = {base / 'key.pem'}",
                 "ssl_options.verify = verify_none",
                 "ssl_options.fail_if_no_peer_cert = false",
+                # RabbitMQ drops a TLS handshake not done in 5 s; a busy test machine can take that long,
+                # and the client then sees the connection end (EOF) instead of the certificate to refuse.
+                "ssl_handshake_timeout = 60000",
                 "",
             ]
         )
