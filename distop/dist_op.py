@@ -208,8 +208,8 @@ class _ClientLink:
         if isinstance(frame.method, Basic.Nack):
             # The broker refused them (a queue at its length limit, an internal error). RabbitMQ's contract:
             # publish them again. We do that as after a lost connection: the new connection publishes every
-            # chunk not yet answered. Why not on this channel: a RabbitMQ 3.10 workaround (a channel stuck on
-            # a dead queue leader; IOThread.start_over).
+            # chunk not yet answered. Why not on this channel: a workaround for RabbitMQ before 3.12.5 (a
+            # channel stuck on a dead queue leader; IOThread.start_over).
             count = len(self._unconfirmed.tags(frame.method))
             self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
             return

@@ -187,7 +187,7 @@ class Publisher:
         # A nack: the broker did not take them (a queue at its length limit, an internal error).
         # RabbitMQ's contract: publish them again. We do that as after a lost connection: run()
         # publishes every unconfirmed message again, on a new connection. Why not on this channel:
-        # a RabbitMQ 3.10 workaround (a channel stuck on a dead queue leader; Recovery.on_nack).
+        # a workaround for RabbitMQ before 3.12.5 (a channel stuck on a dead queue leader; Recovery.on_nack).
         refused = self._outbox.covered(method.delivery_tag, method.multiple)
         if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
             close_or_drop(self._connection)
