@@ -1,11 +1,14 @@
-"""The command-line plumbing of distop's scripts: arguments and logging. Nothing here is about RabbitMQ."""
+"""The command-line plumbing of distop's scripts: arguments, logging, a progress bar. No RabbitMQ here."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
+
+from tqdm import tqdm
 
 
 def parser_with_broker(description: str) -> argparse.ArgumentParser:
@@ -44,3 +47,29 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
+
+
+class RepliesBar:
+    """A progress bar, on a terminal only, of the replies in for a job; closed on leaving ``with``."""
+
+    def __init__(self, shown: bool) -> None:
+        self._shown = shown
+        self._bar: tqdm[Any] | None = None
+
+    def counter(self, job_id: str, chunks: int) -> Callable[[int, int], None]:
+        """get_result's progress(done, total), ticking a bar named after the job."""
+        disable = None if self._shown else True  # None: shown on a terminal only
+        bar = self._bar = tqdm(total=chunks, desc=f"job {job_id[:8]}", unit="reply", disable=disable)
+
+        def count_replies(done: int, total: int) -> None:
+            bar.total = total  # fewer chunks than asked when the data is shorter
+            bar.update(done - bar.n)
+
+        return count_replies
+
+    def __enter__(self) -> RepliesBar:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -11,20 +11,17 @@ timeout). Exit status 0 with the result as JSON on stdout, 1 when the job fails,
 
 run_job() below is the job as RabbitMQ sees it: call() publishes the chunks and returns the job id,
 get_result() waits for one reply per chunk on our reply queue, then gathers them. DistOp
-(distop/dist_op.py) makes the pika calls. The plumbing is at the end: the op class, the progress bar and
-the command line.
+(distop/dist_op.py) makes the pika calls. The plumbing is at the end: the op class and the command line;
+the progress bar (RepliesBar, counting replies) is in distop/cli.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
-
-from distop.cli import parse_param, parser_with_broker, positive, positive_float, setup_logging
+from distop.cli import RepliesBar, parse_param, parser_with_broker, positive, positive_float, setup_logging
 from distop.errors import DistOpError
 from distop.ops import DistOp
 
@@ -54,7 +51,7 @@ def run_job(
     # Leaving the block closes the connection: the broker deletes the reply queue with it.
 
 
-# The op class, the progress bar, the command line ---------------------------
+# The op class and the command line (the progress bar is in distop/cli.py) ---------
 
 
 class ConcatOp(DistOp):
@@ -70,32 +67,6 @@ class ConcatOp(DistOp):
         for part in partials.values():
             result.extend(part if isinstance(part, list) else [part])
         return result
-
-
-class RepliesBar:
-    """A progress bar, on a terminal only, of the replies in for a job; closed on leaving ``with``."""
-
-    def __init__(self, shown: bool) -> None:
-        self._shown = shown
-        self._bar: tqdm[Any] | None = None
-
-    def counter(self, job_id: str, chunks: int) -> Callable[[int, int], None]:
-        """get_result's progress(done, total), ticking a bar named after the job."""
-        disable = None if self._shown else True  # None: shown on a terminal only
-        bar = self._bar = tqdm(total=chunks, desc=f"job {job_id[:8]}", unit="reply", disable=disable)
-
-        def count_replies(done: int, total: int) -> None:
-            bar.total = total  # fewer chunks than asked when the data is shorter
-            bar.update(done - bar.n)
-
-        return count_replies
-
-    def __enter__(self) -> RepliesBar:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def main() -> int:
