@@ -106,7 +106,8 @@ class Recovery:
         if self._nodes.opened:
             self._outage.reset()  # it was up for a while: a new outage gets its own time budget
         if self._after_nack is not None:  # we closed it after a nack: on_nack said so
-            time.sleep(self._after_nack)
+            pause, self._after_nack = self._after_nack, None  # once: a failed reconnect is an outage
+            time.sleep(pause)
             return
         if (pause := self._outage.pause()) is None:
             url, budget = redact(self._url), RECONNECT_FOR
