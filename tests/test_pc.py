@@ -514,6 +514,28 @@ def test_a_producer_nacked_for_30_s_gives_up_with_one_line(spawn: Spawn, amqp_ur
     assert 10 <= producer.count("WARNING the broker refused") <= 25, producer.output
 
 
+def test_a_broker_lost_after_a_nack_is_an_outage_with_its_time_budget(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    url = broker_node.url(node_vhost)
+    policy = json.dumps({"max-length": 1, "overflow": "reject-publish"})
+    args = ("set_policy", "-p", node_vhost, "--apply-to", "queues", "full", "^pc$", policy)
+    rabbitmqctl(*args, node=broker_node)
+    produce(spawn, "--count", "2", "fill", url=url)
+    wait_until(lambda: (messages_ready(url, "pc") or 0) >= 1, 10, "a full queue")
+    producer = spawn("pc/producer.py", "--count", "3", "refused", url=url)
+    producer.wait_for("WARNING the broker refused", 15)
+    broker_node.stop()  # between two nacks: the pause after a nack, then reconnections that fail
+    stopped = time.monotonic()
+    assert producer.wait(60) == 1, producer.output
+    assert time.monotonic() - stopped < 45
+    assert re.fullmatch(
+        r"producer: lost amqp://guest@\S+ and could not reconnect within 30 s \(0 of 3 confirmed\)",
+        producer.stderr_lines[-1],
+    ), producer.output
+    assert "Traceback" not in producer.output
+
+
 def test_a_blocked_producer_says_so_at_once_and_carries_on_when_unblocked(
     spawn: Spawn, broker_node: BrokerNode, node_vhost: str
 ) -> None:
