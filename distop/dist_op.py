@@ -9,7 +9,7 @@ What you write (distop/caller.py does it):
             return [x for part in partials.values() for x in part]
 
     with PowOp(data=list(range(10)), group_size=3) as op:
-        job_id = op.call(esp=2)  # returns at once; the chunks go out on the client's thread
+        job_id = op.call(esp=2)  # returns at once; the chunks go out on the client's I/O thread
         print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
 
 Read distop/call_one.py first, the same RPC at its simplest, then distop/protocol.py (the queues and
