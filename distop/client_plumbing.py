@@ -1,14 +1,13 @@
 """The plumbing under distop's client; the RabbitMQ story is _ClientLink in distop/dist_op.py, which calls it.
 
 - IOThread: the thread that runs pika's loop, for the life of one _ClientLink: reconnection with back-off
-  to each node in turn, starting over on a new connection after a nack, giving up (every pending job
-  fails with one error), shutdown, and a bug in a callback, which fails the pending jobs instead of
-  hanging them (IOThread.run, GuardedSelectConnection).
+  to each node in turn, starting over on a new connection after a nack or a return, giving up (every
+  pending job fails with one error), shutdown, and a bug in a callback, which fails the pending jobs
+  instead of hanging them (IOThread.run, GuardedSelectConnection).
 - JobBook: the jobs' bookkeeping on the I/O thread: which chunks to publish (again), which job a reply is
   for, filing a partial result.
 - Unconfirmed: the chunks published on the channel and not yet confirmed, by delivery tag, and the pause
   before starting over.
-- QueueAgain: after a return, the work queue declared again once for the whole batch of returns.
 - Job, and DistOp's argument checks.
 """
 
@@ -40,7 +39,6 @@ LOGGER = logging.getLogger(__name__)
 # After a nack, start over on a new connection after this pause, doubled up to the maximum.
 NACK_BACKOFF = 0.1
 MAX_NACK_BACKOFF = 2.0
-RETURN_PAUSE = 0.5  # after a return, declare the work queue again after this pause
 
 
 class GuardedSelectConnection(pika.SelectConnection):
@@ -169,8 +167,9 @@ class IOThread(threading.Thread):
     def start_over(self, why: str, pause: float) -> None:
         """Close the connection; after ``pause``, a new one publishes every chunk not yet answered.
 
-        For a nack, or a channel the broker closed: the contract is to publish again what it refused, and a
-        new connection does that and more (the replies in flight go with the old reply queue; duplicates
+        For a nack, a return, or a channel the broker closed: the contract is to publish again what the
+        broker refused or dropped, and a new connection does that and more: it declares the work queue
+        again, and publishes the chunks whose replies went with the old reply queue too (duplicate replies
         are ignored). A new channel, not the same one: on a RabbitMQ 3.10 cluster, a channel opened just
         as a node died can keep pointing at the queue's dead leader and nack everything published on it
         (fixed in 3.12.5); a new channel finds the new leader.
@@ -330,33 +329,6 @@ class Unconfirmed:
         self._chunks.clear()
         self._next_tag = 1
         self._pause = None
-
-
-class QueueAgain:
-    """After a return (the work queue was deleted): declare the queue again once, after RETURN_PAUSE.
-
-    Every chunk published to the deleted queue comes back, one return each: only the first declares.
-    """
-
-    def __init__(self, ioloop: IOLoop, queue: str) -> None:
-        self._ioloop = ioloop
-        self._queue = queue
-        self._declaring = False
-
-    def declare_later(self, declare: Callable[[], None]) -> None:
-        if self._declaring:
-            return  # one of a batch: the queue is being declared again
-        self._declaring = True
-        LOGGER.warning("no queue %r took a chunk; declaring it again", self._queue)
-        self._ioloop.call_later(RETURN_PAUSE, declare)
-
-    def declared(self) -> None:
-        """The queue is back: the next return means it was deleted again."""
-        self._declaring = False
-
-    def forget(self) -> None:
-        """The connection is gone: the next one declares the queue anyway."""
-        self._declaring = False
 
 
 @dataclass

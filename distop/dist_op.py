@@ -1,4 +1,4 @@
-"""distop's client: DistOp scatters a job's chunks over the servers and gathers their partial results.
+"""distop's client: DistOp splits a job into chunks, one per server, and gathers the servers' partial results.
 
 What you write (distop/caller.py does it):
 
@@ -9,27 +9,23 @@ What you write (distop/caller.py does it):
             return [x for part in partials.values() for x in part]
 
     with PowOp(data=list(range(10)), group_size=3) as op:
-        job_id = op.call(esp=2)  # returns at once; the chunks go out on the client's I/O thread
+        job_id = op.call(esp=2)  # returns at once: the chunks go out on the client's I/O thread
         print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
 
-Read distop/call_one.py first, the same RPC at its simplest, then distop/protocol.py (the queues and
-messages both sides agree on). _ClientLink, below, is call_one.py pipelined: many chunks in flight, their
-confirms and replies arriving in any order. It runs on a thread of its own with a SelectConnection, not a
-BlockingConnection, so that call() returns at once while replies keep arriving, and a reconnection
-publishes the jobs in flight again without the caller's help. pika calls each of its methods when the
-broker answers the one before: read them top to bottom. DistOp, the interface, follows it.
+Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
+call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
+pika callbacks, each called when the broker answers the one before: read them top to bottom. It uses a
+SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
+replies keep arriving. DistOp, the class you subclass, follows it.
 
-Guarantee: every chunk is published persistent, with a publisher confirm, and again after a nack, a
-reconnection or a return (no queue took one: every unanswered chunk goes out again), until its result is
-in; get_result() returns the partials gathered in order, or raises one error saying why not (an op
-raised, a poison chunk, the broker lost for a minute, the timeout). Limits: chunks waiting in a work queue
-deleted under us go out again only once a later chunk comes back, or on a reconnection; and a job dies
-with the process that called it (its results go to that process's memory only).
+Guarantee: every chunk is published persistent, with a publisher confirm, and published again until its
+result is in: after a nack, a lost connection, or a return. get_result() returns the partials gathered in
+order, or raises one error saying why not (an op raised, a poison chunk, the broker lost for a minute, the
+timeout). Limits: chunks waiting in a work queue deleted under us go out again only once a later chunk
+comes back, or on a reconnection; and a job dies with the process that called it.
 
-The plumbing, in distop/client_plumbing.py: IOThread (the thread and its loop, reconnection, starting
-over, giving up, a bug in a callback), JobBook (which chunks to publish, which job a reply is for),
-Unconfirmed (the chunks the broker has not confirmed yet, by delivery tag), QueueAgain (after a return, the
-work queue declared again once for the whole batch).
+The plumbing is in distop/client_plumbing.py: IOThread (the thread, reconnecting, starting over, giving
+up), JobBook (which chunks to publish, which job a reply is for), Unconfirmed (chunks by delivery tag).
 """
 
 from __future__ import annotations
@@ -53,7 +49,6 @@ from distop.client_plumbing import (
     IOThread,
     Job,
     JobBook,
-    QueueAgain,
     Unconfirmed,
     check_json,
     checked_data,
@@ -82,23 +77,22 @@ CONNECT_TIMEOUT = 60.0
 class _ClientLink:
     """The client's connection: the RabbitMQ story, in the order it happens on each (re)connection.
 
-        connect              pika.SelectConnection         asynchronous: pika calls the next method
+        connect              pika.SelectConnection         pika calls the next method when it is open
         _on_open             connection.channel()          one channel: declare, consume replies, publish
         _on_channel_open     exchange_declare("headers")   where the work queue sends dead chunks
-                             queue_declare(distop.chunks)  the durable quorum queue the servers share
+                             queue_declare(distop.chunks)  the work queue the servers share
                              queue_declare("", exclusive)  our reply queue, named by the broker
         _on_reply_queue      queue_bind(dead-letter exch.) our dead chunks come back to us too
                              basic_consume(auto_ack)       replies arrive in _on_reply
                              confirm_delivery()            the broker will ack or nack each chunk
-        _on_confirm_mode     (every chunk not answered)    the outbox, published from here on
+        _on_confirm_mode     (every chunk not answered)    published from here on
         _publish             basic_publish                 persistent, mandatory, reply_to, correlation_id
-        _on_confirm          Basic.Ack or Basic.Nack       the broker has the chunks; or it refused them
-        _on_returned         basic.return                  the queue is gone: declare it, publish all again
+        _on_confirm          basic.ack or basic.nack       the broker has the chunks, or refused them
+        _on_returned         basic.return                  no queue took a chunk
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
-    Then what goes wrong: the connection lost, the channel closed by the broker. One rule covers a lost
-    connection, a nack and a closed channel: start over on a new connection, which publishes every chunk
-    not yet answered. Each method runs on the thread ``io`` (distop/client_plumbing.py).
+    One rule for what goes wrong (a nack, a return, a lost connection, a closed channel): start over on a
+    new connection, which declares everything again and publishes every chunk not yet answered.
     """
 
     def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
@@ -110,12 +104,10 @@ class _ClientLink:
         self._reply_queue = ""  # set only while this connection's reply queue is consumed
         self._publishing = False  # the channel is in confirm mode: chunks may go out
         self._unconfirmed = Unconfirmed()  # delivery tag -> (job id, start), until the broker confirms it
-        self.io = IOThread(url, self, jobs)  # runs pika's loop; calls connect(), first and after a loss
-        self._queue_again = QueueAgain(self.io.ioloop, queue)  # after a return: declare the queue again, once
+        self.io = IOThread(url, self, jobs)  # the thread that runs pika's loop; calls connect()
 
     def connect(self, node: pika.ConnectionParameters) -> None:
-        # Asynchronous: each method below is a callback that pika calls when the broker answers.
-        # GuardedSelectConnection is a pika.SelectConnection whose callbacks' bugs fail the jobs.
+        # A pika.SelectConnection that fails the jobs if one of our callbacks has a bug.
         self.connection = GuardedSelectConnection(
             node,  # a cluster's nodes in turn
             on_bug=self.io.bug,
@@ -126,33 +118,25 @@ class _ClientLink:
         )
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
-        # A channel: a lightweight session inside the connection; AMQP commands go on one. One is enough:
-        # we declare, consume our replies and publish our chunks on it.
+        # One channel is enough: we declare, consume our replies and publish our chunks on it.
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
-        # A refused declaration closes the channel: _on_channel_closed says why, in one line.
-        channel.add_on_close_callback(self._on_channel_closed)
-        # mandatory publishes that no queue takes come back here (basic.return).
-        channel.add_on_return_callback(self._on_returned)
-        # Declarations in a row: pika sends one without a callback with nowait (no answer), and the broker
-        # takes a channel's commands in order, so only the last needs a callback.
-
-        # The dead-letter exchange, where the work queue sends the chunks it gives up on. A headers
-        # exchange routes on message headers, not on a routing key. Declared alike by every server.
+        channel.add_on_close_callback(self._on_channel_closed)  # the broker refused a command
+        channel.add_on_return_callback(self._on_returned)  # a mandatory chunk no queue took
+        # No callback until the last declaration: the broker takes a channel's commands in order.
+        # A headers exchange, declared alike by every server: where the work queue sends dead chunks.
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
-        # Durable, quorum, with a delivery limit and the dead-letter exchange, exactly as the servers
-        # declare it: whoever comes first creates it, so a client may start before any server.
+        # Durable, quorum, with a delivery limit, as the servers declare it: whoever comes first creates it.
         channel.queue_declare(self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-        # Our reply queue: exclusive and server-named ("amq.gen-..."): ours alone, gone with this connection.
+        # Our reply queue: "" lets the broker name it; exclusive: ours alone, gone with this connection.
         channel.queue_declare("", exclusive=True, callback=self._on_reply_queue)
 
     def _on_reply_queue(self, frame: Method) -> None:
         assert self._channel is not None
         queue_name = frame.method.queue  # the name the broker chose
-        # Chunks carry our client id in a header, and a dead-lettered chunk keeps its headers: this
-        # binding brings our dead chunks back to us. x-match all: every header listed must match.
+        # A dead chunk keeps its headers, ours among them: this binding brings it back to us.
         self._channel.queue_bind(
             queue_name, DEAD_LETTER_EXCHANGE, arguments={"x-match": "all", CLIENT_HEADER: self._client_id}
         )
@@ -163,8 +147,8 @@ class _ClientLink:
         self._channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, _frame: Method) -> None:
-        # The outbox: every chunk not yet answered. The first time, every chunk submitted so far; after a
-        # reconnection, those too whose replies went with the old reply queue (duplicates are ignored).
+        # Every chunk not yet answered: all of them the first time; after a start over, those too whose
+        # replies went with the old reply queue (a duplicate reply is ignored).
         self._jobs.refill_outbox_with_unanswered_chunks()
         self._publishing = True  # delivery tags count from 1 on this channel
         self.io.connected()
@@ -177,39 +161,32 @@ class _ClientLink:
         self.io.ioloop.add_callback_threadsafe(self._publish_new)
 
     def _publish_new(self) -> None:
-        self._jobs.take_new()  # the new jobs' chunks join the outbox
+        self._jobs.take_new()  # the new jobs' chunks join those waiting to be published
         self._publish()
 
     def _publish(self) -> None:
         channel = self._channel
         if not self._publishing or channel is None or not channel.is_open:
-            return  # not in confirm mode yet, or starting over: the next channel starts with the outbox
-        # Confirms are pipelined: up to PUBLISH_WINDOW chunks await theirs at once.
+            return  # not in confirm mode yet, or starting over: the next channel publishes them
+        # Pipelined: up to PUBLISH_WINDOW chunks await their confirm at once.
         while len(self._unconfirmed) < PUBLISH_WINDOW and (chunk := self._jobs.next_chunk()):
             job_id, start, body = chunk
-            # Persistent: it survives a broker restart. reply_to and correlation_id: where the reply
-            # goes, and what it answers. The header brings the chunk back to us if it is dead-lettered.
-            # mandatory: if no queue takes it, the broker returns it (_on_returned). Confirmed, unlike
-            # the server's reply: a reply is lost only with our reply queue, so with our connection,
-            # and then every chunk not yet answered is published again.
             properties = BasicProperties(
                 content_type=JSON,
-                delivery_mode=pika.DeliveryMode.Persistent,
-                reply_to=self._reply_queue,
-                correlation_id=f"{job_id}:{start}",
-                headers={CLIENT_HEADER: self._client_id},
+                delivery_mode=pika.DeliveryMode.Persistent,  # survives a broker restart
+                reply_to=self._reply_queue,  # where the server sends the result
+                correlation_id=f"{job_id}:{start}",  # what the result answers: job and chunk
+                headers={CLIENT_HEADER: self._client_id},  # brings the chunk back to us if it dies
             )
+            # The default exchange ("") routes by queue name. mandatory: no queue takes it, it comes back.
             channel.basic_publish("", self._queue, body, properties, mandatory=True)
             self._unconfirmed.published((job_id, start))  # its confirm will name it by delivery tag
 
     def _on_confirm(self, frame: Method) -> None:
-        # An ack (or nack) names chunks by delivery tag, their number on this channel: 1, 2, 3...
-        # (multiple: every tag up to this one).
+        # A confirm names chunks by delivery tag (multiple: every tag up to this one).
         if isinstance(frame.method, Basic.Nack):
-            # The broker refused them (a queue at its length limit, an internal error). RabbitMQ's contract:
-            # publish them again. We do that as after a lost connection: the new connection publishes every
-            # chunk not yet answered. Why not on this channel: a workaround for RabbitMQ before 3.12.5 (a
-            # channel stuck on a dead queue leader; IOThread.start_over).
+            # The broker refused them (a queue at its length limit, an internal error): publish them again,
+            # on a new connection, not this channel: for RabbitMQ before 3.12.5 (IOThread.start_over).
             count = len(self._unconfirmed.tags(frame.method))
             self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
             return
@@ -217,25 +194,9 @@ class _ClientLink:
         self._publish()  # room in the window for more
 
     def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
-        # Failure: no queue took the chunk. The work queue was deleted, and every chunk of ours that waited
-        # in it with it. The chunk's ack follows, and means "dropped", not "queued". Declare the queue again
-        # after a pause, once for all the chunks that come back meanwhile (QueueAgain).
-        self._queue_again.declare_later(self._declare_work_queue_again)
-
-    def _declare_work_queue_again(self) -> None:
-        # pc's producer refuses to recreate its deleted queue, as that would hide the loss of messages it
-        # no longer holds; we still hold every unanswered chunk and publish them all again: nothing is hidden.
-        if self._channel is not None:  # else a new connection declares it, and publishes everything
-            self._channel.queue_declare(
-                self._queue, durable=True, arguments=WORK_QUEUE_ARGUMENTS, callback=self._publish_unanswered
-            )
-
-    def _publish_unanswered(self, _frame: Method) -> None:
-        self._queue_again.declared()  # the next return is a new deletion
-        # As on a reconnection: the deleted queue took with it those that waited in it; duplicates of the
-        # others are ignored.
-        self._jobs.refill_outbox_with_unanswered_chunks()
-        self._publish()
+        # No queue took the chunk: the work queue was deleted, with every chunk of ours that waited in it.
+        # Its ack follows and means "dropped". Start over: the new connection declares the queue again.
+        self.io.start_over(f"no queue {self._queue!r} took a chunk", self._unconfirmed.backoff())
 
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         # The correlation_id, "JOB:START", says which job the reply is for, and where its chunk starts.
@@ -265,7 +226,6 @@ class _ClientLink:
         self._reply_queue = ""
         self._publishing = False
         self._unconfirmed.forget()  # the next channel counts delivery tags from 1 again
-        self._queue_again.forget()  # the next connection declares the work queue anyway
         self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
