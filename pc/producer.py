@@ -1,25 +1,21 @@
 """Publish messages to the durable queue ``pc`` and wait for the broker's confirms.
 
-Pairs with pc/consumer.py; run it before or after the consumer, as often as
-you like: the queue keeps the messages until a consumer takes them. Read
-pc/send_many.py first: the same publish, confirms pipelined, with nothing retried.
+Pairs with pc/consumer.py; run it before or after the consumer: the queue keeps the messages until a
+consumer takes them. Read pc/send_many.py first, the same story with nothing retried.
 
     python pc/producer.py my awesome message     # one message
     python pc/producer.py --count 10000 batch    # 'batch 1' .. 'batch 10000'
 
-Guarantee: exit status 0 means the broker has taken every message into ``pc``,
-persistent, on disk (publisher confirms). After a lost connection or a nack the
-unconfirmed ones are published again: a consumer may see one twice, never miss
-one. Anything else ends in one line and exit status 1 (docs/pc.md lists them).
+Guarantee: exit status 0 means the broker has taken every message into ``pc``, persistent, on disk
+(publisher confirms). After a lost connection or a nack the unconfirmed ones are published again: a
+consumer may see one twice, never miss one. Anything else ends in one line and exit status 1
+(docs/pc.md lists them).
 
-Why SelectConnection (callbacks) rather than BlockingConnection: confirms are
-pipelined, up to WINDOW messages in flight at once, rather than one network
-round trip per message as pc/send_one.py does. ``Publisher`` is the story, and
-the code that runs: its docstring maps the steps in the order they happen.
-It is send_many.py's story plus one rule: after a lost connection or a nack,
-start over on a new connection and publish every unconfirmed message again.
-The detail (back-off, giving up, the confirm watchdog) is in
-pc/publisher_plumbing.py, called by name. Tested against RabbitMQ 3.10.
+Why a SelectConnection (callbacks), not a BlockingConnection: confirms are pipelined, up to WINDOW
+messages in flight, rather than one network round trip per message as in pc/send_one.py. ``Publisher``
+is the story: send_many.py's, plus one rule: after a lost connection or a nack, start over on a new
+connection and publish every unconfirmed message again. How long to wait, and when to give up, is in
+pc/publisher_plumbing.py. Tested against RabbitMQ 3.10.
 """
 
 from __future__ import annotations
@@ -43,16 +39,14 @@ LOGGER = logging.getLogger("pc.producer")
 # We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
 CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
-# Persistent: written to disk, so it survives a broker restart. Plain UTF-8
-# text, readable by any client in any language.
-PROPERTIES = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
-# Unconfirmed messages allowed in flight; bounds memory on both sides, and
-# what goes round again after a reconnect. The broker confirms persistent
-# messages once they are on disk, in batches: a window of a few thousand keeps
-# us publishing while it writes.
+PROPERTIES = pika.BasicProperties(
+    content_type="text/plain",  # plain UTF-8 text, readable by any client in any language
+    delivery_mode=pika.DeliveryMode.Persistent,  # written to disk: survives a broker restart
+)
+# Unconfirmed messages in flight, at most: the broker confirms persistent messages in batches, as it
+# writes them to disk, and a window of a few thousand keeps us publishing meanwhile.
 WINDOW = 5000
-# A broker short of memory or disk stops reading from publishers until it
-# recovers; give up after this long, rather than wait silently for ever
+# A broker short of memory or disk stops reading from publishers (an alarm): give up after this long
 # (``?blocked_connection_timeout=SECONDS`` in AMQP_URL overrides it).
 BLOCKED_FOR = 60.0
 
@@ -60,9 +54,9 @@ BLOCKED_FOR = 60.0
 class Publisher:
     """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
-    The story, in the order it happens; each method is called back when the one before it is done:
+    The story, in the order it happens; pika calls each method when the broker has answered the one before:
 
-        run, _connect           pika.SelectConnection(...)        connect, then let its ioloop call us
+        run, _connect           pika.SelectConnection(...)        connect; its ioloop calls us back
         _on_connection_open     connection.channel(...)           open a channel
         _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
                                 channel.queue_declare("pc.dead")  the dead-letter queue
@@ -70,26 +64,18 @@ class Publisher:
         _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
         _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: start over
         _on_returned            (basic.return)                    no queue took it: fail
-        _on_blocked             (connection.blocked)              a memory or disk alarm: wait
-        _on_channel_closed,     (channel.close, connection.close) stop the ioloop: run() reconnects,
-        _on_connection_closed                                     or raises why it stopped
 
-    One rule for a lost connection and a nack: start over. run() connects again and
-    publishes every unconfirmed message again. ``self._recovery`` (pc/publisher_plumbing.py)
-    holds the detail: how long to wait first, when to give up, and the confirm watchdog.
+    Then what goes wrong: an alarm (_on_blocked), the broker closing the channel or the connection.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        # Each message to send, in flight (by delivery tag) or confirmed: pc/outbox.py.
-        self._outbox = Outbox(bodies, WINDOW)
+        self._outbox = Outbox(bodies, WINDOW)  # each message: to send, in flight (by delivery tag), confirmed
         self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
-        self._recovery = Recovery(url, self._outbox, self._nodes)
+        self._recovery = Recovery(url, self._outbox, self._nodes)  # back-off, giving up, confirm watchdog
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None  # this connection's, once open
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
-        # True: declare pc passively, only checking that it is there. A publisher that
-        # comes back after pc was deleted must not create it again (see _on_channel_open).
-        self.passive = False
+        self.passive = False  # True once pc is declared: after that, only check that it is there
 
     @property
     def confirmed(self) -> int:
@@ -101,14 +87,13 @@ class Publisher:
         while not self._outbox.done:
             self._connect(self._nodes.next())
             assert self._connection is not None
-            # A SelectConnection does nothing until its ioloop runs: the loop reads what
-            # the broker sends and calls our methods below, until one of them stops it.
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
+            # sends and calls our methods below, until one of them stops it.
             self._connection.ioloop.start()
             if self._failure is not None:
                 raise self._failure
             if not self._outbox.done:
-                # The connection dropped, or we closed it after a nack: what was in flight gets
-                # no confirm now, so wait and publish it again (BrokerError if it is time to give up).
+                # Lost, or closed by us after a nack: wait, then publish the unconfirmed again (or give up).
                 self._recovery.wait_to_reconnect()
 
     def _connect(self, node: pika.URLParameters) -> None:
@@ -118,13 +103,11 @@ class Publisher:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
         )
-        # A broker short of memory or disk blocks publishers until it recovers (_on_blocked).
-        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)  # an alarm: see below
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        # Connected: a later loss is a new outage. Confirms that never come (a RabbitMQ 3.10
-        # workaround, Recovery.watch_confirms): reconnect.
+        # Connected: a later loss is a new outage, and the confirm watchdog starts (for RabbitMQ 3.10).
         self._recovery.connected(connection)
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
@@ -132,62 +115,46 @@ class Publisher:
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         self._outbox.new_channel()  # its delivery tags start from 1
-        # The broker closes a channel on an error, such as a declaration it refuses.
-        channel.add_on_close_callback(self._on_channel_closed)
-        # A mandatory message the broker cannot route comes back here (basic.return).
-        channel.add_on_return_callback(self._on_returned)
-        # Three commands in a row, a callback on the last only: pika sends the
-        # others without asking for an answer (nowait), and the broker takes a
-        # channel's commands in order, so that answer means all three are done.
-        # Publisher confirms: the broker now acks (or nacks) every message we
-        # publish on this channel, numbered 1, 2, 3... as we publish them.
+        channel.add_on_close_callback(self._on_channel_closed)  # the broker refused a command
+        channel.add_on_return_callback(self._on_returned)  # a mandatory message no queue took
+        # No callback until the last command: the broker takes a channel's commands in order.
+        # Publisher confirms: the broker now acks (or nacks) every message we publish, numbered 1, 2, 3...
         channel.confirm_delivery(self._on_confirm)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        # Durable quorum queue, declared alike by the consumer (pc/workqueue.py):
-        # whichever starts first creates it. Passive: the broker only checks that
-        # it is there, and closes the channel (404) if not. Our exit status
-        # promises that what was confirmed is in pc; a deleted pc took those
-        # messages with it, and recreating it would let us exit 0 anyway.
+        # Durable quorum queue, declared alike by the consumer: whoever starts first creates it. Passive
+        # after the first time: a pc deleted under us took confirmed messages with it; don't hide that.
         channel.queue_declare(
-            QUEUE,
-            durable=True,
-            arguments=QUEUE_ARGUMENTS,
-            passive=self.passive,
-            callback=self._on_declared,
+            QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self._on_declared
         )
 
     def _on_declared(self, _frame: Method) -> None:
-        self.passive = True  # pc declared: a new connection or channel only checks that it is there
+        self.passive = True
         self._publish()
 
     def _publish(self) -> None:
         assert self._channel is not None
         # Up to WINDOW messages in flight; each confirm makes room for more.
         while (body := self._outbox.next_body()) is not None:
-            # The default exchange ("") routes by queue name. mandatory: if
-            # the queue is gone, the broker returns the message instead of
-            # confirming it into the void.
+            # The default exchange ("") routes by queue name. mandatory: if no queue takes the
+            # message, the broker returns it rather than confirm it into the void.
             self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
 
     def _on_confirm(self, frame: Method) -> None:
         assert self._connection is not None
         if self._failure is not None or not self._connection.is_open:
-            return  # failed already (the ack after a return means "dropped"), or closing to start over
+            return  # failed already (the ack after a return means "dropped"), or starting over
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
-            # The broker has them safe. One confirm may cover many messages:
-            # every tag up to this one (multiple).
+            # The broker has them safe: every tag up to this one (multiple), or this one.
             self._outbox.settle(method.delivery_tag, method.multiple)
             if self._outbox.done:
                 self._connection.close()  # all confirmed: run() returns
             else:
                 self._publish()  # room in the window: send the next ones
             return
-        # A nack: the broker did not take them (a queue at its length limit, an internal error).
-        # RabbitMQ's contract: publish them again. We do that as after a lost connection: run()
-        # publishes every unconfirmed message again, on a new connection. Why not on this channel:
-        # a workaround for RabbitMQ before 3.12.5 (a channel stuck on a dead queue leader; Recovery.on_nack).
+        # A nack: the broker did not take them (a queue at its length limit, an internal error): publish
+        # them again, as after a lost connection. A new connection, not this channel: for RabbitMQ < 3.12.5.
         refused = self._outbox.covered(method.delivery_tag, method.multiple)
         if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
             close_or_drop(self._connection)
@@ -195,10 +162,11 @@ class Publisher:
             self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
-        # The broker sends basic.return for a mandatory message no queue took,
-        # then basic.ack for it: that ack means "dealt with" (dropped), not
-        # "queued". So fail here, at the return; _on_confirm ignores the ack after it.
+        # No queue took a mandatory message (pc deleted). The broker acks it next, an ack that means
+        # "dropped", not "queued": so fail here; _on_confirm ignores that ack.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
+
+    # What goes wrong, and what we do ------------------------------------------
 
     def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
