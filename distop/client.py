@@ -42,7 +42,8 @@ def run_job(
     with ConcatOp(op_name, data, chunks, rabbit_host) as op:
         # call() hands the chunks to DistOp's I/O thread and returns the job id at once. That thread
         # publishes each chunk to the work queue "distop.chunks": persistent, reply_to = our reply queue,
-        # correlation_id = "JOB_ID:START", again until the broker confirms it.
+        # correlation_id = "JOB_ID:START"; and again (after a nack, a return, a lost connection) until
+        # its result is in.
         job_id = op.call(**params)
         # Blocks until our reply queue has given one reply per chunk, whichever server sent it; each one
         # ticks the bar. Then gather() by START. A chunk that kept killing servers comes back

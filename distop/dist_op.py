@@ -185,8 +185,8 @@ class _ClientLink:
     def _on_confirm(self, frame: Method) -> None:
         # A confirm names chunks by delivery tag (multiple: every tag up to this one).
         if isinstance(frame.method, Basic.Nack):
-            # The broker refused them (a queue at its length limit, an internal error): publish them again,
-            # on a new connection, not this channel: for RabbitMQ before 3.12.5 (IOThread.start_over).
+            # The broker refused them (a queue at its length limit, an internal error). The contract is to
+            # publish them again: we start over, as after a lost connection.
             count = len(self._unconfirmed.tags(frame.method))
             self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
             return

@@ -32,7 +32,7 @@ from pika.frame import Method
 
 from pc.broker import BrokerError, redact, resolve
 from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_or_drop
+from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_connection
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
@@ -65,7 +65,14 @@ class Publisher:
         _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: start over
         _on_returned            (basic.return)                    no queue took it: fail
 
-    Then what goes wrong: an alarm (_on_blocked), the broker closing the channel or the connection.
+    What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
+
+        a lost connection       run(): reconnect, publish every unconfirmed message again
+        a nack                  _on_confirm: start over the same way
+        a return (pc deleted)   _on_returned: one line, exit 1
+        a refused command       _on_channel_closed: one line, exit 1
+        a memory or disk alarm  _on_blocked: wait, up to BLOCKED_FOR
+        no broker answers       _on_open_error: the next node, then one line, exit 1
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
@@ -107,8 +114,7 @@ class Publisher:
         self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        # Connected: a later loss is a new outage, and the confirm watchdog starts (for RabbitMQ 3.10).
-        self._recovery.connected(connection)
+        self._recovery.connected(connection)  # a later loss is a new outage, with its own time budget
         # A channel: the session we declare, publish and receive confirms on.
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -153,11 +159,11 @@ class Publisher:
             else:
                 self._publish()  # room in the window: send the next ones
             return
-        # A nack: the broker did not take them (a queue at its length limit, an internal error): publish
-        # them again, as after a lost connection. A new connection, not this channel: for RabbitMQ < 3.12.5.
+        # A nack: the broker did not take them (a queue at its length limit, an internal error). The
+        # contract is to publish them again: we start over, as after a lost connection (run()).
         refused = self._outbox.covered(method.delivery_tag, method.multiple)
         if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
-            close_or_drop(self._connection)
+            close_connection(self._connection)
         else:  # nacks and nothing else for NACKS_FOR seconds
             self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
 
@@ -193,9 +199,7 @@ class Publisher:
         self._failure = self._failure or error
         assert self._connection is not None
         if self._connection.is_open:
-            # Then _on_connection_closed stops the loop. close_or_drop: a RabbitMQ 3.10 workaround
-            # for a close the broker never reads (pc deleted under us).
-            close_or_drop(self._connection)
+            close_connection(self._connection)  # then _on_connection_closed stops the loop
         elif self._connection.is_closed:
             self._connection.ioloop.stop()  # closed already, between two connections: back to run()
 

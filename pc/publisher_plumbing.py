@@ -12,7 +12,7 @@ handle, or a workaround for what RabbitMQ 3.10 does:
   a lost one, after a pause; give up after NACKS_FOR of nothing but nacks
   (``Recovery.on_nack``);
 - no confirm at all (RabbitMQ 3.10 workaround): ``Recovery.watch_confirms``;
-- our own close never answered (RabbitMQ 3.10 workaround): ``close_or_drop``.
+- our own close never answered (RabbitMQ 3.10 workaround): ``close_connection``.
 
 The broker blocking publishers, and no node answering at all, are in the story
 itself (``_on_blocked``, ``_on_open_error``).
@@ -54,8 +54,8 @@ def channel_error(reason: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
     return BrokerError(f"the broker closed the channel: {reason}")
 
 
-def close_or_drop(connection: pika.SelectConnection) -> None:
-    """Close ``connection``; if the broker has not answered within CLOSE_DUE, stop its ioloop (back to run()).
+def close_connection(connection: pika.SelectConnection) -> None:
+    """Close ``connection``, or drop it if the broker has not answered within CLOSE_DUE: stop its ioloop.
 
     A RabbitMQ 3.10 workaround: with messages in flight to a quorum queue
     deleted under it, the broker may stop reading from the connection (flow
@@ -87,7 +87,10 @@ class Recovery:
     # The connection drops (RabbitMQ's contract) ----------------------------
 
     def connected(self, connection: pika.SelectConnection) -> None:
-        """A connection got through: a later loss starts a new outage, and it is not blocked (yet)."""
+        """A connection got through: a later loss starts a new outage, and it is not blocked (yet).
+
+        Also starts the confirm watchdog on it (watch_confirms, a RabbitMQ 3.10 workaround).
+        """
         self._nodes.connected()
         self.blocked = False
         self._after_nack = None
@@ -165,7 +168,7 @@ class Recovery:
         stuck = self._outbox.confirmed == confirmed and self._outbox.in_flight > 0
         if stuck and not self.blocked:  # blocked: Publisher._on_blocked said so, and its timeout applies
             LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
-            close_or_drop(connection)  # run() reconnects, and publishes the unconfirmed messages again
+            close_connection(connection)  # run() reconnects, and publishes the unconfirmed messages again
             return
         confirmed = self._outbox.confirmed
         connection.ioloop.call_later(CONFIRMS_DUE, lambda: self.watch_confirms(connection, confirmed))
