@@ -14,8 +14,8 @@ the connection's thread waits in start_consuming(): an op may run for minutes. T
 one step (_run_off_io_thread); how the worker thread does it comes after the story, under "Plumbing",
 with reconnection and signals.
 
-distop/pipelined.py is an optimisation for very short ops, through the hooks at the end of OpExecutor
-(which do nothing here); it is not needed to follow the lesson.
+distop/pipelined.py is an optimisation for very short ops, a subclass that takes a chunk ahead; it is
+not needed to follow the lesson.
 """
 
 from __future__ import annotations
@@ -101,17 +101,14 @@ class OpExecutor:
         """Declare the work queue, then where its dead chunks go, as the clients do (declaring is
         idempotent); BrokerError if refused."""
         try:
-            # The work queue, durable: it and its persistent chunks survive a broker restart. A quorum
-            # queue with a delivery limit and a dead-letter exchange (WORK_QUEUE_ARGUMENTS), declared
-            # exactly as the clients declare it, or the broker refuses.
+            # The work queue: durable, quorum, with a delivery limit and a dead-letter exchange, declared
+            # exactly as the clients declare it (or the broker refuses).
             channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-            # Its dead-letter exchange, where it sends the chunks it gives up on (rejected, or past the
-            # delivery limit). A headers exchange: each client binds its reply queue on its own id, so a
-            # dead chunk goes back to its client. Durable, like the queues.
+            # Where the work queue sends the chunks it gives up on. A headers exchange: each client binds
+            # its reply queue on its own id, so a dead chunk goes back to its client.
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
-            # A queue also named distop.dead (exchange and queue names do not clash) keeps a copy of
-            # every dead chunk for a person to look at. Its binding lists no header to match, and a headers
-            # exchange sends a message to every binding whose listed headers all match: so it gets them all.
+            # The queue distop.dead keeps a copy of every dead chunk, for a person to look at: a binding
+            # that lists no header takes every message. (An exchange and a queue may share a name.)
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -146,9 +143,8 @@ class OpExecutor:
         chunk = Chunk(
             channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
         )
-        # Run the op off the I/O thread, so that pika keeps answering the broker's heartbeats however long
-        # it takes; the worker thread runs _run_op, then hands the reply back to this thread with
-        # add_callback_threadsafe, to _reply_and_ack (how: "Plumbing: the worker thread", below).
+        # The op runs on a worker thread (_run_op), so that this thread keeps answering the broker's
+        # heartbeats however long it takes; then _reply_and_ack runs back on this thread.
         self._run_off_io_thread(connection, chunk)
 
     def _run_op(self, chunk: Chunk) -> bytes:
@@ -181,23 +177,19 @@ class OpExecutor:
         if channel is None or not channel.is_open:
             return  # the connection was lost during the op: the chunk is back in the queue, for any server
         props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
-        # To the client's reply queue (reply_to), through the default exchange, quoting the chunk's
-        # correlation_id. No confirm, no mandatory, not persistent: that queue is exclusive and transient.
-        # If its client is gone, the reply has nowhere to go; if the reply is lost with the client's
-        # connection, the client publishes the chunk again once it has reconnected.
+        # To the client's reply queue (reply_to) by the default exchange, quoting the correlation_id. No
+        # confirm, not persistent: if the reply is lost with the client's connection, the client publishes
+        # the chunk again.
         channel.basic_publish("", chunk.props.reply_to, body, props)
-        # Ack only now: until here, a server that dies leaves the chunk to another. Only the channel the
-        # chunk came on can ack it; if the broker's consumer_timeout closed that channel, the chunk is back
-        # in the queue and will run again (the reply above still went out; the client drops the duplicate).
+        # Ack only now: until here, a server that dies leaves the chunk to another. Only the channel it came
+        # on can ack it; if that one is closed (consumer_timeout), the chunk is back in the queue anyway.
         if chunk.channel is channel:
             channel.basic_ack(chunk.tag)
 
     # Plumbing: the worker thread -----------------------------------------------
 
     def _run_off_io_thread(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        """Hand the chunk to the worker thread (_work_forever), unless _chunk_may_start keeps it waiting."""
-        if not self._chunk_may_start(connection, chunk):
-            return
+        """Hand the chunk to the worker thread (_work_forever)."""
         # This thread goes back into pika at once: stopping, or consuming on a new channel, waits for
         # the chunk in hand (_wait_for_chunk_in_hand).
         self._in_hand = chunk.tag
@@ -223,10 +215,8 @@ class OpExecutor:
 
     def _op_done(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
         """On the connection's thread: the op in hand is done; reply and ack (_reply_and_ack)."""
-        self._before_reply(connection, chunk)
         self._in_hand = None
         self._reply_and_ack(chunk, body)
-        self._after_reply(connection, chunk)
 
     def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
         # Short waits, so that a second signal is noticed promptly.
@@ -305,7 +295,7 @@ class OpExecutor:
                 # A chunk still running from a closed channel (or a cancelled consumer) finishes first:
                 # the next chunk must not wait unacked behind it.
                 self._wait_for_chunk_in_hand(connection)
-                self._on_consuming(channel, self._consume(connection, channel))
+                self._consume(connection, channel)
                 if not self._announced:
                     self._announced = True
                     ops, url = ", ".join(self._ops), redact(self._url)
@@ -341,22 +331,6 @@ class OpExecutor:
     def _on_cancelled(self, _frame: Method) -> None:
         """The broker cancelled our consumer (its queue was deleted): _serve declares it again."""
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
-
-    # Hooks for PipelinedOpExecutor (distop/pipelined.py), which takes a chunk ahead while ops are
-    # short. The plumbing above calls them; here they do nothing. ----------------
-
-    def _on_consuming(self, channel: BlockingChannel, consumer: str) -> None:
-        """``consumer`` (a consumer tag) now takes chunks on ``channel``."""
-
-    def _chunk_may_start(self, connection: pika.BlockingConnection, chunk: Chunk) -> bool:
-        """Whether the chunk's op starts now; if not, the hooks start it later. Here, always."""
-        return True
-
-    def _before_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        """The chunk's op is done; its reply and ack come next."""
-
-    def _after_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
-        """The chunk is answered and acked (or back in the queue, if its channel was closed)."""
 
 
 @dataclass

@@ -62,23 +62,30 @@ class PipelinedOpExecutor(OpExecutor):
         self._short_ops = 0  # ops in a row shorter than SHORT_OP
         self._swapping = False  # a lone consumer taking chunks ahead is being swapped for a first one
 
-    # OpExecutor's hooks: where it takes chunks ahead; OpExecutor's story runs unchanged ------
+    # Where it takes chunks ahead: OpExecutor's methods, extended; its story runs unchanged ----------
 
-    def _on_consuming(self, channel: BlockingChannel, consumer: str) -> None:
+    def _consume(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> str:
+        consumer = super()._consume(connection, channel)
         self._consumers, self._ahead = [consumer], None  # OpExecutor's first consumer, prefetch 1
+        return consumer
 
-    def _chunk_may_start(self, connection: pika.BlockingConnection, chunk: Chunk) -> bool:
+    def _run_off_io_thread(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
         """Start the chunk's op, or, if one is running, keep the chunk waiting behind it while it is short."""
         if self._in_hand is not None:
             self._waiting.append(chunk)
             if time.monotonic() - self._started > SHORT_OP:
                 self._on_long_op(chunk.channel, self._in_hand)
-            return False
+            return
         self._in_hand_from, self._started = chunk.consumer, time.monotonic()
         if len(self._consumers) > 1:  # a chunk may be waiting behind this op, or coming
             check = functools.partial(self._on_long_op, chunk.channel, chunk.tag)
             self._long_op_check = connection.call_later(SHORT_OP, check)
-        return True
+        super()._run_off_io_thread(connection, chunk)
+
+    def _op_done(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
+        self._before_reply(connection, chunk)
+        super()._op_done(connection, chunk, body)  # reply, then ack
+        self._after_reply(connection, chunk)
 
     def _before_reply(self, connection: pika.BlockingConnection, chunk: Chunk) -> None:
         """Before OpExecutor replies and acks: count short ops; cancel a lone consumer taking chunks ahead."""
