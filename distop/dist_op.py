@@ -12,6 +12,12 @@ What you write (distop/caller.py does it):
         job_id = op.call(esp=2)  # returns at once: the chunks go out on the client's I/O thread
         print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
 
+How a job travels:
+
+    call()  --chunks, one message each-->  work queue distop.chunks  -->  servers (OpExecutor), one each
+    get_result()  <--gather()--  our reply queue  <--one reply per chunk, same correlation_id--  servers
+    a chunk that kills its servers:  distop.chunks --dead-letter--> distop.dead --our binding--> reply queue
+
 Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
 call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
 pika callbacks, each called when the broker answers the one before: read them top to bottom. It uses a
@@ -91,8 +97,16 @@ class _ClientLink:
         _on_returned         basic.return                  no queue took a chunk
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
-    One rule for what goes wrong (a nack, a return, a lost connection, a closed channel): start over on a
-    new connection, which declares everything again and publishes every chunk not yet answered.
+    What goes wrong, and what the code does (docs/distop.md has the whole table, with its tests). One rule
+    for most: start over on a new connection, which declares everything again and publishes every chunk
+    not yet answered.
+
+        a nack, a return, a channel closed     start over after a growing pause (IOThread.start_over)
+        the connection lost                    _on_closed: reconnect; after a minute, the jobs fail
+        a declaration refused (406)            _on_channel_closed: call() raises BrokerError
+        our chunk dead-lettered                _on_reply: PoisonChunkError for its job
+        a malformed, forged or late reply      _on_reply: dropped, logged
+        a bug in one of these callbacks        GuardedSelectConnection: the pending jobs fail with it
     """
 
     def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
@@ -276,7 +290,9 @@ class DistOp:
         are not JSON-serialisable.
         """
         check_json(params, "params")
+        # The job id goes into each chunk's correlation_id, "JOB_ID:START": a reply names its job and chunk.
         job_id = uuid.uuid4().hex
+        # Scatter: one message per chunk, each to be taken by one server from the work queue.
         requests = {
             start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
             for start, chunk in split(self.data, self.group_size)
@@ -286,7 +302,7 @@ class DistOp:
             link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
             link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
             self._link = link
-        self._link.submit(Job(job_id, requests))  # the I/O thread publishes its chunks
+        self._link.submit(Job(job_id, requests))  # the I/O thread publishes its chunks (_ClientLink._publish)
         return job_id
 
     def get_result(
@@ -306,13 +322,14 @@ class DistOp:
         """
         with self._cond:
             job = pending_job(self._jobs, job_id)
+            # Replies arrive on the I/O thread (_ClientLink._on_reply), filed by job (correlation_id).
             job.wait_done(self._cond, timeout, progress, self.OP_NAME)  # TimeoutError: the job stays
             self._jobs.pop(job.id, None)
         if job.error is not None:
             raise job.error
         if progress is not None:
             progress(len(job.partials), len(job.requests))
-        return self.gather(dict(sorted(job.partials.items())))
+        return self.gather(dict(sorted(job.partials.items())))  # gather: the partials in chunk order
 
     def pending(self) -> list[str]:
         """The ids of the jobs called but not yet collected."""

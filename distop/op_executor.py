@@ -69,9 +69,9 @@ class OpExecutor:
 
     The story below, in the order it happens (as in distop/serve_one.py); run() (plumbing, after the story)
     connects, and calls it on each new channel:
-      _declare         queue_declare(QUEUE)                 the work queue, shared by every server
-                       exchange_declare, queue_declare,     where the chunks it gives up on go: distop.dead
+      _declare         exchange_declare, queue_declare,     where the chunks it gives up on go: distop.dead
                        queue_bind
+                       queue_declare(QUEUE)                 the work queue, shared by every server
       _consume         basic_qos(prefetch_count=1)          one unacked chunk per server: fair dispatch
                        basic_consume(QUEUE, _on_chunk)      each chunk goes to one server
       _on_chunk        basic_reject(requeue=False)          a malformed chunk is dead-lettered
@@ -79,6 +79,18 @@ class OpExecutor:
       _run_op          (on the worker thread)               the op's result, or the error it raised
       _reply_and_ack   basic_publish("", reply_to)          the reply, quoting the chunk's correlation_id
                        basic_ack                            only now: a server that dies leaves it to another
+
+    What goes wrong, and what the code does (docs/distop.md has the whole table, with its tests):
+
+      a malformed chunk            _on_chunk: rejected without requeue, so dead-lettered to distop.dead
+      the op raises, or is unknown _run_op: the error is the reply; RemoteError at the client
+      this server dies mid-chunk   not acked: the broker gives the chunk to another server
+      a chunk that kills servers   its 5th return dead-letters it; its client gets PoisonChunkError
+      the broker is lost           run: reconnect, for up to RECONNECT_FOR; then one line, exit 1
+      an op past consumer_timeout  _serve: the broker closed the channel; one line, a new channel
+      the work queue is deleted    _on_cancelled, then _serve declares it again
+      the queue declared otherwise _declare: one line, exit 1
+      Ctrl-C or SIGTERM            _on_signal: finish the chunk in hand, exit 0; a second: at once
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
@@ -98,19 +110,19 @@ class OpExecutor:
     # The RabbitMQ story, in the order it happens ------------------------------
 
     def _declare(self, channel: BlockingChannel) -> None:
-        """Declare the work queue, then where its dead chunks go, as the clients do (declaring is
-        idempotent); BrokerError if refused."""
+        """Declare where dead chunks go, then the work queue, as the clients do (declaring is idempotent);
+        BrokerError if refused."""
         try:
-            # The work queue: durable, quorum, with a delivery limit and a dead-letter exchange, declared
-            # exactly as the clients declare it (or the broker refuses).
-            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-            # Where the work queue sends the chunks it gives up on. A headers exchange: each client binds
-            # its reply queue on its own id, so a dead chunk goes back to its client.
+            # Where the work queue sends the chunks it gives up on, declared first, so it is there. A
+            # headers exchange: each client binds its reply queue on its own id, so a dead chunk goes back.
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
             # The queue distop.dead keeps a copy of every dead chunk, for a person to look at: a binding
             # that lists no header takes every message. (An exchange and a queue may share a name.)
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+            # The work queue: durable, quorum, with a delivery limit and a dead-letter exchange, declared
+            # exactly as the clients declare it (or the broker refuses).
+            channel.queue_declare(self.QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
         except pika.exceptions.ChannelClosedByBroker as exc:
             # Refused: a queue of that name exists with other arguments. Retrying won't help: exit 1.
             raise BrokerError(refused(exc)) from exc

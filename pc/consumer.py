@@ -22,6 +22,16 @@ then moved to ``pc.dead`` (pc/workqueue.py). Any body is shown, text or not.
 Why BlockingConnection: a consumer is one loop that waits for a message,
 handles it and acks it; blocking calls read top to bottom. The broker pushes
 messages to us (basic_consume), so there is no round trip per message to hide.
+
+The story is listen() and on_message(), first below; consume(), in the plumbing, reconnects.
+What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
+
+    the handler raises           on_message: basic_nack(requeue=True); the 6th time, pc.dead
+    this consumer dies           the broker delivers its unacked messages again, to any consumer
+    the broker is lost           consume: reconnect, for up to RECONNECT_FOR; then one line, exit 1
+    pc is deleted                consume: the broker cancels us; declare pc again, consume again
+    pc declared otherwise (406)  consume: one line, exit 1
+    Ctrl-C or SIGTERM            a flag: the message in hand is not acked (it goes back); exit 0
 """
 
 from __future__ import annotations

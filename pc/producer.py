@@ -36,7 +36,7 @@ from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_conn
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
-# We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
+# We closed the connection ourselves (after a nack, or the confirm timeout did), and said why at the time.
 CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
 PROPERTIES = pika.BasicProperties(
@@ -73,12 +73,21 @@ class Publisher:
         a refused command       _on_channel_closed: one line, exit 1
         a memory or disk alarm  _on_blocked: wait, up to BLOCKED_FOR
         no broker answers       _on_open_error: the next node, then one line, exit 1
+
+    Two timeouts, so that no wait lasts for ever (publisher_plumbing.py; both were needed on RabbitMQ
+    3.10, when pc was deleted under a running publisher):
+
+        no confirm for CONFIRMS_DUE      Recovery.watch_confirms: reconnect, as after a lost connection
+        our close not answered           close_connection: drop the connection after CLOSE_DUE
+
+    And one choice of this example, not a rule of RabbitMQ's: after the first time, pc is declared
+    *passive*, so that a pc deleted under us (with messages it had confirmed) ends in exit 1, not exit 0.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
         self._outbox = Outbox(bodies, WINDOW)  # each message: to send, in flight (by delivery tag), confirmed
         self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
-        self._recovery = Recovery(url, self._outbox, self._nodes)  # back-off, giving up, confirm watchdog
+        self._recovery = Recovery(url, self._outbox, self._nodes)  # back-off, giving up, the confirm timeout
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None  # this connection's, once open
         self._failure: BrokerError | None = None  # set: stop, and run() raises it
@@ -149,7 +158,7 @@ class Publisher:
     def _on_confirm(self, frame: Method) -> None:
         assert self._connection is not None
         if self._failure is not None or not self._connection.is_open:
-            return  # failed already (the ack after a return means "dropped"), or starting over
+            return  # failed already (the ack after a return: see _on_returned), or starting over
         method = frame.method
         if isinstance(method, pika.spec.Basic.Ack):
             # The broker has them safe: every tag up to this one (multiple), or this one.
@@ -168,8 +177,8 @@ class Publisher:
             self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
 
     def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
-        # No queue took a mandatory message (pc deleted). The broker acks it next, an ack that means
-        # "dropped", not "queued": so fail here; _on_confirm ignores that ack.
+        # No queue took a mandatory message (pc deleted). RabbitMQ's order, any version: the return, then
+        # an ack that means "dealt with" (dropped), not "queued". So fail here; _on_confirm ignores that ack.
         self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
     # What goes wrong, and what we do ------------------------------------------
@@ -177,7 +186,7 @@ class Publisher:
     def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
         # closes the connection after blocked_connection_timeout (_on_connection_closed).
-        self._recovery.blocked = True  # the confirm watchdog leaves a blocked connection alone
+        self._recovery.blocked = True  # the confirm timeout leaves a blocked connection alone
         LOGGER.warning(
             "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
             frame.method.reason,

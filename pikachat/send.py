@@ -17,6 +17,16 @@ It uses a BlockingConnection: one line at a time, each publish waiting for
 its confirm, is the simplest form and fast enough for anyone typing. The story
 comes first, below; reconnecting, heartbeats while idle, a broker that blocks
 publishers and Ctrl-C are in sender_plumbing.py.
+
+What goes wrong, and what the code does (the except clauses of Sender.send; docs/pikachat.md has
+the whole table, with its tests):
+
+    nobody listens (basic.return)       a WARNING "reached no one"; not a failure
+    the broker refuses it (basic.nack)  an ERROR line; never sent again; exit 1 at the end
+    the channel closed (exchange gone)  an ERROR line; the next line opens a channel, declares again
+    the broker lost                     an ERROR line; the next line reconnects
+    the broker blocks publishers        waits up to the blocked-connection timeout, then exit 1
+    no broker at start                  one line, exit 1
 """
 
 from __future__ import annotations
