@@ -44,13 +44,13 @@ def serve() -> None:
     """Serve chunks until Ctrl-C (KeyboardInterrupt); BrokerError if the broker cancels our consumer."""
     connection = connect(resolve())  # AMQP_URL, else localhost
     channel = connection.channel()
-    # Declared exactly as the clients declare it (or the broker refuses): the first to come makes it.
-    channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
-    # Where the work queue sends a chunk it gives up on: a headers exchange, and a queue (names of
-    # exchanges and queues do not clash) bound to get every dead chunk, kept for a person to look at.
+    # Where the work queue sends a chunk it gives up on, declared first: a headers exchange, and a queue
+    # (names of exchanges and queues do not clash) bound to get every dead chunk, for a person to look at.
     channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
     channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
     channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+    # Declared exactly as the clients declare it (or the broker refuses): the first to come makes it.
+    channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
     # One unacked chunk at a time: a free server gets the next (fair dispatch), a crash strands one.
     channel.basic_qos(prefetch_count=1)
     # Every server consumes the same queue: the broker gives each chunk to one of them.
