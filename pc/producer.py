@@ -1,7 +1,7 @@
 """Publish messages to the durable queue ``pc`` and wait for the broker's confirms.
 
 Pairs with pc/consumer.py; run it before or after the consumer: the queue keeps the messages until a
-consumer takes them. Read pc/send_many.py first, the same story with nothing retried.
+consumer takes them.
 
     python pc/producer.py my awesome message     # one message
     python pc/producer.py --count 10000 batch    # 'batch 1' .. 'batch 10000'
@@ -11,11 +11,12 @@ Guarantee: exit status 0 means the broker has taken every message into ``pc``, p
 consumer may see one twice, never miss one. Anything else ends in one line and exit status 1
 (docs/pc.md lists them).
 
-Why a SelectConnection (callbacks), not a BlockingConnection: confirms are pipelined, up to WINDOW
-messages in flight, rather than one network round trip per message as in pc/send_one.py. ``Publisher``
-is the story: send_many.py's, plus one rule: after a lost connection or a nack, start over on a new
-connection and publish every unconfirmed message again. How long to wait, and when to give up, is in
-pc/publisher_plumbing.py. Tested against RabbitMQ 3.10.
+Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method (on_open, on_channel,
+publish, on_confirm, on_channel_closed, stop, on_closed), plus one rule that send_many.py does not have:
+after a lost connection or a nack, start over on a new connection and publish every unconfirmed message
+again. That rule is run(), the loop at the top; how long it waits, and when it gives up, is in
+pc/publisher_plumbing.py. Why a SelectConnection, not a BlockingConnection: confirms are pipelined, up to
+WINDOW messages in flight, rather than one network round trip per message as in pc/send_one.py.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ import pika
 import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
+from pika.spec import Basic
 
 from pc.broker import BrokerError, redact, resolve
-from pc.outbox import Nodes, Outbox
-from pc.publisher_plumbing import NACKS_FOR, Recovery, channel_error, close_connection
+from pc.publisher_plumbing import NACKS_FOR, Nodes, Recovery, channel_error
+from pc.watchdog import Watchdog
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
-# We closed the connection ourselves (after a nack, or the confirm timeout did), and said why at the time.
+# We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
 CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
 PROPERTIES = pika.BasicProperties(
@@ -56,176 +58,180 @@ class Publisher:
 
     The story, in the order it happens; pika calls each method when the broker has answered the one before:
 
-        run, _connect           pika.SelectConnection(...)        connect; its ioloop calls us back
-        _on_connection_open     connection.channel(...)           open a channel
-        _on_channel_open        channel.confirm_delivery(...)     publisher confirms on
+        run                     pika.SelectConnection(...)        connect; its ioloop calls us back
+        on_open                 connection.channel(...)           open a channel
+        on_channel              channel.confirm_delivery(...)     publisher confirms on
                                 channel.queue_declare("pc.dead")  the dead-letter queue
                                 channel.queue_declare("pc")       durable (passive after the first time)
-        _on_declared, _publish  channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
-        _on_confirm             (basic.ack or basic.nack)         ack: settled; nack: start over
-        _on_returned            (basic.return)                    no queue took it: fail
+        on_declared, publish    channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
+        on_confirm              (basic.ack or basic.nack)         ack: done with them; nack: start over
+        on_returned             (basic.return)                    no queue took it: fail
 
     What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
 
-        a lost connection       run(): reconnect, publish every unconfirmed message again
-        a nack                  _on_confirm: start over the same way
-        a return (pc deleted)   _on_returned: one line, exit 1
-        a refused command       _on_channel_closed: one line, exit 1
-        a memory or disk alarm  _on_blocked: wait, up to BLOCKED_FOR
-        no broker answers       _on_open_error: the next node, then one line, exit 1
+        a lost connection       run: reconnect, publish every unconfirmed message again
+        a nack                  on_confirm: start over the same way
+        a return (pc deleted)   on_returned: one line, exit 1
+        a refused command       on_channel_closed: one line, exit 1
+        a memory or disk alarm  on_blocked: wait, up to BLOCKED_FOR
+        no broker answers       on_open_error: the next node, then one line, exit 1
 
-    Two timeouts, so that no wait lasts for ever (publisher_plumbing.py; both were needed on RabbitMQ
-    3.10, when pc was deleted under a running publisher):
-
-        no confirm for CONFIRMS_DUE      Recovery.watch_confirms: reconnect, as after a lost connection
-        our close not answered           close_connection: drop the connection after CLOSE_DUE
-
-    And one choice of this example, not a rule of RabbitMQ's: after the first time, pc is declared
-    *passive*, so that a pc deleted under us (with messages it had confirmed) ends in exit 1, not exit 0.
+    Not part of the lesson: two timeouts, so that no wait lasts for ever (pc/watchdog.py, needed on
+    RabbitMQ 3.10). And one choice of this example, not a rule of RabbitMQ's: after the first time, pc
+    is declared *passive*, so that a pc deleted under us (with messages it had confirmed) ends in exit 1.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        self._outbox = Outbox(bodies, WINDOW)  # each message: to send, in flight (by delivery tag), confirmed
-        self._nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
-        self._recovery = Recovery(url, self._outbox, self._nodes)  # back-off, giving up, the confirm timeout
-        self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None  # this connection's, once open
-        self._failure: BrokerError | None = None  # set: stop, and run() raises it
+        self.bodies = bodies
+        self.todo = list(range(len(bodies)))[::-1]  # indexes of the bodies to publish; the next one last
+        self.unconfirmed: dict[int, int] = {}  # delivery tag -> index of its body, on this channel
+        self.next_tag = 1  # the delivery tag of the next message published on this channel
+        self.confirmed = 0
+        self.failure: BrokerError | None = None  # set: stop, and run() raises it
         self.passive = False  # True once pc is declared: after that, only check that it is there
+        self.blocked = False  # by a memory or disk alarm
+        self.nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
+        self.recovery = Recovery(url, self.nodes)  # how long to wait before starting over; when to give up
+        self.connection: pika.SelectConnection  # this run's, once run() has made it
+        self.channel: Channel  # this connection's, once open
 
     @property
-    def confirmed(self) -> int:
-        """How many messages the broker has confirmed so far."""
-        return self._outbox.confirmed
+    def in_flight(self) -> int:
+        """How many messages are published and not yet confirmed."""
+        return len(self.unconfirmed)
 
     def run(self) -> None:
-        """Connect and publish until every body is confirmed; after a lost connection, again."""
-        while not self._outbox.done:
-            self._connect(self._nodes.next())
-            assert self._connection is not None
+        """Connect and publish until every body is confirmed; after a lost connection or a nack, again."""
+        while self.confirmed < len(self.bodies):
+            self.connection = pika.SelectConnection(
+                self.nodes.next(),
+                on_open_callback=self.on_open,
+                on_open_error_callback=self.on_open_error,
+                on_close_callback=self.on_closed,
+            )
+            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
+            self.connection.add_on_connection_blocked_callback(self.on_blocked)
+            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
+            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py)
             # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
             # sends and calls our methods below, until one of them stops it.
-            self._connection.ioloop.start()
-            if self._failure is not None:
-                raise self._failure
-            if not self._outbox.done:
-                # Lost, or closed by us after a nack: wait, then publish the unconfirmed again (or give up).
-                self._recovery.wait_to_reconnect()
+            self.connection.ioloop.start()
+            if self.failure is not None:
+                raise self.failure
+            if self.unconfirmed:
+                # No confirm will come for these now: publish them again, first, in order.
+                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
+            if self.confirmed < len(self.bodies):
+                self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
+            self.unconfirmed.clear()
 
-    def _connect(self, node: pika.URLParameters) -> None:
-        self._connection = pika.SelectConnection(
-            node,
-            on_open_callback=self._on_connection_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_connection_closed,
-        )
-        self._connection.add_on_connection_blocked_callback(self._on_blocked)  # an alarm: see below
-        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+    def on_open(self, connection: pika.SelectConnection) -> None:
+        self.recovery.connected()  # a later loss is a new outage, with its own time budget
+        self.blocked = False
+        connection.channel(on_open_callback=self.on_channel)
 
-    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._recovery.connected(connection)  # a later loss is a new outage, with its own time budget
-        # A channel: the session we declare, publish and receive confirms on.
-        connection.channel(on_open_callback=self._on_channel_open)
-
-    def _on_channel_open(self, channel: Channel) -> None:
-        self._channel = channel
-        self._outbox.new_channel()  # its delivery tags start from 1
-        channel.add_on_close_callback(self._on_channel_closed)  # the broker refused a command
-        channel.add_on_return_callback(self._on_returned)  # a mandatory message no queue took
+    def on_channel(self, channel: Channel) -> None:
+        self.channel = channel
+        self.next_tag = 1  # a new channel numbers its messages from 1
+        channel.add_on_close_callback(self.on_channel_closed)  # the broker refused a command
+        channel.add_on_return_callback(self.on_returned)  # a mandatory message no queue took
         # No callback until the last command: the broker takes a channel's commands in order.
         # Publisher confirms: the broker now acks (or nacks) every message we publish, numbered 1, 2, 3...
-        channel.confirm_delivery(self._on_confirm)
+        channel.confirm_delivery(self.on_confirm)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        # Durable quorum queue, declared alike by the consumer: whoever starts first creates it. Passive
-        # after the first time: a pc deleted under us took confirmed messages with it; don't hide that.
+        # Durable quorum queue, declared alike by the consumer: whoever starts first creates it.
         channel.queue_declare(
-            QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self._on_declared
+            QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self.on_declared
         )
 
-    def _on_declared(self, _frame: Method) -> None:
+    def on_declared(self, _frame: Method) -> None:
         self.passive = True
-        self._publish()
+        self.publish()
 
-    def _publish(self) -> None:
-        assert self._channel is not None
-        # Up to WINDOW messages in flight; each confirm makes room for more.
-        while (body := self._outbox.next_body()) is not None:
+    def publish(self) -> None:
+        # Pipelined: publish until WINDOW are unconfirmed; each confirm makes room for more.
+        while self.todo and len(self.unconfirmed) < WINDOW:
+            index = self.todo.pop()
             # The default exchange ("") routes by queue name. mandatory: if no queue takes the
             # message, the broker returns it rather than confirm it into the void.
-            self._channel.basic_publish("", QUEUE, body, PROPERTIES, mandatory=True)
+            self.channel.basic_publish("", QUEUE, self.bodies[index], PROPERTIES, mandatory=True)
+            self.unconfirmed[self.next_tag] = index  # its confirm will name it by this tag
+            self.next_tag += 1
 
-    def _on_confirm(self, frame: Method) -> None:
-        assert self._connection is not None
-        if self._failure is not None or not self._connection.is_open:
-            return  # failed already (the ack after a return: see _on_returned), or starting over
+    def on_confirm(self, frame: Method) -> None:
+        if self.failure is not None or not self.connection.is_open:
+            return  # failed already (the ack after a return: see on_returned), or starting over
         method = frame.method
-        if isinstance(method, pika.spec.Basic.Ack):
-            # The broker has them safe: every tag up to this one (multiple), or this one.
-            self._outbox.settle(method.delivery_tag, method.multiple)
-            if self._outbox.done:
-                self._connection.close()  # all confirmed: run() returns
-            else:
-                self._publish()  # room in the window: send the next ones
+        # multiple: this confirm covers every tag up to delivery_tag, not only that one.
+        if method.multiple:
+            tags = [tag for tag in self.unconfirmed if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        if isinstance(method, Basic.Nack):
+            # The broker did not take them (a queue at its length limit, an internal error). The
+            # contract is to publish them again: we start over, as after a lost connection (run).
+            if self.recovery.on_nack(len(tags), self.confirmed):  # logs, and sets the pause
+                self.connection.close()  # then run() starts over
+            else:  # nacks and nothing else for NACKS_FOR seconds
+                self.stop(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
             return
-        # A nack: the broker did not take them (a queue at its length limit, an internal error). The
-        # contract is to publish them again: we start over, as after a lost connection (run()).
-        refused = self._outbox.covered(method.delivery_tag, method.multiple)
-        if self._recovery.on_nack(refused):  # logs, and sets the pause before reconnecting
-            close_connection(self._connection)
-        else:  # nacks and nothing else for NACKS_FOR seconds
-            self._fail(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
+        for tag in tags:  # an ack: the broker has them safe
+            del self.unconfirmed[tag]
+        self.confirmed += len(tags)
+        if self.confirmed == len(self.bodies):
+            self.connection.close()  # all confirmed: run() returns
+        else:
+            self.publish()  # room in the window: send the next ones
 
-    def _on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
+    def on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # No queue took a mandatory message (pc deleted). RabbitMQ's order, any version: the return, then
-        # an ack that means "dealt with" (dropped), not "queued". So fail here; _on_confirm ignores that ack.
-        self._fail(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
+        # an ack that means "dealt with" (dropped), not "queued". So fail here; on_confirm ignores that ack.
+        self.stop(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
-    # What goes wrong, and what we do ------------------------------------------
+    def on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        # The broker closed the channel on an error in a command: the same command would fail alike.
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self.stop(channel_error(reason))  # says which: a queue declared otherwise, pc deleted
 
-    def _on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
+    def stop(self, error: BrokerError) -> None:
+        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
+        self.failure = self.failure or error
+        if self.connection.is_open:
+            self.connection.close()  # then on_closed stops the loop
+        elif self.connection.is_closed:
+            self.connection.ioloop.stop()  # closed already, between two connections: back to run()
+
+    def on_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked too long: give up
+            timeout = connection.params.blocked_connection_timeout
+            self.failure = self.failure or BrokerError(
+                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
+            )
+        elif self.failure is None and not isinstance(reason, CLOSED_BY_US):
+            LOGGER.warning("connection closed: %s", reason)  # run() reconnects
+        connection.ioloop.stop()  # back to run()
+
+    # What send_many.py does not have --------------------------------------------
+
+    def on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
+        # This node did not answer: run() tries the next. None ever did: one line saying why.
+        self.failure = self.failure or self.nodes.failed(error)
+        connection.ioloop.stop()
+
+    def on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
-        # closes the connection after blocked_connection_timeout (_on_connection_closed).
-        self._recovery.blocked = True  # the confirm timeout leaves a blocked connection alone
+        # closes the connection after blocked_connection_timeout (on_closed).
+        self.blocked = True
         LOGGER.warning(
             "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
             frame.method.reason,
             connection.params.blocked_connection_timeout,
         )
 
-    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
-        self._recovery.blocked = False
+    def on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self.blocked = False
         LOGGER.info("the broker has unblocked this connection")
-
-    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        # The broker closed the channel on an error in a command: the same command would fail
-        # alike. One line, exit 1; channel_error says which (a queue declared otherwise, pc deleted).
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._fail(channel_error(reason))
-
-    def _fail(self, error: BrokerError) -> None:
-        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
-        self._failure = self._failure or error
-        assert self._connection is not None
-        if self._connection.is_open:
-            close_connection(self._connection)  # then _on_connection_closed stops the loop
-        elif self._connection.is_closed:
-            self._connection.ioloop.stop()  # closed already, between two connections: back to run()
-
-    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        # This node did not answer: run() tries the next. None ever did: one line saying why.
-        self._failure = self._failure or self._nodes.failed(error)
-        connection.ioloop.stop()
-
-    def _on_connection_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked too long: give up
-            timeout = connection.params.blocked_connection_timeout
-            self._failure = self._failure or BrokerError(
-                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
-            )
-        elif not self._outbox.done and self._failure is None and not isinstance(reason, CLOSED_BY_US):
-            LOGGER.warning("connection closed: %s", reason)  # run() reconnects
-        connection.ioloop.stop()  # back to run()
 
 
 def main() -> int:

@@ -1,21 +1,12 @@
-"""What pc/producer.py's ``Publisher`` calls when something goes wrong, and the detail of what it does then.
+"""pc/producer.py's patience: how long to wait before it starts over, and when to give up.
 
-The story names each case where it happens, in one line, and calls one of
-these. Each says whether it is RabbitMQ's contract, which any client must
-handle, or a workaround for what RabbitMQ 3.10 does:
-
-- the connection drops (contract): reconnect with back-off, to each node in
-  turn, and publish every unconfirmed message again (``Recovery.wait_to_reconnect``);
-- a channel error, say a declaration refused (contract): one line and exit 1
-  (``channel_error``);
-- a nack (contract: publish again): start over on a new connection, like after
-  a lost one, after a pause; give up after NACKS_FOR of nothing but nacks
-  (``Recovery.on_nack``);
-- no confirm at all (RabbitMQ 3.10 workaround): ``Recovery.watch_confirms``;
-- our own close never answered (RabbitMQ 3.10 workaround): ``close_connection``.
-
-The broker blocking publishers, and no node answering at all, are in the story
-itself (``_on_blocked``, ``_on_open_error``).
+RabbitMQ's contract, which any publisher must keep: what the broker has not
+confirmed may not be in the queue, so after a lost connection or a nack it is
+published again. Publisher.run does that by starting over on a new connection;
+``Recovery`` says when: after a pause that grows, to each node in turn, and
+never for longer than a time budget, after which one line says why. None of
+this talks to the broker: every pika call is in pc/producer.py (and the two
+timeouts in pc/watchdog.py).
 """
 
 from __future__ import annotations
@@ -26,8 +17,7 @@ import time
 import pika
 import pika.exceptions
 
-from pc.broker import BrokerError, redact
-from pc.outbox import Nodes, Outbox, Patience
+from pc.broker import BrokerError, explain, parameters, redact
 from pc.workqueue import QUEUE, inequivalent
 
 LOGGER = logging.getLogger("pc.producer")
@@ -38,74 +28,34 @@ LOGGER = logging.getLogger("pc.producer")
 RECONNECT_FOR = 30.0
 # Nacks with no ack in between for this long: give up.
 NACKS_FOR = 30.0
-# Seconds with messages in flight and no confirm: then reconnect, and so check that the queue is there.
-CONFIRMS_DUE = 10.0
-# Seconds the broker gets to answer our connection.close; then we drop the connection.
-CLOSE_DUE = 10.0
-
-
-def channel_error(reason: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
-    """What to say when the broker closes the channel on an error: retrying the same command fails alike."""
-    # PRECONDITION_FAILED, from a queue_declare with other arguments than the queue's.
-    if reason.reply_code == 406 and "inequivalent arg" in reason.reply_text:
-        return BrokerError(inequivalent(reason.reply_text))
-    if reason.reply_code == 404:  # NOT_FOUND: the passive declare, the only command that can
-        return BrokerError(f"queue {QUEUE!r} was deleted while we published to it")
-    return BrokerError(f"the broker closed the channel: {reason}")
-
-
-def close_connection(connection: pika.SelectConnection) -> None:
-    """Close ``connection``, or drop it if the broker has not answered within CLOSE_DUE: stop its ioloop.
-
-    A RabbitMQ 3.10 workaround: with messages in flight to a quorum queue
-    deleted under it, the broker may stop reading from the connection (flow
-    control: the broker's own brake on a publisher it cannot keep up with; unlike
-    an alarm, it sends no connection.blocked; rabbitmqctl shows the connection
-    "blocked", here for a minute or more), sometimes
-    just after returning a few messages. Our close then sits unread, and
-    without this we would wait as long. run() goes on as after any closed
-    connection: it raises the failure that made us close, or reconnects.
-    """
-    connection.close()  # answered: Publisher._on_connection_closed stops the ioloop
-    connection.ioloop.call_later(CLOSE_DUE, connection.ioloop.stop)
 
 
 class Recovery:
-    """The publisher's patience: after an outage, after nacks, and with confirms that never come."""
+    """When to start over: after an outage, and after nacks."""
 
-    def __init__(self, url: str, outbox: Outbox, nodes: Nodes) -> None:
+    def __init__(self, url: str, nodes: Nodes) -> None:
         self._url = url
-        self._outbox = outbox
         self._nodes = nodes
         self._outage = Patience(first=0.5, most=5.0, budget=RECONNECT_FOR)
         # After a nack, reconnect after 0.1 s, doubling to 2 s; NACKS_FOR of nacks with no ack: give up.
         self._nacks = Patience(first=0.1, most=2.0, budget=NACKS_FOR)
         self._confirmed_at_nack = 0  # an ack since the last nack ends a run of nacks (on_nack)
         self._after_nack: float | None = None  # set by a nack: the pause before the next connection
-        self.blocked = False  # by a memory or disk alarm (Publisher._on_blocked)
 
-    # The connection drops (RabbitMQ's contract) ----------------------------
-
-    def connected(self, connection: pika.SelectConnection) -> None:
-        """A connection got through: a later loss starts a new outage, and it is not blocked (yet).
-
-        Also starts the confirm watchdog on it (watch_confirms, a RabbitMQ 3.10 workaround).
-        """
+    def connected(self) -> None:
+        """A connection got through: a later loss starts a new outage."""
         self._nodes.connected()
-        self.blocked = False
         self._after_nack = None
-        self.watch_confirms(connection, self._outbox.confirmed)
 
-    def wait_to_reconnect(self) -> None:
-        """The connection is lost: wait before reconnecting; BrokerError once RECONNECT_FOR is spent.
+    def wait_to_reconnect(self, unconfirmed: int) -> None:
+        """The connection is gone: wait before the next; BrokerError once RECONNECT_FOR is spent.
 
-        Messages in flight when a connection drops may or may not have reached
-        the queue, and no confirm will come for them now: publish them all
-        again, so a consumer may see one twice but never miss one.
+        ``unconfirmed`` messages were in flight: they may or may not have
+        reached the queue, and no confirm will come for them now, so they are
+        published again: a consumer may see one twice but never miss one.
         """
         if not self._nodes.ever_connected:
             return  # no node answered yet: try the next one at once
-        unconfirmed = self._outbox.requeue_in_flight()
         if self._nodes.opened:
             self._outage.reset()  # it was up for a while: a new outage gets its own time budget
         if self._after_nack is not None:  # we closed it after a nack: on_nack said so
@@ -118,30 +68,26 @@ class Recovery:
         LOGGER.info("reconnecting in %.1f s; %d unconfirmed to publish again", pause, unconfirmed)
         time.sleep(pause)
 
-    # A nack (RabbitMQ's contract): start over --------------------------------
+    def on_nack(self, refused: int, confirmed: int) -> bool:
+        """The broker refused ``refused`` messages: True to start over, False to give up.
 
-    def on_nack(self, refused: int) -> bool:
-        """The broker refused ``refused`` messages: close, and publish every unconfirmed one again.
+        Start over after a pause, from 0.1 s doubling to 2 s (wait_to_reconnect
+        sleeps it); give up once the broker has nacked, and not acked, for
+        NACKS_FOR seconds. ``confirmed``: how many it has confirmed so far.
 
-        Returns True if the publisher is to close the connection and reconnect
-        (after a pause, from 0.1 s doubling to 2 s; wait_to_reconnect sleeps
-        it); False once the broker has nacked, and not acked, for NACKS_FOR
-        seconds: give up.
-
-        A nack means the broker did not take the message (a queue at its length
-        limit, an internal error): publishing it again is the contract. We do it
-        as after a lost connection, on a new connection and so a new channel: on
-        a RabbitMQ 3.10 cluster, a channel opened just as a node died can keep
-        pointing at the queue's dead leader, and nack everything published on it
-        until that node is back (fixed in 3.12.5); a new channel finds the new
-        leader. A message nacked may have been taken after all, so it may arrive
-        twice; so may one whose ack was on its way when we closed.
+        Why a new connection, not the same channel: it is the same rule as after
+        a lost connection, and on a RabbitMQ 3.10 cluster a channel opened just as
+        a node died can keep pointing at the queue's dead leader and nack
+        everything published on it until that node is back (fixed in 3.12.5); a
+        new channel finds the new leader. A message nacked may have been taken
+        after all, so it may arrive twice; so may one whose ack was on its way
+        when we closed.
         """
         if self._after_nack is not None:
             return True  # closing already: nacks come in batches
-        if self._outbox.confirmed != self._confirmed_at_nack:
+        if confirmed != self._confirmed_at_nack:
             self._nacks.reset()  # an ack came since the last nack: a new run of nacks
-        self._confirmed_at_nack = self._outbox.confirmed
+        self._confirmed_at_nack = confirmed
         if (pause := self._nacks.pause()) is None:
             return False
         LOGGER.warning(
@@ -152,23 +98,64 @@ class Recovery:
         self._after_nack = pause
         return True
 
-    # No confirm at all (RabbitMQ 3.10) -------------------------------------
 
-    def watch_confirms(self, connection: pika.SelectConnection, confirmed: int) -> None:
-        """Every CONFIRMS_DUE seconds: if messages are in flight and no confirm came, reconnect.
+def channel_error(reason: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
+    """What to say when the broker closes the channel on an error: retrying the same command fails alike."""
+    # PRECONDITION_FAILED, from a queue_declare with other arguments than the queue's.
+    if reason.reply_code == 406 and "inequivalent arg" in reason.reply_text:
+        return BrokerError(inequivalent(reason.reply_text))
+    if reason.reply_code == 404:  # NOT_FOUND: the passive declare, the only command that can
+        return BrokerError(f"queue {QUEUE!r} was deleted while we published to it")
+    return BrokerError(f"the broker closed the channel: {reason}")
 
-        A RabbitMQ 3.10 workaround: it neither confirms nor returns what was
-        in flight to a quorum queue deleted under it, and stops answering on
-        that connection: without this, we would wait for ever. A new connection
-        declares the queue passively (Publisher._on_channel_open), so a deleted
-        queue ends in one line. ``confirmed``: the count CONFIRMS_DUE ago.
-        """
-        if not connection.is_open:
-            return  # this connection is over (or closing): the next one is watched from its own open
-        stuck = self._outbox.confirmed == confirmed and self._outbox.in_flight > 0
-        if stuck and not self.blocked:  # blocked: Publisher._on_blocked said so, and its timeout applies
-            LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
-            close_connection(connection)  # run() reconnects, and publishes the unconfirmed messages again
-            return
-        confirmed = self._outbox.confirmed
-        connection.ioloop.call_later(CONFIRMS_DUE, lambda: self.watch_confirms(connection, confirmed))
+
+class Patience:
+    """Retry after a pause doubling from ``first`` to ``most`` seconds, for ``budget`` seconds of trouble."""
+
+    def __init__(self, first: float, most: float, budget: float) -> None:
+        self.first, self.most, self.budget = first, most, budget
+        self._since: float | None = None  # when the trouble began
+        self._pause = first
+
+    def reset(self) -> None:
+        """The trouble is over: the next one gets the whole budget, and the shortest pause, again."""
+        self._since, self._pause = None, self.first
+
+    def pause(self) -> float | None:
+        """How long to wait before the next try; None once the budget is spent."""
+        now = time.monotonic()
+        self._since = self._since if self._since is not None else now
+        if now - self._since >= self.budget:
+            return None
+        pause, self._pause = self._pause, min(self._pause * 2, self.most)
+        return pause
+
+
+class Nodes:
+    """The broker addresses in AMQP_URL, tried in turn, and why each failed until one answered."""
+
+    def __init__(self, url: str, blocked_for: float) -> None:
+        self._url = url
+        self._nodes = parameters(url)
+        for node in self._nodes:
+            if node.blocked_connection_timeout is None:  # not set in the URL
+                node.blocked_connection_timeout = blocked_for
+        self._failures: list[BaseException] = []
+        self.ever_connected = False
+        self.opened = False  # did the latest attempt get through?
+
+    def next(self) -> pika.URLParameters:
+        """The node to try now: the first, the first time, then each in turn."""
+        self._nodes.append(self._nodes.pop(0))
+        self.opened = False
+        return self._nodes[-1]
+
+    def connected(self) -> None:
+        self.ever_connected = self.opened = True
+
+    def failed(self, error: BaseException) -> BrokerError | None:
+        """Note why a node did not answer; once every node has failed and none ever answered, why not."""
+        self._failures.append(error)
+        if not self.ever_connected and len(self._failures) == len(self._nodes):
+            return explain(self._url, *self._failures)
+        return None
