@@ -9,8 +9,8 @@ The lesson: a program that both consumes and publishes needs two
 BlockingConnections, one per thread; it binds its queue before it says "joined"
 (everyone sees "* ash joined", and "* ash left" at the end); and it skips its
 own lines, which the fanout exchange copies back to it. The story is
-hear_others() and chat(), below: hear_others() makes receive.py's calls; the
-sending calls are send.py's, named where chat() makes them. The receiving thread's
+hear_others() and chat(), below: each pika call is made by a story function of
+receive.py or send.py, named where it is called. The receiving thread's
 mechanics are below the story.
 
 Guarantees: those of receive.py (nothing from before you joined; each line at
@@ -34,7 +34,7 @@ from pikachat import sender_plumbing as plumbing
 from pikachat.broker import BrokerError, redact, resolve
 from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, render
-from pikachat.receive import Listener, deliver
+from pikachat.receive import Listener, subscribe
 from pikachat.send import Sender, send_lines
 from pikachat.terminal import open_terminal
 
@@ -54,15 +54,10 @@ def hear_others(
         if message.sender_id != my_id:
             print_line(render(message))
 
-    # receive.py's subscribe, the same four calls. The fanout exchange: whoever starts first creates it.
-    channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
-    # A queue of our own: named by the broker, deleted when we go (exclusive, auto_delete).
-    queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-    # The binding: from now on, every line published to the exchange reaches our queue.
-    channel.queue_bind(queue, EXCHANGE)
-    # auto_ack: at most once, as receive.py. deliver() checks each body; Listener runs start_consuming().
-    channel.basic_consume(queue, partial(deliver, show), auto_ack=True)
-    bound.set()  # bound: chat() may now say "joined"
+    # receive.py's subscribe: exchange_declare(fanout), queue_declare("", exclusive=True, auto_delete=True),
+    # queue_bind(queue, exchange), basic_consume(auto_ack=True); Listener then runs start_consuming().
+    subscribe(channel, show)
+    bound.set()  # from now on, every line published to the exchange reaches our queue
 
 
 def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int:
