@@ -154,8 +154,8 @@ class PipelinedOpExecutor(OpExecutor):
         self._short_ops = 0
         for chunk in list(self._waiting):
             self._cancel_consumer(channel, chunk.consumer)
-            # basic_reject with requeue: back in the queue, for any server (basic_nack would do the same,
-            # and can take several at once). Only once per chunk: a return counts towards its DELIVERY_LIMIT.
+            # basic_reject with requeue: back in the queue, for any server (basic_nack would do the same, and
+            # can take several at once). Only once per chunk: each time back counts towards DELIVERY_LIMIT.
             if not chunk.redelivered:
                 LOGGER.debug("gave back a chunk waiting behind a long op")
                 self._waiting.remove(chunk)

@@ -32,6 +32,8 @@ What goes wrong, and what the code does (docs/pc.md has the whole table, with it
     pc is deleted                consume: the broker cancels us; declare pc again, consume again
     pc declared otherwise (406)  consume: one line, exit 1
     Ctrl-C or SIGTERM            a flag: the message in hand is not acked (it goes back); exit 0
+    a handler slower than the    the broker takes us for dead: our unacked messages go back; we
+      heartbeat timeout          reconnect. For long work, see distop's server (a worker thread)
 """
 
 from __future__ import annotations

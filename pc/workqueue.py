@@ -15,9 +15,9 @@ QUEUE = "pc"
 # holding it. Each time the message is delivered again, until it comes back for
 # the 6th time (more than DELIVERY_LIMIT times): then the broker moves it to
 # DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at. So a
-# message is delivered at most 6 times: once, and once more after each of 5
-# returns (RabbitMQ 3.10; tests/test_pc.py checks it). Ordinary crashes rarely
-# return one message 6 times (a consumer dies holding at most PREFETCH, 200); a
+# message is delivered at most 6 times: once, and once more each of the first 5
+# times it comes back (RabbitMQ 3.10; tests/test_pc.py checks it). Ordinary crashes rarely
+# send one message back 6 times (a consumer dies holding at most PREFETCH, 200); a
 # message that kills every consumer that takes it does, and then stops circling.
 DEAD_LETTER_QUEUE = "pc.dead"
 DELIVERY_LIMIT = 5

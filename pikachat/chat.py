@@ -18,6 +18,10 @@ most once and in order while you are there) and send.py (a line is sent when
 the broker confirms it; one it could not send is reported, never retried).
 Exit status 0 when you leave, 1 if the broker cannot be reached at start or a
 line could not be sent.
+
+What goes wrong, and what the code does: what receive.py and send.py do (their docstrings have
+the tables), plus one case of its own: the receiving thread fails (the broker refuses the exchange
+or our queue): ReceivingThread ends the input, chat() raises its error, one line, exit 1.
 """
 
 from __future__ import annotations

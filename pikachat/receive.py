@@ -16,6 +16,15 @@ the broker goes away, it says so and reconnects until stopped.
 
 It uses a BlockingConnection: start_consuming() runs the delivery callbacks
 on this thread, one at a time, and printing a line is quick.
+
+What goes wrong, and what the code does (docs/pikachat.md has the whole table, with its tests):
+
+    a malformed message          deliver: a WARNING, skipped
+    no broker at start           Listener.run: one line, exit 1
+    the broker lost later        Listener.run: a WARNING; reconnect until stopped, with back-off
+    our queue deleted            Listener._listen: the broker cancels us; subscribe again
+    the exchange refused (406)   Listener.run: one line, exit 1
+    Ctrl-C or SIGTERM            Listener.stop: stop consuming, close, exit 0
 """
 
 from __future__ import annotations
