@@ -22,7 +22,10 @@ Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _Clien
 call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
 pika callbacks, each called when the broker answers the one before: read them top to bottom. It uses a
 SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
-replies keep arriving. DistOp, the class you subclass, follows it.
+replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
+why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
+(the interface); dead chunks brought back by a headers binding, a PoisonChunkError rather than a
+timeout (failures); starting over after a nack, a return or a lost connection (failures).
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and published again until its
 result is in: after a nack, a lost connection, or a return. get_result() returns the partials gathered in

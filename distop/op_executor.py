@@ -2,7 +2,10 @@
 
 Run it as distop/callee.py does (``python distop/callee.py``; the ops are there). Read distop/serve_one.py
 first, the same server at its simplest, and distop/protocol.py, the queues and the messages. The story
-comes first in OpExecutor, in serve_one.py's order; the class docstring maps it.
+comes first in OpExecutor, in serve_one.py's order; the class docstring maps it. What it adds to
+serve_one.py, and why: the op on a worker thread (an op may run for minutes while pika answers the
+broker's heartbeats), reconnection and a new channel after a consumer_timeout (failures), Ctrl-C that
+finishes the chunk in hand (failures), and the ops as methods of your subclass (the interface).
 
 Guarantee: a chunk is acked only after its reply is published, so a server that dies mid-chunk loses
 nothing: the broker gives the chunk to another server. Limits: the op may then run twice (at-least-once

@@ -2,7 +2,11 @@
 
 Pairs with pc/producer.py; either may start first, because the queue keeps
 messages until a consumer acknowledges them. Read pc/consume_one.py first: the
-same consumer in 49 lines, without reconnection, batched acks or failing handlers.
+same consumer in 49 lines. What this one adds, and why: reconnection, and declaring pc again when it
+is deleted (failures); a handler that may fail, its message given back with basic_nack (failures); acks
+in batches and a prefetch of 200, not 10 (speed, docs/performance.md; --ack-each for the plain form);
+process_data_events in half-second slices, not start_consuming (to notice Ctrl-C and a cancel between
+messages); --work, --fail-on, --quiet (to try it out).
 
     python pc/consumer.py            # Ctrl-C or SIGTERM to stop
     python pc/consumer.py --quiet    # no line per message (for benchmarks)
@@ -26,7 +30,8 @@ messages to us (basic_consume), so there is no round trip per message to hide.
 The story is listen() and on_message(), first below; consume(), in the plumbing, reconnects.
 What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
 
-    the handler raises           on_message: basic_nack(requeue=True); the 6th time, pc.dead
+    the handler raises           on_message: basic_nack(requeue=True); the 6th time, pc.dead. At once,
+                                 no delay: a passing failure can use up all 6 in milliseconds
     this consumer dies           the broker delivers its unacked messages again, to any consumer
     the broker is lost           consume: reconnect, for up to RECONNECT_FOR; then one line, exit 1
     pc is deleted                consume: the broker cancels us; declare pc again, consume again

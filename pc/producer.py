@@ -15,8 +15,11 @@ Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method
 publish, on_confirm, on_channel_closed, stop, on_closed), plus one rule that send_many.py does not have:
 after a lost connection or a nack, start over on a new connection and publish every unconfirmed message
 again. That rule is run(), the loop at the top; how long it waits, and when it gives up, is in
-pc/publisher_plumbing.py. Why a SelectConnection, not a BlockingConnection: confirms are pipelined, up to
-WINDOW messages in flight, rather than one network round trip per message as in pc/send_one.py.
+pc/publisher_plumbing.py. The rest it adds: a passive declare after the first (this example's promise,
+below), a window of 5,000, not 1,000 (speed), the alarm callbacks (failures), and two timeouts
+(pc/watchdog.py, for RabbitMQ 3.10). Why a SelectConnection, not a BlockingConnection: confirms are
+pipelined, up to WINDOW messages in flight, rather than one network round trip per message as in
+pc/send_one.py.
 """
 
 from __future__ import annotations
