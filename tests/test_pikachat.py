@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 from tests.docs import doc_command
 from tests.faults.conftest import memory_alarm
+from tests.test_pc import output_shown
 
 EXCHANGE = "pikachat"
 READY = r"listening on exchange 'pikachat' at "
@@ -117,6 +118,30 @@ def test_a_line_nobody_hears_is_reported_and_the_sender_exits_0(spawn: Spawn) ->
     assert "'and again' reached no one: nobody is listening" in sender.stderr
     assert "reconnected" not in sender.stderr  # a returned line leaves the connection as it was
     assert "Traceback" not in sender.output
+
+
+def run_say_one(spawn: Spawn, command: str) -> Proc:
+    """Run a page's ``python pikachat/say_one.py WORDS...`` to its end; it must exit 0 with one line."""
+    _python, script, *words = command.split()
+    proc = spawn(script, *words)
+    assert proc.wait(30) == 0, proc.output
+    assert proc.stderr_lines == [] and len(proc.stdout_lines) == 1, proc.output
+    return proc
+
+
+def test_say_one_with_nobody_listening_says_so_as_the_page_shows(spawn: Spawn) -> None:
+    command = doc_command("python pikachat/say_one.py hello everyone")
+    sayer = run_say_one(spawn, command)
+    assert sayer.stdout_lines == output_shown("docs/pikachat.md", command)
+
+
+def test_say_one_reaches_every_receiver_and_says_so(spawn: Spawn) -> None:
+    first, second = listen(spawn), listen(spawn)
+    sayer = run_say_one(spawn, doc_command("python pikachat/say_one.py hello everyone"))
+    assert sayer.stdout_lines == ["said 'hello everyone' to everyone listening (confirmed)"]
+    for receiver in (first, second):
+        receiver.wait_for("say_one: hello everyone$", stream="stdout")
+        assert shown(receiver) == ["say_one: hello everyone"]
 
 
 def test_without_a_name_the_sender_is_a_pokemon_with_a_number(spawn: Spawn) -> None:
@@ -596,6 +621,7 @@ RECEIVER_SEES = """\
 10:41:15 brock: hi misty
 10:41:20 ash: hello everyone
 10:41:20 ash: bye
+10:41:25 say_one: hello everyone
 10:41:30 * misty left
 """
 NOBODY_HEARS = (
@@ -650,6 +676,10 @@ def test_the_lesson_runs_as_the_page_shows(shell: Callable[..., Proc]) -> None:
     ash = shell(doc_command(r"printf 'hello everyone\nbye\n' | python pikachat/send.py --name ash"))
     assert ash.wait() == 0, ash.output
     misty.wait_for(r"ash: bye$")
+    once = shell(doc_command("python pikachat/say_one.py hello everyone"))
+    assert once.wait() == 0, once.output
+    assert once.stdout_lines == ["said 'hello everyone' to everyone listening (confirmed)"]
+    misty.wait_for(r"say_one: hello everyone$")
     misty.close_stdin()
     assert misty.wait() == 0, misty.output
     receiver.wait_for(r"\* misty left$")

@@ -34,6 +34,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "pikachat/receive.py": (),
     "pikachat/send.py": (),
     "pikachat/chat.py": (),
+    "pikachat/say_one.py": (),
 }
 
 BAD_ARGUMENTS: list[tuple[str, tuple[str, ...], str]] = [

@@ -1,0 +1,41 @@
+"""The simplest chat line: one message to everyone listening, confirmed. pikachat/send.py: each line typed."""
+
+import sys
+import time
+import uuid
+
+import pika
+
+from pikachat.broker import BrokerError, connect, resolve
+from pikachat.message import EXCHANGE, Message, encode
+
+# Transient: every queue bound to the exchange is a listener's temporary queue; disk would keep nothing.
+TRANSIENT = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
+
+
+def main() -> int:
+    text = " ".join(sys.argv[1:]) or "Hello everyone!"
+    body = encode(Message("say", "say_one", uuid.uuid4().hex, text, time.time()))  # what receive.py reads
+    try:
+        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
+            channel = connection.channel()
+            channel.confirm_delivery()  # basic_publish now returns once the broker has taken the message
+            # fanout: copies each message into every queue bound to it; declared as receive.py declares it.
+            channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
+            # No routing key: fanout ignores it. mandatory: if no queue is bound, UnroutableError.
+            channel.basic_publish(EXCHANGE, "", body, TRANSIENT, mandatory=True)
+    except pika.exceptions.UnroutableError:  # returned: no queue bound, so nobody is listening
+        print(f"nobody is listening: {text!r} reached no one")
+        return 0
+    except (BrokerError, pika.exceptions.AMQPError) as exc:
+        print(f"say_one: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the confirm: the line may or may not have gone out
+        print("say_one: interrupted", file=sys.stderr)
+        return 1
+    print(f"said {text!r} to everyone listening (confirmed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
