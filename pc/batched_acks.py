@@ -42,7 +42,8 @@ class BatchedAcks:
         if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
             self.flush()
         elif self._waiting == 1:
-            # In case no other message comes to fill the batch.
+            # In case no other message comes to fill the batch. A BlockingConnection runs this timer from
+            # inside its own calls (start_consuming, process_data_events), on this thread, never in between.
             self.channel.connection.call_later(ACK_DELAY, self.flush)
 
     def flush(self) -> None:

@@ -19,10 +19,13 @@ QUEUE = "pc"
 # times it comes back (RabbitMQ 3.10; tests/test_pc.py checks it). Ordinary crashes rarely
 # send one message back 6 times (a consumer dies holding at most PREFETCH, 200); a
 # message that kills every consumer that takes it does, and then stops circling.
+# A message dead-lettered to a queue that does not exist is dropped: so every script declares
+# DEAD_LETTER_QUEUE before QUEUE.
 DEAD_LETTER_QUEUE = "pc.dead"
 DELIVERY_LIMIT = 5
 QUEUE_ARGUMENTS = {
-    # Replicated across the nodes of a cluster, and able to count deliveries.
+    # Replicated across the nodes of a cluster, and able to count deliveries. A quorum queue must be
+    # declared durable (the broker refuses durable=False), so every script declares it so.
     "x-queue-type": "quorum",
     "x-delivery-limit": DELIVERY_LIMIT,
     # Over the limit: republished through the default exchange ("") to pc.dead.
