@@ -264,7 +264,10 @@ def main() -> int:
 
     text = " ".join(args.words)
     texts = [text] if args.count is None else [f"{text} {i}" for i in range(1, args.count + 1)]
-    bodies = [t.encode() for t in texts]
+    try:
+        bodies = [t.encode() for t in texts]
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        parser.error("the message text is not UTF-8")
 
     url = resolve()
     started = time.perf_counter()

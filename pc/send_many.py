@@ -112,7 +112,10 @@ def main() -> int:
     if args.count < 1:
         parser.error("count must be at least 1")
     text = " ".join(args.words)
-    bodies = [f"{text} {i}".encode() for i in range(1, args.count + 1)]
+    try:
+        bodies = [f"{text} {i}".encode() for i in range(1, args.count + 1)]
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        parser.error("the message text is not UTF-8")
     sender: SendMany | None = None
     try:
         sender = SendMany(resolve(), bodies)

@@ -13,6 +13,11 @@ PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 def main() -> int:
     text = " ".join(sys.argv[1:]) or "Hello World!"
     try:
+        body = text.encode()
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        print("send_one: the message text is not UTF-8", file=sys.stderr)
+        return 2
+    try:
         with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
             channel = connection.channel()
             channel.confirm_delivery()  # basic_publish now returns once the broker has the message safe
@@ -20,7 +25,7 @@ def main() -> int:
             channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
             channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)  # as pc/consumer.py does
             # Persistent: on disk. mandatory: if no queue takes it, UnroutableError, not a silent drop.
-            channel.basic_publish("", QUEUE, text.encode(), PERSISTENT, mandatory=True)
+            channel.basic_publish("", QUEUE, body, PERSISTENT, mandatory=True)
     except (BrokerError, pika.exceptions.AMQPError) as exc:
         print(f"send_one: {exc}", file=sys.stderr)
         return 1

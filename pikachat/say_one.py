@@ -7,15 +7,19 @@ import uuid
 import pika
 
 from pikachat.broker import BrokerError, connect, resolve
-from pikachat.message import EXCHANGE, Message, encode
+from pikachat.message import EXCHANGE, MAX_TEXT, Message, encode
 
 # Transient: every queue bound to the exchange is a listener's temporary queue; disk would keep nothing.
 TRANSIENT = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
 
 
 def main() -> int:
-    text = " ".join(sys.argv[1:]) or "Hello everyone!"
-    body = encode(Message("say", "say_one", uuid.uuid4().hex, text, time.time()))  # what receive.py reads
+    text = " ".join(sys.argv[1:])[:MAX_TEXT] or "Hello everyone!"  # longer: receivers would cut it
+    try:
+        body = encode(Message("say", "say_one", uuid.uuid4().hex, text, time.time()))  # what receive.py reads
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        print("say_one: the message text is not UTF-8", file=sys.stderr)
+        return 2
     try:
         with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
             channel = connection.channel()

@@ -144,6 +144,14 @@ def test_say_one_reaches_every_receiver_and_says_so(spawn: Spawn) -> None:
         assert shown(receiver) == ["say_one: hello everyone"]
 
 
+def test_say_one_cuts_a_long_line_so_that_receivers_take_it(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    sayer = spawn("pikachat/say_one.py", "x" * 20_000)  # whole, its body would be over MAX_BODY: skipped
+    assert sayer.wait(30) == 0, sayer.output
+    receiver.wait_for("say_one: x+$", stream="stdout")
+    assert shown(receiver) == ["say_one: " + "x" * 2000]
+
+
 def test_without_a_name_the_sender_is_a_pokemon_with_a_number(spawn: Spawn) -> None:
     receiver = listen(spawn)
     sender = spawn("pikachat/send.py", stdin=True)

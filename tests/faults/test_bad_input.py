@@ -115,6 +115,29 @@ def test_bad_input(
         assert SECRET not in proc.output and ":guest@" not in proc.output
 
 
+# Message text from the command line, as the shell passed it: "\udcff" is how Python holds the byte 0xff,
+# which is not UTF-8. Refused before anything connects: exit 2, one line, nothing published.
+NOT_UTF8 = "caf\udcff"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("pc/producer.py", NOT_UTF8),
+        ("pc/send_many.py", "3", NOT_UTF8),
+        ("pc/send_one.py", NOT_UTF8),
+        ("pikachat/say_one.py", NOT_UTF8),
+    ],
+    ids=lambda command: command[0],
+)
+def test_message_text_that_is_not_utf8_is_refused_in_one_line(spawn: Spawn, command: tuple[str, ...]) -> None:
+    proc = run_to_end(spawn, *command, url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    assert proc.popen.returncode == 2, proc.output
+    assert "Traceback" not in proc.output and proc.stdout == ""
+    assert proc.stderr_lines[-1].endswith("the message text is not UTF-8"), proc.stderr
+    assert len([line for line in proc.stderr_lines if not line.startswith("usage: ")]) == 1, proc.stderr
+
+
 # (case, URL, the pieces of its password that must never be shown)
 HARD_PASSWORDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("slash", "amqp://alice:1234/5678@rabbit/", ("1234", "5678")),
