@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import signal
@@ -261,12 +262,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def node_port() -> int:
+    """A free port for a private broker to listen on, below the kernel's range of ephemeral ports.
+
+    A node stopped and started again must get its ports back. free_port()'s come from the ephemeral range,
+    which the kernel also gives out as the local end of outgoing connections: while the node is down, any
+    test's connection, on any pytest worker, may take its port, and the node cannot start again
+    (``eaddrinuse``, seen under ``pytest -n 4``). Below that range only another listener can take it.
+    """
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    lowest_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for _ in range(1000):
+        port = random.randrange(20000, max(lowest_ephemeral, 20001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # every interface: the Erlang distribution port listens on them all
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range for a private broker")
+
+
 class BrokerNode:
     """A private RabbitMQ node in a temporary folder, on ports of its own."""
 
     def __init__(self, base: Path, config: str = "") -> None:
         self.name = f"pyclass-{uuid.uuid4().hex[:8]}@localhost"
-        self.port = free_port()
+        self.port = node_port()
         self.base = base
         (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n{config}")
         (base / "rabbitmq-env.conf").write_text("")
@@ -275,7 +297,7 @@ class BrokerNode:
             "HOME": str(base),
             "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_DIST_PORT": str(node_port()),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.conftest import BrokerNode, Spawn, free_port, make_vhost, rabbitmqctl, run_to_end, wait_until
+from tests.conftest import (
+    BrokerNode,
+    Spawn,
+    make_vhost,
+    node_port,
+    rabbitmqctl,
+    run_to_end,
+    wait_until,
+)
 from tests.faults.conftest import Report
 
 
@@ -47,7 +55,7 @@ def tls_broker() -> Iterator[TLSBroker]:
         cert.cert_chain_pems[0].write_to_path(base / "cert.pem")
         cert.private_key_pem.write_to_path(base / "key.pem")
         trustme.CA().cert_pem.write_to_path(base / "other-ca.pem")
-        port = free_port()
+        port = node_port()
         config = "\n".join(
             [
                 f"listeners.ssl.default = {port}",
