@@ -1,4 +1,4 @@
-"""Publish messages to the durable queue ``pc`` and wait for the broker's confirms, surviving failures.
+"""Publish messages to the durable queue ``pc`` and wait for the broker's confirms.
 
 Pairs with pc/consumer.py; run it before or after the consumer: the queue keeps the messages until a
 consumer takes them.
@@ -11,26 +11,15 @@ Guarantee: exit status 0 means the broker has taken every message into ``pc``, p
 consumer may see one twice, never miss one. Anything else ends in one line and exit status 1
 (docs/pc.md lists them).
 
-Read pc/send_many.py first: its ``SendMany`` is the whole RabbitMQ story (a channel in confirm mode, the
-declarations, basic_publish with ``mandatory``, up to WINDOW messages in flight, the confirms counted by
-delivery tag). ``Publisher`` below is that class, extended: each method here is one that SendMany has
-too, changed for one reason, or one it does not have. The one rule it adds is RabbitMQ's contract for
-publishers: a message the broker has not confirmed may not be in the queue, so after a lost connection
-or a nack it is published again, on a new connection (run). What goes wrong, and where it is handled
-(docs/pc.md has the whole table, with its tests):
-
-    a lost connection       on_closed, then run: reconnect (each node in turn), publish the unconfirmed again
-    a nack                  on_nack: start over the same way; give up after NACKS_FOR s of nacks
-    pc deleted              SendMany.on_returned, or the passive declare after a reconnect: one line, exit 1
-    a refused command       on_channel_closed: one line that says which, exit 1
-    a memory or disk alarm  on_blocked: wait, up to BLOCKED_FOR
-    no broker answers       on_open_error: the next node, then one line, exit 1
-    a broker that goes      pc/watchdog.py: no confirm for 10 s, reconnect; our close unanswered, drop it
-      silent (3.10)
-
-Why a SelectConnection, not a BlockingConnection: confirms are pipelined, up to WINDOW messages in
-flight, rather than one network round trip per message as in pc/send_one.py. How long run() waits
-between connections, and when it gives up, is in pc/publisher_plumbing.py.
+Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method (on_open, on_channel,
+publish, on_confirm, on_channel_closed, stop, on_closed), plus one rule that send_many.py does not have:
+after a lost connection or a nack, start over on a new connection and publish every unconfirmed message
+again. That rule is run(), the loop at the top; how long it waits, and when it gives up, is in
+pc/publisher_plumbing.py. The rest it adds: a passive declare after the first (this example's promise,
+below), a window of 5,000, not 1,000 (speed), the alarm callbacks (failures), and two timeouts
+(pc/watchdog.py, for RabbitMQ 3.10). Why a SelectConnection, not a BlockingConnection: confirms are
+pipelined, up to WINDOW messages in flight, rather than one network round trip per message as in
+pc/send_one.py.
 """
 
 from __future__ import annotations
@@ -44,100 +33,194 @@ import pika
 import pika.exceptions
 from pika.channel import Channel
 from pika.frame import Method
+from pika.spec import Basic
 
 from pc.broker import BrokerError, redact, resolve
 from pc.publisher_plumbing import NACKS_FOR, Nodes, Recovery, channel_error
-from pc.send_many import SendMany
 from pc.watchdog import Watchdog
-from pc.workqueue import QUEUE
+from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
+# We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
+CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
+PROPERTIES = pika.BasicProperties(
+    content_type="text/plain",  # plain UTF-8 text, readable by any client in any language
+    delivery_mode=pika.DeliveryMode.Persistent,  # written to disk: survives a broker restart
+)
+# Unconfirmed messages in flight, at most: the broker confirms persistent messages in batches, as it
+# writes them to disk, and a window of a few thousand keeps us publishing meanwhile.
+WINDOW = 5000
 # A broker short of memory or disk stops reading from publishers (an alarm): give up after this long
 # (``?blocked_connection_timeout=SECONDS`` in AMQP_URL overrides it).
 BLOCKED_FOR = 60.0
 
 
-class Publisher(SendMany):
-    """SendMany (pc/send_many.py), publishing again after a lost connection or a nack; ``run()`` raises
-    BrokerError when it cannot go on."""
+class Publisher:
+    """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
-    # The broker confirms persistent messages in batches, as it writes them to disk: a window of a few
-    # thousand, not SendMany's 1,000, keeps us publishing meanwhile (docs/performance.md).
-    WINDOW = 5000
+    The story, in the order it happens; pika calls each method when the broker has answered the one before:
+
+        run                     pika.SelectConnection(...)        connect; its ioloop calls us back
+        on_open                 connection.channel(...)           open a channel
+        on_channel              channel.confirm_delivery(...)     publisher confirms on
+                                channel.queue_declare("pc.dead")  the dead-letter queue
+                                channel.queue_declare("pc")       durable (passive after the first time)
+        on_declared, publish    channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
+        on_confirm              (basic.ack or basic.nack)         ack: done with them; nack: start over
+        on_returned             (basic.return)                    no queue took it: fail
+
+    What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
+
+        a lost connection       run: reconnect, publish every unconfirmed message again
+        a nack                  on_confirm: start over the same way
+        a return (pc deleted)   on_returned: one line, exit 1
+        a refused command       on_channel_closed: one line, exit 1
+        a memory or disk alarm  on_blocked: wait, up to BLOCKED_FOR
+        no broker answers       on_open_error: the next node, then one line, exit 1
+
+    Not part of the lesson: two timeouts, so that no wait lasts for ever (pc/watchdog.py, needed on
+    RabbitMQ 3.10). And one choice of this example, not a rule of RabbitMQ's: after the first time, pc
+    is declared *passive*, so that a pc deleted under us (with messages it had confirmed) ends in exit 1.
+    """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        super().__init__(url, bodies)
+        self.bodies = bodies
+        self.todo = list(range(len(bodies)))[::-1]  # indexes of the bodies to publish; the next one last
+        self.unconfirmed: dict[int, int] = {}  # delivery tag -> index of its body, on this channel
+        self.next_tag = 1  # the delivery tag of the next message published on this channel
+        self.confirmed = 0
+        self.failure: BrokerError | None = None  # set: stop, and run() raises it
+        self.passive = False  # True once pc is declared: after that, only check that it is there
+        self.blocked = False  # by a memory or disk alarm
         self.nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         self.recovery = Recovery(url, self.nodes)  # how long to wait before starting over; when to give up
-        self.blocked = False  # by a memory or disk alarm
+        self.connection: pika.SelectConnection  # this run's, once run() has made it
+        self.channel: Channel  # this connection's, once open
+
+    @property
+    def in_flight(self) -> int:
+        """How many messages are published and not yet confirmed."""
+        return len(self.unconfirmed)
 
     def run(self) -> None:
-        """SendMany.run, on a new connection each time one is lost, until every body is confirmed."""
+        """Connect and publish until every body is confirmed; after a lost connection or a nack, again."""
         while self.confirmed < len(self.bodies):
-            self.node = self.nodes.next()  # the first node, then each in turn
-            super().run()  # connect and publish, until the connection closes
-            if self.error:
-                raise BrokerError(self.error)
+            self.connection = pika.SelectConnection(
+                self.nodes.next(),
+                on_open_callback=self.on_open,
+                on_open_error_callback=self.on_open_error,
+                on_close_callback=self.on_closed,
+            )
+            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
+            self.connection.add_on_connection_blocked_callback(self.on_blocked)
+            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
+            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py)
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
+            # sends and calls our methods below, until one of them stops it.
+            self.connection.ioloop.start()
+            if self.failure is not None:
+                raise self.failure
             if self.unconfirmed:
-                # No confirm will come for these now: they may or may not be in pc. Publish them again,
-                # first, in order: a consumer may see one twice, but never misses one.
+                # No confirm will come for these now: publish them again, first, in order.
                 self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
             if self.confirmed < len(self.bodies):
                 self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
             self.unconfirmed.clear()
 
-    def connect(self, node: pika.ConnectionParameters) -> pika.SelectConnection:
-        connection = super().connect(node)
-        # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
-        connection.add_on_connection_blocked_callback(self.on_blocked)
-        connection.add_on_connection_unblocked_callback(self.on_unblocked)
-        Watchdog(connection, self)  # no wait lasts for ever on RabbitMQ 3.10 (pc/watchdog.py)
-        return connection
-
     def on_open(self, connection: pika.SelectConnection) -> None:
         self.recovery.connected()  # a later loss is a new outage, with its own time budget
         self.blocked = False
-        super().on_open(connection)
+        connection.channel(on_open_callback=self.on_channel)
 
-    def on_declared(self, frame: Method) -> None:
-        # From now on, declare pc passive: only check that it is there. If pc is deleted while we are
-        # away, a plain declare would create it empty, and the messages it had confirmed would be gone
-        # without a word; passive, the broker answers 404 (on_channel_closed) and we exit 1.
+    def on_channel(self, channel: Channel) -> None:
+        self.channel = channel
+        self.next_tag = 1  # a new channel numbers its messages from 1
+        channel.add_on_close_callback(self.on_channel_closed)  # the broker refused a command
+        channel.add_on_return_callback(self.on_returned)  # a mandatory message no queue took
+        # No callback until the last command: the broker takes a channel's commands in order.
+        # Publisher confirms: the broker now acks (or nacks) every message we publish, numbered 1, 2, 3...
+        channel.confirm_delivery(self.on_confirm)
+        # Where pc sends a message over its delivery limit (pc/workqueue.py).
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+        # Durable quorum queue, declared alike by the consumer: whoever starts first creates it.
+        channel.queue_declare(
+            QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self.on_declared
+        )
+
+    def on_declared(self, _frame: Method) -> None:
         self.passive = True
-        super().on_declared(frame)
+        self.publish()
 
-    def on_nack(self, refused: int) -> None:
-        # The broker did not take them (a queue at its length limit, an internal error). The contract is
-        # to publish them again: start over, as after a lost connection (a new channel, not this one:
-        # see Recovery.on_nack).
-        if self.recovery.on_nack(refused, self.confirmed):  # logs, and sets the pause
-            self.connection.close()  # then on_closed, and run() starts over
-        else:  # nacks and nothing else for NACKS_FOR seconds
-            self.stop(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up")
+    def publish(self) -> None:
+        # Pipelined: publish until WINDOW are unconfirmed; each confirm makes room for more.
+        while self.todo and len(self.unconfirmed) < WINDOW:
+            index = self.todo.pop()
+            # The default exchange ("") routes by queue name. mandatory: if no queue takes the
+            # message, the broker returns it rather than confirm it into the void.
+            self.channel.basic_publish("", QUEUE, self.bodies[index], PROPERTIES, mandatory=True)
+            self.unconfirmed[self.next_tag] = index  # its confirm will name it by this tag
+            self.next_tag += 1
+
+    def on_confirm(self, frame: Method) -> None:
+        if self.failure is not None or not self.connection.is_open:
+            return  # failed already (the ack after a return: see on_returned), or starting over
+        method = frame.method
+        # multiple: this confirm covers every tag up to delivery_tag, not only that one.
+        if method.multiple:
+            tags = [tag for tag in self.unconfirmed if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        if isinstance(method, Basic.Nack):
+            # The broker did not take them (a queue at its length limit, an internal error). The
+            # contract is to publish them again: we start over, as after a lost connection (run).
+            if self.recovery.on_nack(len(tags), self.confirmed):  # logs, and sets the pause
+                self.connection.close()  # then run() starts over
+            else:  # nacks and nothing else for NACKS_FOR seconds
+                self.stop(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
+            return
+        for tag in tags:  # an ack: the broker has them safe
+            del self.unconfirmed[tag]
+        self.confirmed += len(tags)
+        if self.confirmed == len(self.bodies):
+            self.connection.close()  # all confirmed: run() returns
+        else:
+            self.publish()  # room in the window: send the next ones
+
+    def on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
+        # No queue took a mandatory message (pc deleted). RabbitMQ's order, any version: the return, then
+        # an ack that means "dealt with" (dropped), not "queued". So fail here; on_confirm ignores that ack.
+        self.stop(BrokerError(f"the broker could not route a message to queue {QUEUE!r}"))
 
     def on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
-        # As SendMany, with a line that says which command failed: a queue declared otherwise (406), or
-        # the passive declare finding pc deleted (404). Retrying the same command would fail alike.
+        # The broker closed the channel on an error in a command: the same command would fail alike.
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self.stop(str(channel_error(reason)))
+            self.stop(channel_error(reason))  # says which: a queue declared otherwise, pc deleted
+
+    def stop(self, error: BrokerError) -> None:
+        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
+        self.failure = self.failure or error
+        if self.connection.is_open:
+            self.connection.close()  # then on_closed stops the loop
+        elif self.connection.is_closed:
+            self.connection.ioloop.stop()  # closed already, between two connections: back to run()
+
+    def on_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked too long: give up
+            timeout = connection.params.blocked_connection_timeout
+            self.failure = self.failure or BrokerError(
+                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
+            )
+        elif self.failure is None and not isinstance(reason, CLOSED_BY_US):
+            LOGGER.warning("connection closed: %s", reason)  # run() reconnects
+        connection.ioloop.stop()  # back to run()
+
+    # What send_many.py does not have --------------------------------------------
 
     def on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
         # This node did not answer: run() tries the next. None ever did: one line saying why.
-        failure = self.nodes.failed(error)
-        self.error = self.error or (str(failure) if failure else "")
+        self.failure = self.failure or self.nodes.failed(error)
         connection.ioloop.stop()
-
-    def on_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
-        # Not SendMany's failure: run() reconnects, unless we are stopping or were blocked too long.
-        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):
-            timeout = connection.params.blocked_connection_timeout
-            self.error = self.error or (
-                f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
-            )
-        elif not self.error and not isinstance(reason, pika.exceptions.ConnectionClosedByClient):
-            LOGGER.warning("connection closed: %s", reason)  # not closed by us (after a nack, or done)
-        connection.ioloop.stop()  # back to run()
 
     def on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika

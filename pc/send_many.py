@@ -6,8 +6,8 @@ Why a SelectConnection: send_one.py's BlockingConnection waits for each confirm,
 message. Here up to WINDOW messages are in flight at once, and the broker's confirms arrive as callbacks.
 Guarantee: exit status 0 means the broker confirmed every message (in ``pc``, on disk). Limits: nothing is
 retried. A nack, a return, a refused declaration or a lost connection ends it in one line and exit status 1,
-and the messages not yet confirmed may or may not be in the queue. pc/producer.py extends this class,
-``Publisher(SendMany)``: it publishes those again, on a new connection, until all are confirmed.
+and the messages not yet confirmed may or may not be in the queue. pc/producer.py is this story plus
+publishing those again, on a new connection or channel, until all are confirmed.
 """
 
 import argparse
@@ -23,96 +23,68 @@ from pc.broker import BrokerError, explain, parameters, resolve
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
+WINDOW = 1000  # messages published and not yet confirmed, at most
 
 
 class SendMany:
     """Each method is a callback: pika calls it when the broker has answered the one before."""
 
-    WINDOW = 1000  # messages published and not yet confirmed, at most
-    passive = False  # True: declare pc only to check that it is there (pc/producer.py, after the first time)
-
     def __init__(self, url: str, bodies: list[bytes]) -> None:
-        self.url = url
         self.bodies = bodies
-        self.todo = list(range(len(bodies)))[::-1]  # the bodies not yet published, by index; next one last
-        self.unconfirmed: dict[int, int] = {}  # delivery tag -> its body's index, until confirmed
-        self.next_tag = 1  # the delivery tag of the next message we publish on this channel
+        self.channel: Channel  # set once open (on_channel)
+        self.published = 0
+        self.unconfirmed: set[int] = set()  # delivery tags: 1, 2, 3... in the order we publish on the channel
         self.confirmed = 0
         self.error = ""  # why it stopped early
-        self.node = parameters(url)[0]  # where to connect
-        self.connection: pika.SelectConnection  # set by run
-        self.channel: Channel  # set once open (on_channel)
+        self.connection = pika.SelectConnection(
+            parameters(url)[0],
+            on_open_callback=self.on_open,
+            on_open_error_callback=lambda _conn, error: self.stop(str(explain(url, error))),
+            on_close_callback=self.on_closed,
+        )
 
     def run(self) -> None:
-        self.connection = self.connect(self.node)
         # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker sends and
         # calls the methods below, until on_closed stops it.
         self.connection.ioloop.start()
-
-    def connect(self, node: pika.ConnectionParameters) -> pika.SelectConnection:
-        return pika.SelectConnection(
-            node,
-            on_open_callback=self.on_open,
-            on_open_error_callback=self.on_open_error,
-            on_close_callback=self.on_closed,
-        )
 
     def on_open(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self.on_channel)
 
     def on_channel(self, channel: Channel) -> None:
         self.channel = channel
-        self.next_tag = 1  # a channel numbers what is published on it from 1
         channel.add_on_close_callback(self.on_channel_closed)
-        # mandatory (in publish): a message no queue takes comes back (basic.return) instead of vanishing.
-        channel.add_on_return_callback(self.on_returned)
+        # mandatory: a message no queue takes comes back (basic.return) instead of vanishing.
+        channel.add_on_return_callback(lambda *_: self.stop(f"no queue {QUEUE!r} took a message"))
         # From now on the broker acks (or nacks) each message published on this channel.
         channel.confirm_delivery(self.on_confirm)
         # As send_one.py declares them: pc.dead first, then pc; a callback on the last only, since
         # the broker takes a channel's commands in order.
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
-        channel.queue_declare(
-            QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self.on_declared
-        )
+        channel.queue_declare(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, callback=self.publish)
 
-    def on_declared(self, _frame: Method) -> None:
-        self.publish()
-
-    def publish(self) -> None:
+    def publish(self, _frame: Method | None = None) -> None:
         # Pipelined: publish until WINDOW are unconfirmed; each confirm makes room for more.
-        while self.todo and len(self.unconfirmed) < self.WINDOW:
-            index = self.todo.pop()
-            self.channel.basic_publish("", QUEUE, self.bodies[index], PERSISTENT, mandatory=True)
-            self.unconfirmed[self.next_tag] = index  # the broker's confirm will name it by this tag
-            self.next_tag += 1
+        while self.published < len(self.bodies) and len(self.unconfirmed) < WINDOW and not self.error:
+            self.channel.basic_publish("", QUEUE, self.bodies[self.published], PERSISTENT, mandatory=True)
+            self.published += 1
+            self.unconfirmed.add(self.published)  # this message's delivery tag
 
     def on_confirm(self, frame: Method) -> None:
-        if self.error or not self.connection.is_open:
-            return  # stopping: after a return, its ack means "dropped", not "queued"
         method = frame.method
         # multiple: this confirm covers every tag up to delivery_tag, not only that one.
         if method.multiple:
-            tags = [tag for tag in self.unconfirmed if tag <= method.delivery_tag]
+            tags = {tag for tag in self.unconfirmed if tag <= method.delivery_tag}
         else:
-            tags = [method.delivery_tag]
+            tags = {method.delivery_tag}
+        self.unconfirmed -= tags
         if isinstance(method, Basic.Nack):  # the broker could not take them
-            self.on_nack(len(tags))
-            return
-        for tag in tags:  # an ack: the broker has them safe (in pc: on disk)
-            del self.unconfirmed[tag]
-        self.confirmed += len(tags)
-        if self.confirmed == len(self.bodies):
-            self.stop("")  # all confirmed: done
-        else:
-            self.publish()  # room in the window: send the next ones
-
-    def on_nack(self, refused: int) -> None:
-        self.stop(f"the broker refused {refused} message(s)")
-
-    def on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
-        # No queue took a mandatory message (pc was deleted). The broker sends the return, then an ack
-        # that means "dealt with" (dropped), not "queued": so fail here, and on_confirm ignores that ack.
-        self.stop(f"the broker could not route a message to queue {QUEUE!r}")
+            self.stop(f"the broker refused {len(tags)} message(s)")
+        elif not self.error:  # after a return, its ack means "dropped": not counted
+            self.confirmed += len(tags)
+            if self.confirmed == len(self.bodies):
+                self.stop("")  # all confirmed: done
+            self.publish()
 
     def on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         # The broker closes a channel on a command it refuses, such as a declaration with other arguments.
@@ -120,14 +92,11 @@ class SendMany:
             self.stop(f"the broker closed the channel: {reason}")
 
     def stop(self, error: str) -> None:
-        self.error = self.error or error  # the first failure is the one to tell
+        self.error = self.error or error
         if self.connection.is_open:
             self.connection.close()  # then on_closed
         elif self.connection.is_closed:
-            self.connection.ioloop.stop()  # never opened, or closed already
-
-    def on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
-        self.stop(str(explain(self.url, error)))  # no broker answered: one line saying why
+            self.connection.ioloop.stop()  # never opened
 
     def on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         if self.confirmed < len(self.bodies):

@@ -42,8 +42,10 @@ class Watched(Protocol):
     """What the watchdog reads of the publisher."""
 
     confirmed: int  # how many messages the broker has confirmed so far
-    unconfirmed: dict[int, int]  # the messages in flight: published, not yet confirmed
     blocked: bool  # by a memory or disk alarm: pika's blocked_connection_timeout applies instead
+
+    @property
+    def in_flight(self) -> int: ...
 
 
 class Watchdog:
@@ -70,7 +72,7 @@ class Watchdog:
                 connection.ioloop.stop()  # back to Publisher.run
                 return
         elif connection.is_open:
-            if publisher.confirmed != self._confirmed or not publisher.unconfirmed or publisher.blocked:
+            if publisher.confirmed != self._confirmed or publisher.in_flight == 0 or publisher.blocked:
                 self._confirmed, self._since = publisher.confirmed, now
             elif now - self._since >= CONFIRMS_DUE:
                 LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)

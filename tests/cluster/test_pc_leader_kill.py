@@ -24,7 +24,7 @@ from collections import Counter
 import pytest
 
 from pc.consumer import PREFETCH
-from pc.producer import Publisher
+from pc.producer import WINDOW
 from tests.cluster.conftest import Cluster
 from tests.conftest import Proc, Spawn, wait_until
 from tests.faults.conftest import Report, Tally
@@ -186,4 +186,4 @@ def test_every_confirmed_message_survives_the_queue_leaders_death(
     assert all(proc.count("Traceback") == 0 for _, proc in producers)
     # The consumer's connection (node 2) survived: whatever it held unacked came round at most once.
     assert redelivered <= PREFETCH
-    assert republished <= Publisher.WINDOW * reconnected
+    assert republished <= WINDOW * reconnected
