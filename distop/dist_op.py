@@ -9,7 +9,7 @@ What you write (distop/caller.py does it):
             return [x for part in partials.values() for x in part]
 
     with PowOp(data=list(range(10)), group_size=3) as op:
-        job_id = op.call(esp=2)  # returns at once: the chunks go out on the client's I/O thread
+        job_id = op.call(esp=2)  # returns at once (the first call connects first); an I/O thread publishes
         print(op.get_result(job_id, timeout=60))  # waits for every partial, then gathers them
 
 How a job travels:
@@ -20,7 +20,8 @@ How a job travels:
 
 Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
 call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
-pika callbacks, each called when the broker answers the one before: read them top to bottom. It uses a
+pika callbacks, the first few each called when the broker answers the one before, then _on_confirm,
+_on_returned and _on_reply whenever the broker sends one: read them top to bottom. It uses a
 SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
 replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
 why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
@@ -287,6 +288,10 @@ class DistOp:
 
     def call(self, **params: Any) -> str:
         """Publish one chunk per server and return the job id at once.
+
+        At once: the chunks are handed to the I/O thread, which publishes them; call() does not wait
+        for their confirms or replies. The first call(), and the first after the broker was lost for
+        good, connects first, and waits up to CONNECT_TIMEOUT seconds for the connection.
 
         ``params`` reach the server's op as keyword arguments. Raises
         BrokerError if the broker cannot be reached, TypeError if ``params``

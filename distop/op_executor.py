@@ -88,7 +88,8 @@ class OpExecutor:
       a malformed chunk            _on_chunk: rejected without requeue, so dead-lettered to distop.dead
       the op raises, or is unknown _run_op: the error is the reply; RemoteError at the client
       this server dies mid-chunk   not acked: the broker gives the chunk to another server
-      a chunk that kills servers   its 5th return dead-letters it; its client gets PoisonChunkError
+      a chunk that kills servers   the queue delivers it 5 times at most, then dead-letters it;
+                                   its client gets PoisonChunkError
       the broker is lost           run: reconnect, for up to RECONNECT_FOR; then one line, exit 1
       an op past consumer_timeout  _serve: the broker closed the channel; one line, a new channel
       the work queue is deleted    _on_cancelled, then _serve declares it again

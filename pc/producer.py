@@ -59,7 +59,8 @@ BLOCKED_FOR = 60.0
 class Publisher:
     """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
 
-    The story, in the order it happens; pika calls each method when the broker has answered the one before:
+    The story, in the order it happens. pika calls the methods up to on_declared each once the broker has
+    answered the one before; then on_confirm and on_returned whenever the broker sends one:
 
         run                     pika.SelectConnection(...)        connect; its ioloop calls us back
         on_open                 connection.channel(...)           open a channel

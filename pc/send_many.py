@@ -27,7 +27,8 @@ WINDOW = 1000  # messages published and not yet confirmed, at most
 
 
 class SendMany:
-    """Each method is a callback: pika calls it when the broker has answered the one before."""
+    """Each method is a callback. pika calls the first few in order, each once the broker has answered the
+    one before (open, channel, declare); then on_confirm and on_returned whenever the broker sends one."""
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
         self.bodies = bodies
