@@ -132,7 +132,9 @@ class _ClientLink:
             on_open_callback=self._on_open,
             on_open_error_callback=self.io.on_open_error,  # no broker: try the next node, or give up
             on_close_callback=self._on_closed,
-            custom_ioloop=self.io.ioloop,  # the I/O thread's one loop, kept across reconnections
+            # Our own loop, not a new one per connection: the I/O thread runs it for the client's whole
+            # life, and the caller's thread hands it work (submit) even while we reconnect.
+            custom_ioloop=self.io.ioloop,
         )
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
@@ -155,6 +157,7 @@ class _ClientLink:
         assert self._channel is not None
         queue_name = frame.method.queue  # the name the broker chose
         # A dead chunk keeps its headers, ours among them: this binding brings it back to us.
+        # x-match "all": the binding matches a message whose headers hold every pair listed here.
         self._channel.queue_bind(
             queue_name, DEAD_LETTER_EXCHANGE, arguments={"x-match": "all", CLIENT_HEADER: self._client_id}
         )

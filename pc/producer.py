@@ -174,7 +174,9 @@ class Publisher:
             tags = [method.delivery_tag]
         if isinstance(method, Basic.Nack):
             # The broker did not take them (a queue at its length limit, an internal error). The
-            # contract is to publish them again: we start over, as after a lost connection (run).
+            # contract is to publish them again: we start over, as after a lost connection (run). On a
+            # new connection, not this channel: a RabbitMQ 3.10 cluster can leave a channel nacking
+            # everything (Recovery.on_nack says when).
             if self.recovery.on_nack(len(tags), self.confirmed):  # logs, and sets the pause
                 self.connection.close()  # then run() starts over
             else:  # nacks and nothing else for NACKS_FOR seconds
