@@ -150,7 +150,9 @@ class OpExecutor:
     ) -> None:
         """A chunk arrived, on the connection's thread: reject it if malformed, else start its op."""
         try:
-            request = parse_request(props, body)  # checks reply_to is a broker-named "amq.gen-..." queue
+            # parse_request also checks reply_to: only a broker-named reply queue ("amq.gen-..."), so
+            # that a chunk cannot make us publish into any queue it likes (protocol.py says more).
+            request = parse_request(props, body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
             LOGGER.warning("rejected a malformed message (%d bytes): %s", len(body), exc)
             # Not requeued: it would only come back. The work queue dead-letters it, to distop.dead.
