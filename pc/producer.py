@@ -8,18 +8,23 @@ consumer takes them.
 
 Guarantee: exit status 0 means the broker has taken every message into ``pc``, persistent, on disk
 (publisher confirms). After a lost connection or a nack the unconfirmed ones are published again: a
-consumer may see one twice, never miss one. Anything else ends in one line and exit status 1
-(docs/pc.md lists them).
+consumer may see one twice, never miss one. Anything else ends in one line and exit status 1.
 
-Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method (on_open, on_channel,
-publish, on_confirm, on_channel_closed, stop, on_closed), plus one rule that send_many.py does not have:
-after a lost connection or a nack, start over on a new connection and publish every unconfirmed message
-again. That rule is run(), the loop at the top; how long it waits, and when it gives up, is in
-pc/publisher_plumbing.py. The rest it adds: a passive declare after the first (this example's promise,
-below), a window of 5,000, not 1,000 (speed), the alarm callbacks (failures), and two timeouts
-(pc/watchdog.py, for RabbitMQ 3.10). Why a SelectConnection, not a BlockingConnection: confirms are
-pipelined, up to WINDOW messages in flight, rather than one network round trip per message as in
-pc/send_one.py.
+Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method: the story comes first
+below, and makes only pika calls. Then, in a section of its own, what goes wrong, and what the code does
+(docs/pc.md has the whole table, with its tests):
+
+    a lost connection       on_closed, then run: a new connection publishes every unconfirmed message again
+    a nack                  on_nack: start over the same way; after NACKS_FOR s of nothing but nacks, exit 1
+    a return (pc deleted)   on_returned: one line, exit 1
+    a refused command       on_channel_closed: one line, exit 1 (a 404 after a reconnect: pc was deleted)
+    a memory or disk alarm  on_blocked: wait, up to BLOCKED_FOR, then exit 1
+    no broker answers       on_open_error: the next node, then one line, exit 1
+
+How long run() waits before it starts over, and when it gives up, is in pc/publisher_plumbing.py; two
+timeouts that RabbitMQ 3.10 needs, so that no wait lasts for ever, are in pc/watchdog.py. Why a
+SelectConnection, not a BlockingConnection: confirms are pipelined, up to WINDOW messages in flight,
+rather than one network round trip per message as in pc/send_one.py.
 """
 
 from __future__ import annotations
@@ -41,8 +46,6 @@ from pc.watchdog import Watchdog
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 LOGGER = logging.getLogger("pc.producer")
-# We closed the connection ourselves (after a nack, or the watchdog did), and said why at the time.
-CLOSED_BY_US = pika.exceptions.ConnectionClosedByClient
 
 PROPERTIES = pika.BasicProperties(
     content_type="text/plain",  # plain UTF-8 text, readable by any client in any language
@@ -57,80 +60,40 @@ BLOCKED_FOR = 60.0
 
 
 class Publisher:
-    """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it cannot.
+    """Publish ``bodies`` in order, confirms pipelined; ``run()`` (at the end) raises BrokerError if it can't.
 
-    The story, in the order it happens. pika calls the methods up to on_declared each once the broker has
-    answered the one before; then on_confirm and on_returned whenever the broker sends one:
-
-        run                     pika.SelectConnection(...)        connect; its ioloop calls us back
-        on_open                 connection.channel(...)           open a channel
-        on_channel              channel.confirm_delivery(...)     publisher confirms on
-                                channel.queue_declare("pc.dead")  the dead-letter queue
-                                channel.queue_declare("pc")       durable (passive after the first time)
-        on_declared, publish    channel.basic_publish(...)        mandatory; up to WINDOW unconfirmed
-        on_confirm              (basic.ack or basic.nack)         ack: done with them; nack: start over
-        on_returned             (basic.return)                    no queue took it: fail
-
-    What goes wrong, and what the code does (docs/pc.md has the whole table, with its tests):
-
-        a lost connection       run: reconnect, publish every unconfirmed message again
-        a nack                  on_confirm: start over the same way
-        a return (pc deleted)   on_returned: one line, exit 1
-        a refused command       on_channel_closed: one line, exit 1
-        a memory or disk alarm  on_blocked: wait, up to BLOCKED_FOR
-        no broker answers       on_open_error: the next node, then one line, exit 1
-
-    Not part of the lesson: two timeouts, so that no wait lasts for ever (pc/watchdog.py, needed on
-    RabbitMQ 3.10). And one choice of this example, not a rule of RabbitMQ's: after the first time, pc
-    is declared *passive*, so that a pc deleted under us (with messages it had confirmed) ends in exit 1.
+    pika calls the story's methods, connect to on_declared, each once the broker has answered the one
+    before; then on_confirm whenever the broker sends a confirm.
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
         self.bodies = bodies
-        self.todo = list(range(len(bodies)))[::-1]  # indexes of the bodies to publish; the next one last
+        self.todo = list(range(len(bodies)))[::-1]  # the bodies' indexes, a stack: the next one last
         self.unconfirmed: dict[int, int] = {}  # delivery tag -> index of its body, on this channel
         self.next_tag = 1  # the delivery tag of the next message published on this channel
         self.confirmed = 0
-        self.failure: BrokerError | None = None  # set: stop, and run() raises it
         self.passive = False  # True once pc is declared: after that, only check that it is there
+        self.connection: pika.SelectConnection  # this pass's, once connect() has made it
+        self.channel: Channel  # this connection's, once open
+        # For what goes wrong (below):
+        self.failure: BrokerError | None = None  # set: stop, and run() raises it
         self.blocked = False  # by a memory or disk alarm
         self.nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         self.recovery = Recovery(url, self.nodes)  # how long to wait before starting over; when to give up
-        self.connection: pika.SelectConnection  # this run's, once run() has made it
-        self.channel: Channel  # this connection's, once open
 
-    @property
-    def in_flight(self) -> int:
-        """How many messages are published and not yet confirmed."""
-        return len(self.unconfirmed)
+    # The story: send_many.py's, in the same order ------------------------------------
 
-    def run(self) -> None:
-        """Connect and publish until every body is confirmed; after a lost connection or a nack, again."""
-        while self.confirmed < len(self.bodies):
-            self.connection = pika.SelectConnection(
-                self.nodes.next(),
-                on_open_callback=self.on_open,
-                on_open_error_callback=self.on_open_error,
-                on_close_callback=self.on_closed,
-            )
-            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
-            self.connection.add_on_connection_blocked_callback(self.on_blocked)
-            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
-            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py)
-            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
-            # sends and calls our methods below, until one of them stops it.
-            self.connection.ioloop.start()
-            if self.failure is not None:
-                raise self.failure
-            if self.unconfirmed:
-                # No confirm will come for these now: publish them again, first, in order.
-                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
-            if self.confirmed < len(self.bodies):
-                self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
-            self.unconfirmed.clear()
+    def connect(self) -> None:
+        # A SelectConnection's calls return at once; pika calls the methods below as the broker answers.
+        self.connection = pika.SelectConnection(
+            self.nodes.next(),  # the first node of AMQP_URL; after a lost connection, the next
+            on_open_callback=self.on_open,
+            on_open_error_callback=self.on_open_error,
+            on_close_callback=self.on_closed,
+        )
 
     def on_open(self, connection: pika.SelectConnection) -> None:
-        self.recovery.connected()  # a later loss is a new outage, with its own time budget
+        self.recovery.connected()  # for what goes wrong: a later loss is a new outage, with its own budget
         self.blocked = False
         connection.channel(on_open_callback=self.on_channel)
 
@@ -145,11 +108,15 @@ class Publisher:
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
         # Durable quorum queue, declared alike by the consumer: whoever starts first creates it.
+        # passive, after the first time: only check that pc is there (on_declared says why).
         channel.queue_declare(
             QUEUE, durable=True, arguments=QUEUE_ARGUMENTS, passive=self.passive, callback=self.on_declared
         )
 
     def on_declared(self, _frame: Method) -> None:
+        # This example's choice, not a RabbitMQ rule: a pc deleted while we are away took the messages
+        # it had confirmed with it; declared again, it would come back empty, and we would exit 0 all
+        # the same. Passive, the broker answers 404 instead (on_channel_closed): exit 1.
         self.passive = True
         self.publish()
 
@@ -173,14 +140,7 @@ class Publisher:
         else:
             tags = [method.delivery_tag]
         if isinstance(method, Basic.Nack):
-            # The broker did not take them (a queue at its length limit, an internal error). The
-            # contract is to publish them again: we start over, as after a lost connection (run). On a
-            # new connection, not this channel: a RabbitMQ 3.10 cluster can leave a channel nacking
-            # everything (Recovery.on_nack says when).
-            if self.recovery.on_nack(len(tags), self.confirmed):  # logs, and sets the pause
-                self.connection.close()  # then run() starts over
-            else:  # nacks and nothing else for NACKS_FOR seconds
-                self.stop(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
+            self.on_nack(len(tags))  # the broker did not take them: below
             return
         for tag in tags:  # an ack: the broker has them safe
             del self.unconfirmed[tag]
@@ -189,6 +149,38 @@ class Publisher:
             self.connection.close()  # all confirmed: run() returns
         else:
             self.publish()  # room in the window: send the next ones
+
+    # What goes wrong, and what the code does ----------------------------------------
+
+    def run(self) -> None:
+        """Connect and publish until every body is confirmed; after a lost connection or a nack, again."""
+        while self.confirmed < len(self.bodies):
+            self.connect()
+            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
+            self.connection.add_on_connection_blocked_callback(self.on_blocked)
+            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
+            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py, for RabbitMQ 3.10)
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
+            # sends and calls the story's methods, until one of them stops it.
+            self.connection.ioloop.start()
+            if self.failure is not None:
+                raise self.failure
+            if self.unconfirmed:
+                # No confirm will come for these now: they may or may not be in pc. Publish them again,
+                # first, in order: a consumer may see one twice, but never misses one.
+                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
+            if self.confirmed < len(self.bodies):
+                self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
+            self.unconfirmed.clear()
+
+    def on_nack(self, refused: int) -> None:
+        # The broker did not take them (a queue at its length limit, an internal error). The contract is
+        # to publish them again: we start over, as after a lost connection (run). On a new connection,
+        # not this channel: a RabbitMQ 3.10 cluster can leave a channel nacking everything (Recovery.on_nack).
+        if self.recovery.on_nack(refused, self.confirmed):  # logs, and sets the pause
+            self.connection.close()  # then on_closed, and run() starts over
+        else:  # nacks and nothing else for NACKS_FOR seconds
+            self.stop(BrokerError(f"the broker refused every message for {NACKS_FOR:.0f} s; giving up"))
 
     def on_returned(self, _channel: Channel, _method: object, _props: object, _body: bytes) -> None:
         # No queue took a mandatory message (pc deleted). RabbitMQ's order, any version: the return, then
@@ -200,25 +192,15 @@ class Publisher:
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             self.stop(channel_error(reason))  # says which: a queue declared otherwise, pc deleted
 
-    def stop(self, error: BrokerError) -> None:
-        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
-        self.failure = self.failure or error
-        if self.connection.is_open:
-            self.connection.close()  # then on_closed stops the loop
-        elif self.connection.is_closed:
-            self.connection.ioloop.stop()  # closed already, between two connections: back to run()
-
     def on_closed(self, connection: pika.SelectConnection, reason: Exception) -> None:
         if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked too long: give up
             timeout = connection.params.blocked_connection_timeout
             self.failure = self.failure or BrokerError(
                 f"the broker blocked this connection for {timeout:g} s (memory or disk alarm); giving up"
             )
-        elif self.failure is None and not isinstance(reason, CLOSED_BY_US):
-            LOGGER.warning("connection closed: %s", reason)  # run() reconnects
-        connection.ioloop.stop()  # back to run()
-
-    # What send_many.py does not have --------------------------------------------
+        elif self.failure is None and not isinstance(reason, pika.exceptions.ConnectionClosedByClient):
+            LOGGER.warning("connection closed: %s", reason)  # not by us (we said why when we closed it)
+        connection.ioloop.stop()  # back to run(), which starts over unless there is a failure
 
     def on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
         # This node did not answer: run() tries the next. None ever did: one line saying why.
@@ -238,6 +220,19 @@ class Publisher:
     def on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
         self.blocked = False
         LOGGER.info("the broker has unblocked this connection")
+
+    def stop(self, error: BrokerError) -> None:
+        """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""
+        self.failure = self.failure or error
+        if self.connection.is_open:
+            self.connection.close()  # then on_closed stops the loop
+        elif self.connection.is_closed:
+            self.connection.ioloop.stop()  # closed already, between two connections: back to run()
+
+    @property
+    def in_flight(self) -> int:
+        """How many messages are published and not yet confirmed (for pc/watchdog.py)."""
+        return len(self.unconfirmed)
 
 
 def main() -> int:
