@@ -97,15 +97,15 @@ class _ClientLink:
                              confirm_delivery()            the broker will ack or nack each chunk
         _on_confirm_mode     (every chunk not answered)    published from here on
         _publish             basic_publish                 persistent, mandatory, reply_to, correlation_id
-        _on_confirm          basic.ack or basic.nack       the broker has the chunks, or refused them
-        _on_returned         basic.return                  no queue took a chunk
+        _on_confirm          basic.ack (or basic.nack)     the broker has the chunks (or refused them)
         _on_reply            a reply, or a dead letter     filed under its job by correlation_id
 
     What goes wrong, and what the code does (docs/distop.md has the whole table, with its tests). One rule
     for most: start over on a new connection, which declares everything again and publishes every chunk
     not yet answered.
 
-        a nack, a return, a channel closed     start over after a growing pause (IOThread.start_over)
+        a nack, a return, a channel closed     _on_nack, _on_returned, _on_channel_closed: start over after
+                                               a growing pause (IOThread.start_over)
         the connection lost                    _on_closed: reconnect; after a minute, the jobs fail
         a declaration refused (406)            _on_channel_closed: call() raises BrokerError
         our chunk dead-lettered                _on_reply: PoisonChunkError for its job
@@ -206,18 +206,10 @@ class _ClientLink:
     def _on_confirm(self, frame: Method) -> None:
         # A confirm names chunks by delivery tag (multiple: every tag up to this one).
         if isinstance(frame.method, Basic.Nack):
-            # The broker refused them (a queue at its length limit, an internal error). The contract is to
-            # publish them again: we start over, as after a lost connection.
-            count = len(self._unconfirmed.tags(frame.method))
-            self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
+            self._on_nack(frame.method)  # the broker refused them: below
             return
         self._unconfirmed.confirmed(frame.method)
         self._publish()  # room in the window for more
-
-    def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
-        # No queue took the chunk: the work queue was deleted, with every chunk of ours that waited in it.
-        # Its ack follows and means "dropped". Start over: the new connection declares the queue again.
-        self.io.start_over(f"no queue {self._queue!r} took a chunk", self._unconfirmed.backoff())
 
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         # The correlation_id, "JOB:START", says which job the reply is for, and where its chunk starts.
@@ -239,6 +231,17 @@ class _ClientLink:
         self._jobs.file(job, start, reply if isinstance(reply, RemoteError) else reply.result)
 
     # What goes wrong, and what we do ------------------------------------------
+
+    def _on_nack(self, method: Basic.Nack) -> None:
+        # The broker refused them (a queue at its length limit, an internal error). The contract is to
+        # publish them again: we start over, as after a lost connection.
+        count = len(self._unconfirmed.tags(method))
+        self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
+
+    def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
+        # No queue took the chunk: the work queue was deleted, with every chunk of ours that waited in it.
+        # Its ack follows and means "dropped". Start over: the new connection declares the queue again.
+        self.io.start_over(f"no queue {self._queue!r} took a chunk", self._unconfirmed.backoff())
 
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         # The connection is gone, and with it its channels and our reply queue (the broker deletes it):
