@@ -86,7 +86,11 @@ def parameters(url: str) -> list[pika.URLParameters]:
     """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid."""
     result = []
     for address in addresses(url):
-        parts, invalid = urllib.parse.urlsplit(address), f"invalid broker URL {redact(address)}"
+        invalid = f"invalid broker URL {redact(address)}"
+        try:
+            parts = urllib.parse.urlsplit(address)
+        except ValueError as exc:  # "Invalid IPv6 URL": a "[" or "]" outside an IPv6 address
+            raise BrokerError(f"{invalid}: {exc}; write '[' and ']' in a password as %5B and %5D") from exc
         if parts.scheme not in ("amqp", "amqps"):
             raise BrokerError(f"{invalid}: it must start with amqp:// or amqps://")
         _, userinfo, host, _ = _split(address)

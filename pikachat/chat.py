@@ -120,6 +120,10 @@ class ReceivingThread:
         except BrokerError as exc:
             self._failure = exc
             on_failure()
+        except Exception as exc:  # a bug: end the chat with one line, rather than leave it deaf
+            LOGGER.debug("the receiving thread failed", exc_info=exc)
+            self._failure = BrokerError(f"the receiving thread failed: {type(exc).__name__}: {exc}")
+            on_failure()
 
     def check(self) -> None:
         """Raise the BrokerError that ended the thread, if any."""
