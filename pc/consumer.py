@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -270,8 +271,12 @@ def main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
     args = parser.parse_args()
-    if args.work < 0:
-        parser.error("--work must not be negative")
+    if not 0 <= args.work < math.inf:  # also refuses nan
+        parser.error("--work must be a number of seconds, 0 or more")
+    try:
+        fail_on = None if args.fail_on is None else args.fail_on.encode()
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        parser.error("--fail-on: the text is not UTF-8")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -288,7 +293,6 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
 
     try:
-        fail_on = None if args.fail_on is None else args.fail_on.encode()
         consume(resolve(), args.quiet, args.work, args.ack_each, fail_on)
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)

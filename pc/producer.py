@@ -57,6 +57,7 @@ WINDOW = 5000
 # A broker short of memory or disk stops reading from publishers (an alarm): give up after this long
 # (``?blocked_connection_timeout=SECONDS`` in AMQP_URL overrides it).
 BLOCKED_FOR = 60.0
+MAX_COUNT = 1_000_000  # messages in one run, at most (--count)
 
 
 class Publisher:
@@ -248,8 +249,8 @@ def main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log pika's debug output")
     args = parser.parse_args()
-    if args.count is not None and args.count < 1:
-        parser.error("--count must be at least 1")
+    if args.count is not None and not 1 <= args.count <= MAX_COUNT:
+        parser.error(f"--count must be 1 to {MAX_COUNT:,} (every message is held in memory until confirmed)")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -261,11 +262,14 @@ def main() -> int:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
 
     text = " ".join(args.words)
-    texts = [text] if args.count is None else [f"{text} {i}" for i in range(1, args.count + 1)]
     try:
+        texts = [text] if args.count is None else [f"{text} {i}" for i in range(1, args.count + 1)]
         bodies = [t.encode() for t in texts]
     except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
         parser.error("the message text is not UTF-8")
+    except KeyboardInterrupt:  # Ctrl-C while a large --count is being made ready
+        print("producer: interrupted before publishing anything", file=sys.stderr)
+        return 1
 
     url = resolve()
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, 
 
 PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
 WINDOW = 1000  # messages published and not yet confirmed, at most
+MAX_COUNT = 1_000_000  # messages in one run, at most
 
 
 class SendMany:
@@ -110,13 +111,16 @@ def main() -> int:
     parser.add_argument("count", type=int, help="how many messages: 'TEXT 1' .. 'TEXT COUNT'")
     parser.add_argument("words", nargs="*", default=["message"], help="the message text")
     args = parser.parse_args()
-    if args.count < 1:
-        parser.error("count must be at least 1")
+    if not 1 <= args.count <= MAX_COUNT:
+        parser.error(f"count must be 1 to {MAX_COUNT:,} (every message is held in memory until confirmed)")
     text = " ".join(args.words)
     try:
         bodies = [f"{text} {i}".encode() for i in range(1, args.count + 1)]
     except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
         parser.error("the message text is not UTF-8")
+    except KeyboardInterrupt:  # Ctrl-C while a large count is being made ready
+        print("send_many: interrupted before publishing anything", file=sys.stderr)
+        return 1
     sender: SendMany | None = None
     try:
         sender = SendMany(resolve(), bodies)

@@ -1,4 +1,9 @@
-"""The simplest correct publish: one message to the queue ``pc``, confirmed. pc/producer.py: many at once."""
+"""The simplest correct publish: one message to the queue ``pc``, confirmed. pc/producer.py: many at once.
+
+    python pc/send_one.py [TEXT ...]     # the message; without one, "Hello World!"
+
+Read it with pc/consume_one.py, which takes the message off the queue.
+"""
 
 import sys
 
@@ -11,6 +16,9 @@ PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 
 
 def main() -> int:
+    if sys.argv[1:] in (["-h"], ["--help"]):  # not a message to send
+        print(__doc__)
+        return 0
     text = " ".join(sys.argv[1:]) or "Hello World!"
     try:
         body = text.encode()

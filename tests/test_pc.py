@@ -154,6 +154,13 @@ def test_send_one_publishes_one_confirmed_persistent_message_as_the_page_shows(
     assert (props.content_type, props.delivery_mode) == ("text/plain", 2)
 
 
+def test_send_one_help_shows_how_to_use_it_and_sends_nothing(spawn: Spawn, amqp_url: str) -> None:
+    proc = run_to_end(spawn, "pc/send_one.py", "--help")
+    assert proc.popen.returncode == 0, proc.output
+    assert "python pc/send_one.py [TEXT ...]" in proc.stdout
+    assert not messages_ready(amqp_url, "pc"), "--help must not be sent as a message"
+
+
 # The behaviour behind the lesson ----------------------------------------------
 
 

@@ -56,7 +56,9 @@ def test_a_malformed_url_and_a_bad_count_are_one_line(spawn: Spawn) -> None:
     ]
     counted = run_to_end(spawn, "pc/send_many.py", "0")
     assert counted.popen.returncode == 2
-    assert counted.stderr_lines[-1] == "send_many.py: error: count must be at least 1"
+    assert counted.stderr_lines[-1] == (
+        "send_many.py: error: count must be 1 to 1,000,000 (every message is held in memory until confirmed)"
+    )
 
 
 def test_ctrl_c_says_how_many_were_confirmed(spawn: Spawn, amqp_url: str) -> None:

@@ -38,10 +38,13 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
 }
 
 BAD_ARGUMENTS: list[tuple[str, tuple[str, ...], str]] = [
-    ("pc/producer.py", ("--count", "0"), "--count must be at least 1"),
+    ("pc/producer.py", ("--count", "0"), "--count must be 1 to 1,000,000"),
+    ("pc/producer.py", ("--count", "99999999999999999999"), "--count must be 1 to 1,000,000"),
     ("pc/producer.py", ("--count", "many"), "invalid int value"),
     ("pc/producer.py", ("--nope",), "unrecognized arguments: --nope"),
-    ("pc/consumer.py", ("--work", "-1"), "--work must not be negative"),
+    ("pc/consumer.py", ("--work", "-1"), "--work must be a number of seconds, 0 or more"),
+    ("pc/consumer.py", ("--work", "nan"), "--work must be a number of seconds, 0 or more"),
+    ("pc/consumer.py", ("--fail-on", "caf\udcff"), "--fail-on: the text is not UTF-8"),
     ("pc/consumer.py", ("--work", "long"), "invalid float value"),
     ("pc/consumer.py", ("extra",), "unrecognized arguments: extra"),
     ("distop/callee.py", ("rabbit", "extra"), "unrecognized arguments: extra"),
@@ -78,6 +81,7 @@ BAD_BROKERS: list[tuple[str, str, str, str]] = [
     ("not amqp", f"http://guest:{SECRET}@127.0.0.1:5672/", "must start with amqp://", "127.0.0.1"),
     ("bad query", f"amqp://guest:{SECRET}@127.0.0.1:5672/?heartbeat=soon", "invalid broker URL", "127.0.0.1"),
     ("bad port", f"amqp://guest:{SECRET}@127.0.0.1:99999/", "invalid broker URL", "127.0.0.1:99999"),
+    ("bracket in password", f"amqp://guest:{SECRET}]@127.0.0.1:5672/%2F", "write '[' and ']'", "127.0.0.1"),
 ]
 
 CASES = [
