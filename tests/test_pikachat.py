@@ -153,6 +153,19 @@ def test_say_one_cuts_a_long_line_so_that_receivers_take_it(spawn: Spawn) -> Non
     assert shown(receiver) == ["say_one: " + "x" * 2000]
 
 
+def test_say_one_help_prints_its_usage_and_says_nothing(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    for flag in ("--help", "-h"):
+        for url in (None, f"amqp://guest:guest@127.0.0.1:{free_port()}/"):  # the test's broker, then none
+            helped = run_to_end(spawn, "pikachat/say_one.py", flag, **({"url": url} if url else {}))
+            assert helped.popen.returncode == 0, helped.output
+            assert "python pikachat/say_one.py [TEXT...]" in helped.stdout, helped.output
+            assert helped.stderr == "" and "said" not in helped.stdout
+    run_say_one(spawn, "python pikachat/say_one.py after help")
+    receiver.wait_for("say_one: after help$", stream="stdout")
+    assert shown(receiver) == ["say_one: after help"]
+
+
 def test_without_a_name_the_sender_is_a_pokemon_with_a_number(spawn: Spawn) -> None:
     receiver = listen(spawn)
     sender = spawn("pikachat/send.py", stdin=True)
