@@ -789,6 +789,19 @@ def test_the_lesson_runs_as_the_page_shows(shell: Callable[..., Proc]) -> None:
     assert masked(misty.stdout_lines) == others
 
 
+def test_the_page_names_the_scripts_that_take_rabbit_host(spawn: Spawn) -> None:
+    page = " ".join(PAGE.split())
+    scripts = r"((?:`pikachat/\w+\.py`(?:, | and )?)+)"
+    takes = re.search(scripts + r" take the broker as an optional first argument, `RABBIT_HOST`", page)
+    assert takes, "the page names the scripts that take RABBIT_HOST"
+    named = set(re.findall(r"`pikachat/(\w+\.py)`", takes.group(1)))
+    for script in ("receive.py", "send.py", "chat.py", "say_one.py"):
+        usage = run_to_end(spawn, f"pikachat/{script}", "--help").stdout
+        assert ("RABBIT_HOST" in usage) == (script in named), (script, usage)
+    assert "`pikachat/say_one.py` takes no broker argument: every argument is the text to say" in page
+    assert "AMQP_URL" in run_to_end(spawn, "pikachat/say_one.py", "--help").stdout
+
+
 def test_a_line_nobody_hears_comes_back_as_the_page_shows(shell: Callable[..., Proc]) -> None:
     assert NOBODY_HEARS in PAGE
     sender = shell(doc_command(r"printf 'hello?\n' | python pikachat/send.py --name ash"))
