@@ -12,7 +12,10 @@ log (ready, lost broker, skipped messages) goes to stderr.
 
 Guarantee: at most once, in each sender's order, while it listens; nothing
 said before it started or while it was away (an exchange stores nothing). If
-the broker goes away, it says so and reconnects until stopped.
+the broker goes away, it says so and reconnects until stopped. If the exchange
+is deleted, our binding goes with it: the lines said until the next check binds
+us again (within 2 s) are lost, and it can say so only if it finds the exchange
+still gone, not if someone has declared it again meanwhile.
 
 It uses a BlockingConnection: start_consuming() runs the delivery callbacks
 on this thread, one at a time, and printing a line is quick.
@@ -23,6 +26,9 @@ What goes wrong, and what the code does (docs/pikachat.md has the whole table, w
     no broker at start           Listener.run: one line, exit 1
     the broker lost later        Listener.run: a WARNING; reconnect until stopped, with back-off
     our queue deleted            Listener._listen: the broker cancels us; subscribe again
+    the exchange deleted         Listener._check_binding binds us again every 2 s: if the exchange is
+                                 still gone, a WARNING, subscribe again; if it was declared again
+                                 meanwhile, we are bound anew without a word (nothing tells us)
     the exchange refused (406)   Listener.run: one line, exit 1
     Ctrl-C or SIGTERM            Listener.stop: stop consuming, close, exit 0
 """
@@ -88,6 +94,8 @@ def show(message: Message) -> None:
 
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
+# How often a listener checks that its queue is still bound: one queue.bind, well under a millisecond.
+CHECK_EVERY = 2.0
 
 
 class Listener:
@@ -143,11 +151,29 @@ class Listener:
         self._on_channel(channel)
         self._subscribed = True
         LOGGER.info("listening on exchange %r at %s", EXCHANGE, redact(self._url))
+        # RabbitMQ tells no consumer that the exchange its queue was bound to is deleted: check.
+        channel.connection.call_later(CHECK_EVERY, partial(self._check_binding, channel))
         # stop() may have come while we set up; its callback found no consumer.
         if not self._stopping.is_set():
-            channel.start_consuming()
+            try:
+                channel.start_consuming()  # runs _check_binding too, on this thread
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:  # NOT_FOUND: what _check_binding's queue_bind may hear
+                    raise
+                if not self._stopping.is_set():
+                    LOGGER.warning("our binding was deleted (%s); subscribing again", exc.reply_text)
+                return
         if not self._stopping.is_set():
             LOGGER.warning("the broker cancelled our subscription (queue deleted?); listening again")
+
+    def _check_binding(self, channel: BlockingChannel) -> None:
+        """Bind our queue again: a no-op if bound; 404 (to start_consuming) if the exchange is gone."""
+        if self._stopping.is_set() or not channel.consumer_tags:
+            return  # stopping, or cancelled: our queue is gone, or going
+        # "": the queue declared last on this channel, subscribe's. Binding again also mends a binding
+        # lost with an exchange that someone deleted and declared again since the last check.
+        channel.queue_bind("", EXCHANGE)
+        channel.connection.call_later(CHECK_EVERY, partial(self._check_binding, channel))
 
     def stop(self) -> None:
         """Make ``run()`` return soon; safe to call from any thread."""

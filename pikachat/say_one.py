@@ -1,4 +1,9 @@
-"""The simplest chat line: one message to everyone listening, confirmed. pikachat/send.py: each line typed."""
+"""The simplest chat line: one message to everyone listening, confirmed. pikachat/send.py: each line typed.
+
+    python pikachat/say_one.py [TEXT...]     # without TEXT: "Hello everyone!"
+
+The broker: AMQP_URL, else a local RabbitMQ (amqp://guest:guest@localhost:5672/%2F).
+"""
 
 import sys
 import time
@@ -14,6 +19,9 @@ TRANSIENT = pika.BasicProperties(content_type="application/json", delivery_mode=
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):  # asking how to use it, not saying "--help"
+        print(__doc__)
+        return 0
     text = " ".join(sys.argv[1:])[:MAX_TEXT] or "Hello everyone!"  # longer: receivers would cut it
     try:
         body = encode(Message("say", "say_one", uuid.uuid4().hex, text, time.time()))  # what receive.py reads

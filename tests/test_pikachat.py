@@ -23,6 +23,7 @@ from tests.conftest import (
     Spawn,
     assert_one_line_error,
     free_port,
+    rabbitmqctl,
     run_to_end,
     wait_until,
 )
@@ -150,6 +151,19 @@ def test_say_one_cuts_a_long_line_so_that_receivers_take_it(spawn: Spawn) -> Non
     assert sayer.wait(30) == 0, sayer.output
     receiver.wait_for("say_one: x+$", stream="stdout")
     assert shown(receiver) == ["say_one: " + "x" * 2000]
+
+
+def test_say_one_help_prints_its_usage_and_says_nothing(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    for flag in ("--help", "-h"):
+        for url in (None, f"amqp://guest:guest@127.0.0.1:{free_port()}/"):  # the test's broker, then none
+            helped = run_to_end(spawn, "pikachat/say_one.py", flag, **({"url": url} if url else {}))
+            assert helped.popen.returncode == 0, helped.output
+            assert "python pikachat/say_one.py [TEXT...]" in helped.stdout, helped.output
+            assert helped.stderr == "" and "said" not in helped.stdout
+    run_say_one(spawn, "python pikachat/say_one.py after help")
+    receiver.wait_for("say_one: after help$", stream="stdout")
+    assert shown(receiver) == ["say_one: after help"]
 
 
 def test_without_a_name_the_sender_is_a_pokemon_with_a_number(spawn: Spawn) -> None:
@@ -461,6 +475,79 @@ def test_an_exchange_deleted_mid_run_costs_one_line_and_the_sender_goes_on(
     assert shown(receiver) == ["ash: three"]
 
 
+RESUBSCRIBED = (
+    r"WARNING our binding was deleted \(NOT_FOUND - no exchange 'pikachat' in vhost .*\); subscribing again$"
+)
+
+
+def say_until_heard(spawn: Spawn, *listeners: Proc, timeout: float = 20) -> list[int]:
+    """Say "after 1", "after 2"... with say_one.py until every listener shows one; return the numbers said."""
+    said: list[int] = []
+
+    def heard() -> bool:
+        said.append(len(said) + 1)
+        sayer = run_to_end(spawn, "pikachat/say_one.py", f"after {said[-1]}")
+        assert sayer.popen.returncode == 0, sayer.output
+        return any(all(p.count(rf"say_one: after {n}$") for p in listeners) for n in said)
+
+    wait_until(heard, timeout, "every listener to hear a line said after the exchange was deleted")
+    for listener in listeners:
+        listener.wait_for(rf"say_one: after {said[-1]}$", stream="stdout")
+    return said
+
+
+def heard_from_then_on(proc: Proc, said: list[int], before: tuple[str, ...] = ()) -> None:
+    """After the lines ``before``: once the listener hears again, every line said after, once and in order."""
+    lines = shown(proc)
+    assert tuple(lines[: len(before)]) == before and len(lines) > len(before), proc.output
+    first = int(lines[len(before)].rpartition(" ")[2])
+    assert lines[len(before) :] == [f"say_one: after {n}" for n in said if n >= first], proc.output
+
+
+@pytest.mark.parametrize("script", ["pikachat/receive.py", "pikachat/chat.py"])
+def test_a_listener_whose_exchange_is_deleted_says_so_and_subscribes_again(
+    spawn: Spawn, amqp_url: str, script: str
+) -> None:
+    listener = chat(spawn, "misty") if script.endswith("chat.py") else listen(spawn)
+    delete_exchange(amqp_url)
+    # Nobody declares it again: the listener finds it gone, says so, and declares and binds anew.
+    listener.wait_for(RESUBSCRIBED, timeout=10, stream="stderr")
+    wait_until(lambda: listener.count(READY) == 2, 10, "the listener to listen again")
+    assert say_until_heard(spawn, listener) == [1], "listening again, it hears the first line said"
+    assert shown(listener) == ["say_one: after 1"]
+    assert listener.count("WARNING") == 1, listener.stderr
+    assert "Traceback" not in listener.output
+
+
+def test_a_receiver_whose_queue_is_deleted_subscribes_again(spawn: Spawn, vhost: str) -> None:
+    receiver = listen(spawn)
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name").split()
+    assert len(queues) == 1 and queues[0].startswith("amq.gen-"), queues
+    rabbitmqctl("delete_queue", "-p", vhost, queues[0])  # exclusive: no other connection may delete it
+    receiver.wait_for(r"WARNING the broker cancelled our subscription \(queue deleted\?\); listening again$")
+    wait_until(lambda: receiver.count(READY) == 2, 10, "the receiver to listen again")
+    assert say_until_heard(spawn, receiver) == [1]
+    assert receiver.count("WARNING") == 1, receiver.stderr
+    assert "Traceback" not in receiver.output
+
+
+def test_a_listener_hears_again_when_the_exchange_is_deleted_and_declared_again_at_once(
+    spawn: Spawn, amqp_url: str
+) -> None:
+    receiver = listen(spawn)
+    misty = chat(spawn, "misty")
+    receiver.wait_for(r"\* misty joined$")
+    delete_exchange(amqp_url)
+    # say_one.py declares the exchange again at once, without the listeners' bindings: each binds again
+    # at its next check, and says so only if it found the exchange still gone.
+    said = say_until_heard(spawn, receiver, misty)
+    heard_from_then_on(receiver, said, before=("* misty joined",))
+    heard_from_then_on(misty, said)
+    for proc in (receiver, misty):
+        assert proc.count(RESUBSCRIBED) <= 1, proc.stderr  # if it looked before say_one.py declared it
+        assert "Traceback" not in proc.output
+
+
 def blocked_sender(spawn: Spawn, script: str, url: str) -> Proc:
     """Start ``script`` as ash with an open stdin, and wait until a line of it is heard."""
     receiver = listen(spawn, url=url)
@@ -700,6 +787,19 @@ def test_the_lesson_runs_as_the_page_shows(shell: Callable[..., Proc]) -> None:
     # chat.py shows the same, less misty's own lines.
     others = [line for line in expected[1:] if not re.search(r"misty:|\* misty", line)]
     assert masked(misty.stdout_lines) == others
+
+
+def test_the_page_names_the_scripts_that_take_rabbit_host(spawn: Spawn) -> None:
+    page = " ".join(PAGE.split())
+    scripts = r"((?:`pikachat/\w+\.py`(?:, | and )?)+)"
+    takes = re.search(scripts + r" take the broker as an optional first argument, `RABBIT_HOST`", page)
+    assert takes, "the page names the scripts that take RABBIT_HOST"
+    named = set(re.findall(r"`pikachat/(\w+\.py)`", takes.group(1)))
+    for script in ("receive.py", "send.py", "chat.py", "say_one.py"):
+        usage = run_to_end(spawn, f"pikachat/{script}", "--help").stdout
+        assert ("RABBIT_HOST" in usage) == (script in named), (script, usage)
+    assert "`pikachat/say_one.py` takes no broker argument: every argument is the text to say" in page
+    assert "AMQP_URL" in run_to_end(spawn, "pikachat/say_one.py", "--help").stdout
 
 
 def test_a_line_nobody_hears_comes_back_as_the_page_shows(shell: Callable[..., Proc]) -> None:
