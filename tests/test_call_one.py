@@ -6,6 +6,7 @@ client.py and DistOp; errors are one line, exit status 1.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -62,7 +63,7 @@ def test_call_one_and_serve_one_run_as_the_page_shows(spawn: Spawn, amqp_url: st
     assert client.stdout_lines == ["[2, 3, 4]"]
     assert client.stderr_lines == []
     assert_shows("distop/call_one.py", client.stdout_lines)
-    server.wait_for("plusone on 3 items")
+    server.wait_for("'plusone' on 3 items")
     stop(server)
     assert server.stderr_lines == []
     assert_shows("distop/serve_one.py", server.stdout_lines)
@@ -120,6 +121,33 @@ def test_serve_one_rejects_a_chunk_whose_reply_to_is_not_a_reply_queue(spawn: Sp
     assert server.count(r"^rejected a malformed message \(\d+ bytes\): ") == 1, server.output
     wait_until(lambda: messages_ready(amqp_url, DEAD_LETTER_QUEUE) == 1, 10, "the chunk in distop.dead")
     stop(server)
+
+
+# A JSON escape for half a UTF-16 pair, text that UTF-8 cannot hold. orjson refuses it, but a number of 19
+# digits or more sends the body to the json module (distop/codec.py), which accepts it.
+LONE_SURROGATE_OP = b'{"op": "\\ud800", "chunk": [10000000000000000000], "params": {}}'
+
+
+@pytest.mark.parametrize("script", ["distop/serve_one.py", "distop/callee.py"])
+def test_servers_answer_hostile_chunks_and_keep_serving(spawn: Spawn, amqp_url: str, script: str) -> None:
+    server = start(spawn, script)
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.confirm_delivery()
+        props = pika.BasicProperties(reply_to=reply_queue, correlation_id="x:0")
+        channel.basic_publish("", WORK_QUEUE, LONE_SURROGATE_OP, props)
+        # A reply_to that is not UTF-8: pika hands it to the server as bytes, not str.
+        props = pika.BasicProperties(reply_to=b"amq.gen-\xff", correlation_id="x:1")
+        channel.basic_publish("", WORK_QUEUE, b'{"op": "plusone", "chunk": [1]}', props)
+        _method, reply_props, body = next(channel.consume(reply_queue, auto_ack=True, inactivity_timeout=15))
+    assert body is not None, f"no reply:\n{server.output}"
+    error = json.loads(body)["error"]
+    assert (reply_props.correlation_id, error["type"]) == ("x:0", "UnknownOpError")
+    assert error["message"].startswith("no op '\\ud800' here")
+    server.wait_for(r"rejected a malformed message .*reply_to b'amq\.gen-\\xff'")
+    assert call_one(spawn, "plusone", "1").stdout_lines == ["[2]"]
+    assert server.popen.poll() is None and "Traceback" not in server.output
 
 
 def test_call_one_without_a_server_gives_up_in_one_line(spawn: Spawn, amqp_url: str) -> None:
