@@ -11,6 +11,7 @@ sending unanswered chunks again; dead-lettered chunks coming back as PoisonChunk
 """
 
 import argparse
+import json
 import sys
 import uuid
 
@@ -75,7 +76,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
     args = parser.parse_args()
     try:
-        print(call(args.op, args.numbers, args.timeout))
+        # As JSON, like distop/client.py: the result comes from the network, and JSON escapes what a
+        # terminal would act on (and text that is not UTF-8).
+        print(json.dumps(call(args.op, args.numbers, args.timeout)))
     except (BrokerError, RemoteError, TimeoutError, ValueError, pika.exceptions.AMQPError) as exc:
         print(f"call_one: {exc}", file=sys.stderr)
         return 1

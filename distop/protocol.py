@@ -35,7 +35,7 @@ from typing import Any
 from pika.spec import BasicProperties
 
 from distop import codec
-from distop.errors import PoisonChunkError, RemoteError
+from distop.errors import PoisonChunkError, RemoteError, printable
 
 # Names that clients and servers must agree on.
 WORK_QUEUE = "distop.chunks"
@@ -149,7 +149,7 @@ def dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> Poiso
     if reason == "rejected":
         return PoisonChunkError(f"job {job_id}: a server rejected the chunk at index {start} as malformed")
     return PoisonChunkError(
-        f"job {job_id}: the chunk at index {start} was dead-lettered ({str(reason)[:80]})"
+        f"job {job_id}: the chunk at index {start} was dead-lettered ({printable(str(reason)[:80])})"
     )
 
 

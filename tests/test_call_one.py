@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import time
+from typing import Any
 
 import pika
 import pytest
@@ -123,6 +124,28 @@ def test_serve_one_rejects_a_chunk_whose_reply_to_is_not_a_reply_queue(spawn: Sp
     stop(server)
 
 
+def send_chunks(amqp_url: str, chunks: list[tuple[dict[str, Any], bytes]], replies: int) -> list[Any]:
+    """Publish chunks (properties, body), reply_to our own reply queue unless they say; return the replies.
+
+    Returns the properties and body of each reply, in order, once ``replies`` are in or none came for 15 s.
+    """
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.confirm_delivery()
+        for props, body in chunks:
+            channel.basic_publish(
+                "", WORK_QUEUE, body, pika.BasicProperties(**{"reply_to": reply_queue, **props})
+            )
+        received: list[Any] = []
+        for _method, props, body in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=15):
+            if props is not None:
+                received.append((props, body))
+            if props is None or len(received) == replies:
+                return received
+    return received
+
+
 # A JSON escape for half a UTF-16 pair, text that UTF-8 cannot hold. orjson refuses it, but a number of 19
 # digits or more sends the body to the json module (distop/codec.py), which accepts it.
 LONE_SURROGATE_OP = b'{"op": "\\ud800", "chunk": [10000000000000000000], "params": {}}'
@@ -131,23 +154,55 @@ LONE_SURROGATE_OP = b'{"op": "\\ud800", "chunk": [10000000000000000000], "params
 @pytest.mark.parametrize("script", ["distop/serve_one.py", "distop/callee.py"])
 def test_servers_answer_hostile_chunks_and_keep_serving(spawn: Spawn, amqp_url: str, script: str) -> None:
     server = start(spawn, script)
-    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-        channel = connection.channel()
-        reply_queue = channel.queue_declare("", exclusive=True).method.queue
-        channel.confirm_delivery()
-        props = pika.BasicProperties(reply_to=reply_queue, correlation_id="x:0")
-        channel.basic_publish("", WORK_QUEUE, LONE_SURROGATE_OP, props)
+    chunks = [
+        ({"correlation_id": "x:0"}, LONE_SURROGATE_OP),
         # A reply_to that is not UTF-8: pika hands it to the server as bytes, not str.
-        props = pika.BasicProperties(reply_to=b"amq.gen-\xff", correlation_id="x:1")
-        channel.basic_publish("", WORK_QUEUE, b'{"op": "plusone", "chunk": [1]}', props)
-        _method, reply_props, body = next(channel.consume(reply_queue, auto_ack=True, inactivity_timeout=15))
-    assert body is not None, f"no reply:\n{server.output}"
+        ({"correlation_id": "x:1", "reply_to": b"amq.gen-\xff"}, b'{"op": "plusone", "chunk": [1]}'),
+    ]
+    [(props, body)] = send_chunks(amqp_url, chunks, replies=1)
     error = json.loads(body)["error"]
-    assert (reply_props.correlation_id, error["type"]) == ("x:0", "UnknownOpError")
+    assert (props.correlation_id, error["type"]) == ("x:0", "UnknownOpError")
     assert error["message"].startswith("no op '\\ud800' here")
     server.wait_for(r"rejected a malformed message .*reply_to b'amq\.gen-\\xff'")
     assert call_one(spawn, "plusone", "1").stdout_lines == ["[2]"]
     assert server.popen.poll() is None and "Traceback" not in server.output
+
+
+# Text a hostile peer may put in a chunk or a reply, to forge a second line where it is shown.
+FORGED = "\x1b[31mRED\n05:00:00 INFO forged log line"
+
+
+@pytest.mark.parametrize(("script", "op"), [("distop/serve_one.py", "plusone"), ("distop/callee.py", "pow")])
+def test_servers_log_what_a_chunk_says_escaped(spawn: Spawn, amqp_url: str, script: str, op: str) -> None:
+    server = start(spawn, script)
+    chunks = [  # a forged id, a forged op name, a forged param name
+        ({"correlation_id": FORGED}, json.dumps({"op": op, "chunk": [1]}).encode()),
+        ({"correlation_id": "x:1"}, json.dumps({"op": FORGED, "chunk": [1]}).encode()),
+        ({"correlation_id": "x:2"}, json.dumps({"op": op, "chunk": [1], "params": {FORGED: 1}}).encode()),
+    ]
+    replies = send_chunks(amqp_url, chunks, replies=3)
+    assert [props.correlation_id for props, _body in replies] == [FORGED, "x:1", "x:2"], server.output
+    escaped = r"\\x1b\[31mRED\\n05:00:00 INFO forged log line"
+    wait_until(lambda: server.count(escaped) >= 2, 10, "the forged id and op name in the log, escaped")
+    assert not any(line.startswith("05:00:00") for line in server.stdout_lines + server.stderr_lines)
+    assert "\x1b" not in server.output
+
+
+def test_call_one_prints_a_hostile_result_escaped(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    client = spawn("distop/call_one.py", "--timeout", "15", "plusone", "1")  # no server: the test answers
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
+    (reply_queue,) = [name for name in queues.split() if name.startswith("amq.gen-")]
+    result = "\ud800" + FORGED  # with the 19 digits of n, the json module reads it (and orjson would not)
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        _method, props, _body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+        body = json.dumps({"result": result, "n": 10**19}).encode()
+        channel.basic_publish(
+            "", reply_queue, body, pika.BasicProperties(correlation_id=props.correlation_id)
+        )
+    assert client.wait() == 0, client.output
+    assert client.stdout_lines == [json.dumps(result)], client.output
 
 
 def test_call_one_without_a_server_gives_up_in_one_line(spawn: Spawn, amqp_url: str) -> None:

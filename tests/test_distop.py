@@ -580,6 +580,34 @@ def test_hostile_replies_are_dropped_and_nothing_is_published_again(
         assert op.get_result(job, timeout=15) == [1, 2, 3, 4]
 
 
+# Text a hostile peer may put in a reply, to forge a second line where the client shows the error.
+FORGED = "\x1b[31mRED\n05:00:00 INFO forged log line"
+
+
+@pytest.mark.parametrize("forged", ["error reply", "dead letter"])
+def test_the_client_shows_a_forged_error_escaped_in_one_line(
+    spawn: Spawn, amqp_url: str, forged: str
+) -> None:
+    client = spawn("distop/client.py", "--size", "1", "--chunks", "1", "--timeout", "15", "-q")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        _method, props, body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+        if forged == "error reply":
+            reply = json.dumps({"error": {"type": "Error", "message": FORGED, "host": "h"}}).encode()
+            channel.basic_publish(
+                "", props.reply_to, reply, pika.BasicProperties(correlation_id=props.correlation_id)
+            )
+        else:  # the chunk, as if the broker had dead-lettered it: the client's binding brings it back
+            headers = {**props.headers, "x-death": [{}], "x-first-death-reason": FORGED}
+            forged_props = pika.BasicProperties(correlation_id=props.correlation_id, headers=headers)
+            channel.basic_publish(DEAD_LETTER_EXCHANGE, "", body, forged_props)
+    assert client.wait() == 1, client.output
+    assert len(client.stderr_lines) == 1, client.stderr
+    assert r"\x1b[31mRED\n05:00:00 INFO forged log line" in client.stderr_lines[0]
+    assert "\x1b" not in client.output
+
+
 def test_an_unexpected_error_in_the_client_fails_its_jobs(
     spawn: Spawn, amqp_url: str, vhost: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
