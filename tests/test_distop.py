@@ -795,6 +795,17 @@ def test_chunks_published_to_a_deleted_queue_are_published_again(
         assert op.get_result(returned, timeout=15) == [1, 8, 27]
 
 
+def test_a_client_whose_reply_queue_is_deleted_starts_over(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    client = spawn("distop/client.py", "--size", "12", "--chunks", "3", "--timeout", "20")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 3, 15, "the chunks in the queue")
+    # The broker cancels the client's consumer; replies to the chunks already queued have nowhere to go.
+    rabbitmqctl("delete_queue", "-p", vhost, reply_queue_of(vhost))
+    start_server(spawn)
+    assert client.wait(30) == 0, client.output
+    assert client.stdout_lines == [json.dumps(list(range(12)))]
+    assert len(client.stderr_lines) == 1 and "cancelled our consumer" in client.stderr, client.stderr
+
+
 def test_a_client_whose_queue_is_declared_otherwise_raises_one_error(amqp_url: str) -> None:
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         connection.channel().queue_declare(WORK_QUEUE, durable=True)  # a classic queue, no delivery limit
