@@ -287,7 +287,7 @@ class DistOp:
     QUEUE: ClassVar[str] = WORK_QUEUE
 
     def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
-        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size)
+        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size, rabbit_host)
         self.group_size = group_size
         self._url = resolve(rabbit_host)
         parameters(self._url)  # a malformed URL fails here, not at the first call
@@ -338,9 +338,10 @@ class DistOp:
         """Block until every partial of the job is in; return ``gather(partials)``.
 
         ``job_id`` may be left out when exactly one job is pending (else
-        ValueError). ``progress(done, total)`` is called, in this thread, as
-        partials arrive. Raises TimeoutError once ``timeout`` seconds pass (the
-        job stays pending: you may wait again), RemoteError if a server's op
+        ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
+        ever; negative or NaN: ValueError. ``progress(done, total)`` is called,
+        in this thread, as partials arrive. Raises TimeoutError once
+        ``timeout`` seconds pass (the job stays pending: you may wait again), RemoteError if a server's op
         raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
         the broker was lost for good.
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import signal
 import socket
@@ -128,6 +129,8 @@ def test_group_size_larger_than_data(spawn: Spawn, amqp_url: str) -> None:
         ({"data": [1], "group_size": 1.5}, TypeError, "int"),
         ({"data": [object()]}, TypeError, "JSON"),
         ({"data": [1], "rabbit_host": "http://nowhere"}, BrokerError, "amqp://"),
+        ({"data": "abc"}, TypeError, "data must be a list, not str"),
+        ({"data": [1], "rabbit_host": 5672}, TypeError, "rabbit_host must be a str"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
@@ -146,6 +149,23 @@ def test_op_name_is_required() -> None:
 def test_params_must_be_json(amqp_url: str) -> None:
     with ListOp([1], rabbit_host=amqp_url) as op, pytest.raises(TypeError, match="JSON"):
         op.call(when=object())
+
+
+@pytest.mark.parametrize("timeout", [-1, math.nan])
+def test_get_result_refuses_a_negative_or_nan_timeout_at_once(amqp_url: str, timeout: float) -> None:
+    with ListOp([1], rabbit_host=amqp_url) as op:
+        job = op.call()  # no server: the job would wait
+        with pytest.raises(ValueError, match=f"timeout must be 0 or more seconds, not {timeout}"):
+            op.get_result(job, timeout=timeout)
+        assert op.pending() == [job]
+
+
+def test_an_infinite_or_huge_timeout_waits_for_the_result(spawn: Spawn, amqp_url: str) -> None:
+    with op_class("sleep")([1, 2], group_size=2, rabbit_host=amqp_url) as op:
+        first, second = op.call(seconds=0.5), op.call(seconds=0.5)
+        start_server(spawn)  # one server: the second job's chunks wait for the first's
+        assert op.get_result(first, timeout=math.inf) == [1, 2]  # math.inf: no timeout, as None
+        assert op.get_result(second, timeout=1e10) == [1, 2]  # longer than a lock may wait at once
 
 
 def test_concurrent_jobs_on_one_object(spawn: Spawn, amqp_url: str) -> None:
