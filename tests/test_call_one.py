@@ -220,8 +220,24 @@ def test_serve_one_says_in_one_line_that_the_broker_closed_its_connection(spawn:
     assert server.stderr_lines[0].startswith("serve_one: ") and "going away" in server.stderr
 
 
-@pytest.mark.parametrize("args", [("plusone",), ("plusone", "x"), ("--timeout", "soon", "plusone", "1")])
-def test_call_one_refuses_bad_arguments(spawn: Spawn, args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("plusone",),
+        ("plusone", "x"),
+        ("--timeout", "soon", "plusone", "1"),
+        ("plusone", "1", "--timeout", "-1"),
+        ("plusone", "1", "--timeout", "0"),
+        ("plusone", "1", "--timeout", "inf"),
+        ("plusone", "1", "--timeout", "nan"),
+        ("plusone", "nan"),  # JSON has no NaN or infinity
+        ("plusone", "inf"),
+        ("plusone", "1e999"),
+    ],
+)
+def test_call_one_refuses_bad_arguments(spawn: Spawn, amqp_url: str, args: tuple[str, ...]) -> None:
     proc = call_one(spawn, *args)
     assert proc.popen.returncode == 2, proc.output
     assert proc.stderr_lines[0].startswith("usage: ") and "error: " in proc.stderr_lines[-1]
+    assert "Traceback" not in proc.output
+    assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before it connected: nothing was sent
