@@ -11,6 +11,8 @@ sending unanswered chunks again; dead-lettered chunks coming back as PoisonChunk
 """
 
 import argparse
+import json
+import math
 import sys
 import uuid
 
@@ -18,6 +20,7 @@ import pika
 
 from distop import codec
 from distop.broker import BrokerError, connect, resolve
+from distop.cli import positive_float
 from distop.errors import RemoteError
 from distop.protocol import JSON, WORK_QUEUE, WORK_QUEUE_ARGUMENTS, decode_reply
 
@@ -65,17 +68,24 @@ def call(op: str, numbers: list[float], timeout: float) -> object:
 
 
 def number(text: str) -> float:
-    return int(text) if text.lstrip("-").isdigit() else float(text)
+    if text.lstrip("-").isdigit():
+        return int(text)  # exact
+    value = float(text)
+    if not math.isfinite(value):  # float() takes "nan", "inf" and 1e999; JSON has no such numbers
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("op", help="the op the servers run: plusone, pow, nop")
     parser.add_argument("numbers", nargs="+", type=number, help="the chunk: numbers")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
+    parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait (default: 30)")
     args = parser.parse_args()
     try:
-        print(call(args.op, args.numbers, args.timeout))
+        # As JSON, like distop/client.py: the result comes from the network, and JSON escapes what a
+        # terminal would act on (and text that is not UTF-8).
+        print(json.dumps(call(args.op, args.numbers, args.timeout)))
     except (BrokerError, RemoteError, TimeoutError, ValueError, pika.exceptions.AMQPError) as exc:
         print(f"call_one: {exc}", file=sys.stderr)
         return 1

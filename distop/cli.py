@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,27 +25,57 @@ def setup_logging(level: int = logging.WARNING) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
+# The most a count may be: --size 10**12 would ask for a list of 10**12 numbers, more memory than any machine
+# has. A million numbers make 7 MB of chunks, plenty for a demonstration.
+MAX_COUNT = 1_000_000
+
+
+def utf8(text: str) -> str:
+    """``text`` if it is UTF-8; the shell may pass bytes that are not, which Python holds as surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8: {text!r}") from None
+    return text
+
+
+def op_name(text: str) -> str:
+    """The name of an op: not empty, and UTF-8, as it must be in a JSON chunk."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return utf8(text)
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``esp=2`` -> ("esp", 2); values are JSON when they parse as JSON, else strings."""
-    name, sep, value = text.partition("=")
+    name, sep, value = utf8(text).partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
-        return name, json.loads(value)
-    except ValueError:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return name, value
+    try:
+        json.dumps(parsed, allow_nan=False)  # NaN and 1e999 (infinity) parse, but JSON cannot carry them
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: JSON cannot carry NaN or infinity") from None
+    return name, parsed
 
 
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value}")
     return value
 
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not math.isfinite(value):  # float() takes "inf" and "nan"
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 

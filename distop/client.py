@@ -21,7 +21,16 @@ import json
 import sys
 from typing import Any
 
-from distop.cli import RepliesBar, parse_param, parser_with_broker, positive, positive_float, setup_logging
+from distop.cli import (
+    MAX_COUNT,
+    RepliesBar,
+    op_name,
+    parse_param,
+    parser_with_broker,
+    positive,
+    positive_float,
+    setup_logging,
+)
 from distop.errors import DistOpError
 from distop.ops import DistOp
 
@@ -72,8 +81,10 @@ class ConcatOp(DistOp):
 
 def main() -> int:
     parser = parser_with_broker(__doc__.split("\n\n")[0])
-    parser.add_argument("--op", default="pow", help="the op to run (default: pow)")
-    parser.add_argument("--size", type=positive, default=30, help="data is range(SIZE) (default: 30)")
+    parser.add_argument("--op", type=op_name, default="pow", help="the op to run (default: pow)")
+    parser.add_argument(
+        "--size", type=positive, default=30, help=f"data is range(SIZE), up to {MAX_COUNT:,} (default: 30)"
+    )
     parser.add_argument(
         "--chunks", type=positive, default=3, help="number of chunks, one per server (default: 3)"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -167,12 +168,12 @@ class IOThread(threading.Thread):
     def start_over(self, why: str, pause: float) -> None:
         """Close the connection; after ``pause``, a new one publishes every chunk not yet answered.
 
-        For a nack, a return, or a channel the broker closed: the contract is to publish again what the
-        broker refused or dropped, and a new connection does that and more: it declares the work queue
-        again, and publishes the chunks whose replies went with the old reply queue too (duplicate replies
-        are ignored). A new channel, not the same one: on a RabbitMQ 3.10 cluster, a channel opened just
-        as a node died can keep pointing at the queue's dead leader and nack everything published on it
-        (fixed in 3.12.5); a new channel finds the new leader.
+        For a nack, a return, a channel the broker closed, or our consumer cancelled (our reply queue
+        deleted): the contract is to publish again what the broker refused or dropped, and a new connection
+        does that and more: it declares the work queue and a reply queue again, and publishes the chunks whose
+        replies went with the old reply queue too (duplicate replies are ignored). A new channel, not the same
+        one: on a RabbitMQ 3.10 cluster, a channel opened just as a node died can keep pointing at the queue's
+        dead leader and nack everything published on it (fixed in 3.12.5); a new channel finds the new leader.
         """
         connection = self._link.connection
         if self._start_over_in is not None or connection is None or not connection.is_open:
@@ -356,8 +357,13 @@ class Job:
         progress: Callable[[int, int], None] | None,
         op_name: str,
     ) -> None:
-        """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it.
+
+        ``timeout`` None or math.inf: no timeout. ValueError, before any wait, if negative or NaN.
+        """
+        if timeout is not None and not timeout >= 0:  # NaN is not >= 0 either
+            raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
+        deadline = None if timeout in (None, math.inf) else time.monotonic() + timeout
         self.watched = self.watched or progress is not None
         reported = -1
         while not self.done:
@@ -370,7 +376,8 @@ class Job:
                     f"job {self.id}: {len(self.partials)} of {len(self.requests)} partial results "
                     f"within {timeout} s (is a server serving {op_name!r}?)"
                 )
-            cond.wait(remaining)
+            # At most TIMEOUT_MAX at a time (about 292 years): a longer wait raises OverflowError.
+            cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
 
 
 def pending_job(jobs: dict[str, Job], job_id: str | None) -> Job:
@@ -384,11 +391,17 @@ def pending_job(jobs: dict[str, Job], job_id: str | None) -> Job:
         raise ValueError(f"no pending job {job_id!r}") from None
 
 
-def checked_data(op_name: str, class_name: str, data: list[Any], group_size: int) -> list[Any]:
+def checked_data(
+    op_name: str, class_name: str, data: list[Any], group_size: int, rabbit_host: str | None
+) -> list[Any]:
     """``data`` as a list, once DistOp's arguments are checked: TypeError or ValueError if wrong."""
     if not op_name:
         raise TypeError(f"{class_name} must set OP_NAME to the name of the server's op")
-    data = list(data)
+    if not isinstance(data, list):  # a str, say, would be cut into characters
+        raise TypeError(f"data must be a list, not {type(data).__name__}")
+    if rabbit_host is not None and not isinstance(rabbit_host, str):
+        raise TypeError(f"rabbit_host must be a str, a host name or URL, not {type(rabbit_host).__name__}")
+    data = list(data)  # our own copy
     if not data:
         raise ValueError("data must be a non-empty list")
     if isinstance(group_size, bool) or not isinstance(group_size, int):

@@ -26,13 +26,14 @@ SelectConnection on a thread of its own, not a BlockingConnection, so that call(
 replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
 why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
 (the interface); dead chunks brought back by a headers binding, a PoisonChunkError rather than a
-timeout (failures); starting over after a nack, a return or a lost connection (failures).
+timeout (failures); starting over after a nack, a return, a lost connection or a lost reply queue (failures).
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and published again until its
-result is in: after a nack, a lost connection, or a return. get_result() returns the partials gathered in
-order, or raises one error saying why not (an op raised, a poison chunk, the broker lost for a minute, the
-timeout). Limits: chunks waiting in a work queue deleted under us go out again only once a later chunk
-comes back, or on a reconnection; and a job dies with the process that called it.
+result is in: after a nack, a lost connection, a return, or the loss of our reply queue. get_result()
+returns the partials gathered in order, or raises one error saying why not (an op raised, a poison chunk,
+the broker lost for a minute, the timeout). Limits: chunks waiting in a work queue deleted under us go out
+again only once a later chunk comes back, or on a reconnection; and a job dies with the process that
+called it.
 
 The plumbing is in distop/client_plumbing.py: IOThread (the thread, reconnecting, starting over, giving
 up), JobBook (which chunks to publish, which job a reply is for), Unconfirmed (chunks by delivery tag).
@@ -106,6 +107,8 @@ class _ClientLink:
 
         a nack, a return, a channel closed     _on_nack, _on_returned, _on_channel_closed: start over after
                                                a growing pause (IOThread.start_over)
+        our reply queue deleted                _on_cancelled (the broker cancels our consumer): start over
+                                               the same way, on a new reply queue
         the connection lost                    _on_closed: reconnect; after a minute, the jobs fail
         a declaration refused (406)            _on_channel_closed: call() raises BrokerError
         our chunk dead-lettered                _on_reply: PoisonChunkError for its job
@@ -145,6 +148,7 @@ class _ClientLink:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)  # the broker refused a command
         channel.add_on_return_callback(self._on_returned)  # a mandatory chunk no queue took
+        channel.add_on_cancel_callback(self._on_cancelled)  # the broker cancelled our consumer of replies
         # No callback until the last declaration: the broker takes a channel's commands in order.
         # A headers exchange, declared alike by every server: where the work queue sends dead chunks.
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
@@ -243,6 +247,12 @@ class _ClientLink:
         # Its ack follows and means "dropped". Start over: the new connection declares the queue again.
         self.io.start_over(f"no queue {self._queue!r} took a chunk", self._unconfirmed.backoff())
 
+    def _on_cancelled(self, _frame: Method) -> None:
+        # The broker cancels a consumer whose queue is deleted: our reply queue is gone, and the replies
+        # in it. Start over: the new connection declares a new one and publishes every chunk not yet answered.
+        why = "the broker cancelled our consumer (was our reply queue deleted?)"
+        self.io.start_over(why, self._unconfirmed.backoff())
+
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         # The connection is gone, and with it its channels and our reply queue (the broker deletes it):
         # nothing of it may be used again. The next connection declares the queue and publishes everything.
@@ -277,7 +287,7 @@ class DistOp:
     QUEUE: ClassVar[str] = WORK_QUEUE
 
     def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
-        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size)
+        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size, rabbit_host)
         self.group_size = group_size
         self._url = resolve(rabbit_host)
         parameters(self._url)  # a malformed URL fails here, not at the first call
@@ -328,9 +338,10 @@ class DistOp:
         """Block until every partial of the job is in; return ``gather(partials)``.
 
         ``job_id`` may be left out when exactly one job is pending (else
-        ValueError). ``progress(done, total)`` is called, in this thread, as
-        partials arrive. Raises TimeoutError once ``timeout`` seconds pass (the
-        job stays pending: you may wait again), RemoteError if a server's op
+        ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
+        ever; negative or NaN: ValueError. ``progress(done, total)`` is called,
+        in this thread, as partials arrive. Raises TimeoutError once
+        ``timeout`` seconds pass (the job stays pending: you may wait again), RemoteError if a server's op
         raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
         the broker was lost for good.
         """

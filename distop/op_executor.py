@@ -86,6 +86,7 @@ class OpExecutor:
     What goes wrong, and what the code does (docs/distop.md has the whole table, with its tests):
 
       a malformed chunk            _on_chunk: rejected without requeue, so dead-lettered to distop.dead
+      hostile text in a chunk      _run_op: its id, op name and errors logged escaped (%r) and cut
       the op raises, or is unknown _run_op: the error is the reply; RemoteError at the client
       this server dies mid-chunk   not acked: the broker gives the chunk to another server
       a chunk that kills servers   the queue delivers it 5 times at most, then dead-letters it;
@@ -168,25 +169,29 @@ class OpExecutor:
     def _run_op(self, chunk: Chunk) -> bytes:
         """On the worker thread: run the op; return the encoded reply, its result or the error it raised."""
         request, chunk_id = chunk.request, chunk.props.correlation_id
+        # The id, the op name and what the op raised come from the network: logged with %r, cut, so that
+        # their control characters cannot forge or break a line.
         name = request["op"]
         if name not in self._ops:
             # An op this server does not have: the reply says so, a RemoteError at the client.
-            error = UnknownOpError(f"no op {name!r} here; this server offers: {', '.join(self._ops)}")
-            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            error = UnknownOpError(f"no op {name[:80]!r} here; this server offers: {', '.join(self._ops)}")
+            LOGGER.warning("chunk %.80r: %s", chunk_id, error)
             return self._error_reply(error)
         started = time.perf_counter()
         try:
             result = getattr(self, name)(request["chunk"], **request["params"])
         except BaseException as exc:  # the op raised (even SystemExit): the error is the reply
-            LOGGER.warning("chunk %s: %s raised %s: %s", chunk_id, name, type(exc).__name__, error_text(exc))
+            LOGGER.warning(
+                "chunk %.80r: %s raised %s: %.200r", chunk_id, name, type(exc).__name__, error_text(exc)
+            )
             return self._error_reply(exc)
         elapsed = time.perf_counter() - started
-        LOGGER.info("chunk %s: %s on %d items in %.3f s", chunk_id, name, len(request["chunk"]), elapsed)
+        LOGGER.info("chunk %.80r: %s on %d items in %.3f s", chunk_id, name, len(request["chunk"]), elapsed)
         try:
             return codec.dumps({"result": result})
         except (TypeError, ValueError, RecursionError) as exc:  # a result JSON cannot hold: an error reply
             error = TypeError(f"the result is not JSON-serialisable: {error_text(exc)}")
-            LOGGER.warning("chunk %s: %s", chunk_id, error)
+            LOGGER.warning("chunk %.80r: %s", chunk_id, error)
             return self._error_reply(error)
 
     def _reply_and_ack(self, chunk: Chunk, body: bytes) -> None:

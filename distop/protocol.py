@@ -35,7 +35,7 @@ from typing import Any
 from pika.spec import BasicProperties
 
 from distop import codec
-from distop.errors import PoisonChunkError, RemoteError
+from distop.errors import PoisonChunkError, RemoteError, printable
 
 # Names that clients and servers must agree on.
 WORK_QUEUE = "distop.chunks"
@@ -90,6 +90,8 @@ def parse_request(props: BasicProperties, body: bytes) -> dict[str, Any]:
     """Return the chunk request in ``body``; raise ValueError saying what is wrong."""
     if not props.reply_to:
         raise ValueError("no reply_to")
+    if not isinstance(props.reply_to, str):  # pika leaves a property that is not UTF-8 as bytes
+        raise ValueError(f"reply_to {props.reply_to[:80]!r} is not UTF-8")
     if not props.reply_to.startswith(REPLY_QUEUE_PREFIX) or props.reply_to == REPLY_QUEUE_PREFIX:
         # Only a queue the broker named for a client: a chunk must not make us
         # publish into someone else's queue. Names that start with "amq." are
@@ -147,7 +149,7 @@ def dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> Poiso
     if reason == "rejected":
         return PoisonChunkError(f"job {job_id}: a server rejected the chunk at index {start} as malformed")
     return PoisonChunkError(
-        f"job {job_id}: the chunk at index {start} was dead-lettered ({str(reason)[:80]})"
+        f"job {job_id}: the chunk at index {start} was dead-lettered ({printable(str(reason)[:80])})"
     )
 
 

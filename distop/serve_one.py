@@ -69,7 +69,8 @@ def on_chunk(channel: BlockingChannel, method: Basic.Deliver, props: BasicProper
         # Requeueing it would only bring it back: without requeue, the broker dead-letters it (distop.dead).
         channel.basic_reject(method.delivery_tag, requeue=False)
         return
-    print(f"chunk {props.correlation_id}: {request['op']} on {len(request['chunk'])} items")
+    # repr(), cut: the id and the op name come from the network; escaped, they cannot break or forge the line.
+    print(f"chunk {props.correlation_id[:80]!r}: {request['op'][:80]!r} on {len(request['chunk'])} items")
     # To the client's own queue, through the default exchange, quoting the chunk's correlation_id. No confirm:
     # a reply is lost only with the client's connection (its queue goes too); DistOp then resends the chunk.
     reply_props = BasicProperties(content_type=JSON, correlation_id=props.correlation_id)
@@ -82,7 +83,7 @@ def run_op(request: dict[str, Any]) -> bytes:
     """The reply to ``request``: {"result": ...}, or {"error": ...} as OpExecutor sends them."""
     try:
         if request["op"] not in OPS:
-            raise UnknownOpError(f"no op {request['op']!r} here; this server offers: {', '.join(OPS)}")
+            raise UnknownOpError(f"no op {request['op'][:80]!r} here; this server offers: {', '.join(OPS)}")
         return codec.dumps({"result": OPS[request["op"]](request["chunk"], **request["params"])})
     except Exception as exc:
         error = {"type": type(exc).__name__, "message": error_text(exc), "host": socket.gethostname()}

@@ -6,9 +6,11 @@ client.py and DistOp; errors are one line, exit status 1.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
+from typing import Any
 
 import pika
 import pytest
@@ -62,7 +64,7 @@ def test_call_one_and_serve_one_run_as_the_page_shows(spawn: Spawn, amqp_url: st
     assert client.stdout_lines == ["[2, 3, 4]"]
     assert client.stderr_lines == []
     assert_shows("distop/call_one.py", client.stdout_lines)
-    server.wait_for("plusone on 3 items")
+    server.wait_for("'plusone' on 3 items")
     stop(server)
     assert server.stderr_lines == []
     assert_shows("distop/serve_one.py", server.stdout_lines)
@@ -122,6 +124,87 @@ def test_serve_one_rejects_a_chunk_whose_reply_to_is_not_a_reply_queue(spawn: Sp
     stop(server)
 
 
+def send_chunks(amqp_url: str, chunks: list[tuple[dict[str, Any], bytes]], replies: int) -> list[Any]:
+    """Publish chunks (properties, body), reply_to our own reply queue unless they say; return the replies.
+
+    Returns the properties and body of each reply, in order, once ``replies`` are in or none came for 15 s.
+    """
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.confirm_delivery()
+        for props, body in chunks:
+            channel.basic_publish(
+                "", WORK_QUEUE, body, pika.BasicProperties(**{"reply_to": reply_queue, **props})
+            )
+        received: list[Any] = []
+        for _method, props, body in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=15):
+            if props is not None:
+                received.append((props, body))
+            if props is None or len(received) == replies:
+                return received
+    return received
+
+
+# A JSON escape for half a UTF-16 pair, text that UTF-8 cannot hold. orjson refuses it, but a number of 19
+# digits or more sends the body to the json module (distop/codec.py), which accepts it.
+LONE_SURROGATE_OP = b'{"op": "\\ud800", "chunk": [10000000000000000000], "params": {}}'
+
+
+@pytest.mark.parametrize("script", ["distop/serve_one.py", "distop/callee.py"])
+def test_servers_answer_hostile_chunks_and_keep_serving(spawn: Spawn, amqp_url: str, script: str) -> None:
+    server = start(spawn, script)
+    chunks = [
+        ({"correlation_id": "x:0"}, LONE_SURROGATE_OP),
+        # A reply_to that is not UTF-8: pika hands it to the server as bytes, not str.
+        ({"correlation_id": "x:1", "reply_to": b"amq.gen-\xff"}, b'{"op": "plusone", "chunk": [1]}'),
+    ]
+    [(props, body)] = send_chunks(amqp_url, chunks, replies=1)
+    error = json.loads(body)["error"]
+    assert (props.correlation_id, error["type"]) == ("x:0", "UnknownOpError")
+    assert error["message"].startswith("no op '\\ud800' here")
+    server.wait_for(r"rejected a malformed message .*reply_to b'amq\.gen-\\xff'")
+    assert call_one(spawn, "plusone", "1").stdout_lines == ["[2]"]
+    assert server.popen.poll() is None and "Traceback" not in server.output
+
+
+# Text a hostile peer may put in a chunk or a reply, to forge a second line where it is shown.
+FORGED = "\x1b[31mRED\n05:00:00 INFO forged log line"
+
+
+@pytest.mark.parametrize(("script", "op"), [("distop/serve_one.py", "plusone"), ("distop/callee.py", "pow")])
+def test_servers_log_what_a_chunk_says_escaped(spawn: Spawn, amqp_url: str, script: str, op: str) -> None:
+    server = start(spawn, script)
+    chunks = [  # a forged id, a forged op name, a forged param name
+        ({"correlation_id": FORGED}, json.dumps({"op": op, "chunk": [1]}).encode()),
+        ({"correlation_id": "x:1"}, json.dumps({"op": FORGED, "chunk": [1]}).encode()),
+        ({"correlation_id": "x:2"}, json.dumps({"op": op, "chunk": [1], "params": {FORGED: 1}}).encode()),
+    ]
+    replies = send_chunks(amqp_url, chunks, replies=3)
+    assert [props.correlation_id for props, _body in replies] == [FORGED, "x:1", "x:2"], server.output
+    escaped = r"\\x1b\[31mRED\\n05:00:00 INFO forged log line"
+    wait_until(lambda: server.count(escaped) >= 2, 10, "the forged id and op name in the log, escaped")
+    assert not any(line.startswith("05:00:00") for line in server.stdout_lines + server.stderr_lines)
+    assert "\x1b" not in server.output
+
+
+def test_call_one_prints_a_hostile_result_escaped(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    client = spawn("distop/call_one.py", "--timeout", "15", "plusone", "1")  # no server: the test answers
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
+    (reply_queue,) = [name for name in queues.split() if name.startswith("amq.gen-")]
+    result = "\ud800" + FORGED  # with the 19 digits of n, the json module reads it (and orjson would not)
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        _method, props, _body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+        body = json.dumps({"result": result, "n": 10**19}).encode()
+        channel.basic_publish(
+            "", reply_queue, body, pika.BasicProperties(correlation_id=props.correlation_id)
+        )
+    assert client.wait() == 0, client.output
+    assert client.stdout_lines == [json.dumps(result)], client.output
+
+
 def test_call_one_without_a_server_gives_up_in_one_line(spawn: Spawn, amqp_url: str) -> None:
     started = time.monotonic()
     assert_fails_in_one_line(call_one(spawn, "--timeout", "1", "plusone", "1"), NO_SERVER)
@@ -137,8 +220,24 @@ def test_serve_one_says_in_one_line_that_the_broker_closed_its_connection(spawn:
     assert server.stderr_lines[0].startswith("serve_one: ") and "going away" in server.stderr
 
 
-@pytest.mark.parametrize("args", [("plusone",), ("plusone", "x"), ("--timeout", "soon", "plusone", "1")])
-def test_call_one_refuses_bad_arguments(spawn: Spawn, args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("plusone",),
+        ("plusone", "x"),
+        ("--timeout", "soon", "plusone", "1"),
+        ("plusone", "1", "--timeout", "-1"),
+        ("plusone", "1", "--timeout", "0"),
+        ("plusone", "1", "--timeout", "inf"),
+        ("plusone", "1", "--timeout", "nan"),
+        ("plusone", "nan"),  # JSON has no NaN or infinity
+        ("plusone", "inf"),
+        ("plusone", "1e999"),
+    ],
+)
+def test_call_one_refuses_bad_arguments(spawn: Spawn, amqp_url: str, args: tuple[str, ...]) -> None:
     proc = call_one(spawn, *args)
     assert proc.popen.returncode == 2, proc.output
     assert proc.stderr_lines[0].startswith("usage: ") and "error: " in proc.stderr_lines[-1]
+    assert "Traceback" not in proc.output
+    assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before it connected: nothing was sent

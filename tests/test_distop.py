@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import signal
 import socket
@@ -128,6 +129,8 @@ def test_group_size_larger_than_data(spawn: Spawn, amqp_url: str) -> None:
         ({"data": [1], "group_size": 1.5}, TypeError, "int"),
         ({"data": [object()]}, TypeError, "JSON"),
         ({"data": [1], "rabbit_host": "http://nowhere"}, BrokerError, "amqp://"),
+        ({"data": "abc"}, TypeError, "data must be a list, not str"),
+        ({"data": [1], "rabbit_host": 5672}, TypeError, "rabbit_host must be a str"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
@@ -146,6 +149,23 @@ def test_op_name_is_required() -> None:
 def test_params_must_be_json(amqp_url: str) -> None:
     with ListOp([1], rabbit_host=amqp_url) as op, pytest.raises(TypeError, match="JSON"):
         op.call(when=object())
+
+
+@pytest.mark.parametrize("timeout", [-1, math.nan])
+def test_get_result_refuses_a_negative_or_nan_timeout_at_once(amqp_url: str, timeout: float) -> None:
+    with ListOp([1], rabbit_host=amqp_url) as op:
+        job = op.call()  # no server: the job would wait
+        with pytest.raises(ValueError, match=f"timeout must be 0 or more seconds, not {timeout}"):
+            op.get_result(job, timeout=timeout)
+        assert op.pending() == [job]
+
+
+def test_an_infinite_or_huge_timeout_waits_for_the_result(spawn: Spawn, amqp_url: str) -> None:
+    with op_class("sleep")([1, 2], group_size=2, rabbit_host=amqp_url) as op:
+        first, second = op.call(seconds=0.5), op.call(seconds=0.5)
+        start_server(spawn)  # one server: the second job's chunks wait for the first's
+        assert op.get_result(first, timeout=math.inf) == [1, 2]  # math.inf: no timeout, as None
+        assert op.get_result(second, timeout=1e10) == [1, 2]  # longer than a lock may wait at once
 
 
 def test_concurrent_jobs_on_one_object(spawn: Spawn, amqp_url: str) -> None:
@@ -580,6 +600,34 @@ def test_hostile_replies_are_dropped_and_nothing_is_published_again(
         assert op.get_result(job, timeout=15) == [1, 2, 3, 4]
 
 
+# Text a hostile peer may put in a reply, to forge a second line where the client shows the error.
+FORGED = "\x1b[31mRED\n05:00:00 INFO forged log line"
+
+
+@pytest.mark.parametrize("forged", ["error reply", "dead letter"])
+def test_the_client_shows_a_forged_error_escaped_in_one_line(
+    spawn: Spawn, amqp_url: str, forged: str
+) -> None:
+    client = spawn("distop/client.py", "--size", "1", "--chunks", "1", "--timeout", "15", "-q")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        _method, props, body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+        if forged == "error reply":
+            reply = json.dumps({"error": {"type": "Error", "message": FORGED, "host": "h"}}).encode()
+            channel.basic_publish(
+                "", props.reply_to, reply, pika.BasicProperties(correlation_id=props.correlation_id)
+            )
+        else:  # the chunk, as if the broker had dead-lettered it: the client's binding brings it back
+            headers = {**props.headers, "x-death": [{}], "x-first-death-reason": FORGED}
+            forged_props = pika.BasicProperties(correlation_id=props.correlation_id, headers=headers)
+            channel.basic_publish(DEAD_LETTER_EXCHANGE, "", body, forged_props)
+    assert client.wait() == 1, client.output
+    assert len(client.stderr_lines) == 1, client.stderr
+    assert r"\x1b[31mRED\n05:00:00 INFO forged log line" in client.stderr_lines[0]
+    assert "\x1b" not in client.output
+
+
 def test_an_unexpected_error_in_the_client_fails_its_jobs(
     spawn: Spawn, amqp_url: str, vhost: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -765,6 +813,17 @@ def test_chunks_published_to_a_deleted_queue_are_published_again(
         start_server(spawn)
         assert op.get_result(waited, timeout=15) == [1, 4, 9]
         assert op.get_result(returned, timeout=15) == [1, 8, 27]
+
+
+def test_a_client_whose_reply_queue_is_deleted_starts_over(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    client = spawn("distop/client.py", "--size", "12", "--chunks", "3", "--timeout", "20")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 3, 15, "the chunks in the queue")
+    # The broker cancels the client's consumer; replies to the chunks already queued have nowhere to go.
+    rabbitmqctl("delete_queue", "-p", vhost, reply_queue_of(vhost))
+    start_server(spawn)
+    assert client.wait(30) == 0, client.output
+    assert client.stdout_lines == [json.dumps(list(range(12)))]
+    assert len(client.stderr_lines) == 1 and "cancelled our consumer" in client.stderr, client.stderr
 
 
 def test_a_client_whose_queue_is_declared_otherwise_raises_one_error(amqp_url: str) -> None:

@@ -54,6 +54,18 @@ BAD_ARGUMENTS: list[tuple[str, tuple[str, ...], str]] = [
     ("distop/client.py", ("--param", "esp"), "expected NAME=VALUE"),
     ("distop/client.py", ("--timeout", "-1"), "must be more than 0"),
     ("distop/client.py", ("--nope",), "unrecognized arguments: --nope"),
+    ("distop/client.py", ("--timeout", "inf"), "must be a finite number"),
+    ("distop/client.py", ("--timeout", "nan"), "must be a finite number"),
+    ("distop/client.py", ("--op=",), "argument --op: must not be empty"),
+    (
+        "distop/client.py",
+        ("--op", "caf\udcff"),
+        "argument --op: not UTF-8",
+    ),  # the byte 0xff, as Python holds it
+    ("distop/client.py", ("--param", "esp=NaN"), "JSON cannot carry NaN or infinity"),
+    ("distop/client.py", ("--param", "esp=1e999"), "JSON cannot carry NaN or infinity"),
+    ("distop/client.py", ("--param", "esp=caf\udcff"), "not UTF-8"),
+    ("distop/client.py", ("--size", "1000000000000"), "must be at most 1,000,000"),
     ("distop/caller.py", ("rabbit", "extra"), "unrecognized arguments: extra"),
     ("distop/caller.py", ("--nope",), "unrecognized arguments: --nope"),
     ("distop/call_one.py", ("plusone", "x"), "invalid number value: 'x'"),
