@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -397,7 +397,8 @@ def checked_data(
     """``data`` as a list, once DistOp's arguments are checked: TypeError or ValueError if wrong."""
     if not op_name:
         raise TypeError(f"{class_name} must set OP_NAME to the name of the server's op")
-    if not isinstance(data, list):  # a str, say, would be cut into characters
+    # A list (or a tuple, a range); not a str, which would be cut into characters, nor a set, in no order.
+    if isinstance(data, str | bytes | bytearray) or not isinstance(data, Sequence):
         raise TypeError(f"data must be a list, not {type(data).__name__}")
     if rabbit_host is not None and not isinstance(rabbit_host, str):
         raise TypeError(f"rabbit_host must be a str, a host name or URL, not {type(rabbit_host).__name__}")

@@ -130,12 +130,18 @@ def test_group_size_larger_than_data(spawn: Spawn, amqp_url: str) -> None:
         ({"data": [object()]}, TypeError, "JSON"),
         ({"data": [1], "rabbit_host": "http://nowhere"}, BrokerError, "amqp://"),
         ({"data": "abc"}, TypeError, "data must be a list, not str"),
+        ({"data": {1, 2}}, TypeError, "data must be a list, not set"),
         ({"data": [1], "rabbit_host": 5672}, TypeError, "rabbit_host must be a str"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
     with pytest.raises(error, match=text):
         ListOp(**kwargs)
+
+
+@pytest.mark.parametrize("data", [[0, 1, 2], (0, 1, 2), range(3)], ids=["list", "tuple", "range"])
+def test_data_may_be_any_sequence(data: Any) -> None:
+    assert ListOp(data, group_size=2).data == [0, 1, 2]  # nothing connects before call()
 
 
 def test_op_name_is_required() -> None:
