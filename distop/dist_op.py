@@ -341,9 +341,9 @@ class DistOp:
         ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
         ever; negative or NaN: ValueError. ``progress(done, total)`` is called,
         in this thread, as partials arrive. Raises TimeoutError once
-        ``timeout`` seconds pass (the job stays pending: you may wait again), RemoteError if a server's op
-        raised, PoisonChunkError if a chunk was dead-lettered, BrokerError if
-        the broker was lost for good.
+        ``timeout`` seconds pass (the job stays pending: you may wait again),
+        RemoteError if a server's op raised, PoisonChunkError if a chunk was
+        dead-lettered, BrokerError if the broker was lost for good.
         """
         with self._cond:
             job = pending_job(self._jobs, job_id)
