@@ -548,13 +548,20 @@ def test_a_listener_hears_again_when_the_exchange_is_deleted_and_declared_again_
         assert "Traceback" not in proc.output
 
 
-def blocked_sender(spawn: Spawn, script: str, url: str) -> Proc:
-    """Start ``script`` as ash with an open stdin, and wait until a line of it is heard."""
+def blocked_sender(spawn: Spawn, script: str, url: str, *, receiver_stays: bool = True) -> Proc:
+    """Start ``script`` as ash with an open stdin, and wait until a line of it is heard.
+
+    ``receiver_stays=False``: the receiver that heard it is then stopped, so that no listener declares
+    the exchange again (each checks its binding every 2 s) behind a test that deletes it.
+    """
     receiver = listen(spawn, url=url)
     proc = spawn(script, "--name", "ash", url=url, stdin=True)
     proc.wait_for(r"(sending to exchange|joined) 'pikachat'", stream="stderr")
     proc.send("one")
     receiver.wait_for(r"ash: one$")
+    if not receiver_stays:
+        receiver.signal(signal.SIGTERM)
+        assert receiver.wait() == 0, receiver.output
     return proc
 
 
@@ -690,7 +697,7 @@ def test_a_channel_closed_under_a_blocked_line_costs_one_line(
     spawn: Spawn, broker_node: BrokerNode, node_vhost: str
 ) -> None:
     url = broker_node.url(node_vhost)
-    sender = blocked_sender(spawn, "pikachat/send.py", url)
+    sender = blocked_sender(spawn, "pikachat/send.py", url, receiver_stays=False)
     with memory_alarm(broker_node):
         sender.send("two")
         sender.wait_for(BLOCKED.format(60), timeout=5, stream="stderr")
