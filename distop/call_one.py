@@ -31,6 +31,7 @@ def call(op: str, numbers: list[float], timeout: float) -> object:
         channel = connection.channel()
         channel.confirm_delivery()  # basic_publish now returns once the broker has the chunk safe
         # Declared exactly as the servers declare it (or the broker refuses): the first to come creates it.
+        # Its dead-letter exchange and queue (distop.dead) we leave to the servers, which reject chunks.
         channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
         # Our reply queue: exclusive, named by the broker ("amq.gen-..."), deleted with this connection.
         # Declared before we publish, so that the reply has somewhere to wait, however fast it comes.

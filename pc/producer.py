@@ -84,6 +84,30 @@ class Publisher:
 
     # The story: send_many.py's, in the same order ------------------------------------
 
+    def run(self) -> None:
+        """Connect and publish until every body is confirmed; after a lost connection or a nack, again.
+
+        send_many.py's run() connects once; this one is a loop, for what goes wrong (below).
+        """
+        while self.confirmed < len(self.bodies):
+            self.connect()
+            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
+            self.connection.add_on_connection_blocked_callback(self.on_blocked)
+            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
+            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py, for RabbitMQ 3.10)
+            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
+            # sends and calls the story's methods, until one of them stops it.
+            self.connection.ioloop.start()
+            if self.failure is not None:
+                raise self.failure
+            if self.unconfirmed:
+                # No confirm will come for these now: they may or may not be in pc. Publish them again,
+                # first, in order: a consumer may see one twice, but never misses one.
+                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
+            if self.confirmed < len(self.bodies):
+                self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
+            self.unconfirmed.clear()
+
     def connect(self) -> None:
         # A SelectConnection's calls return at once; pika calls the methods below as the broker answers.
         self.connection = pika.SelectConnection(
@@ -152,27 +176,6 @@ class Publisher:
             self.publish()  # room in the window: send the next ones
 
     # What goes wrong, and what the code does ----------------------------------------
-
-    def run(self) -> None:
-        """Connect and publish until every body is confirmed; after a lost connection or a nack, again."""
-        while self.confirmed < len(self.bodies):
-            self.connect()
-            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
-            self.connection.add_on_connection_blocked_callback(self.on_blocked)
-            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
-            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py, for RabbitMQ 3.10)
-            # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
-            # sends and calls the story's methods, until one of them stops it.
-            self.connection.ioloop.start()
-            if self.failure is not None:
-                raise self.failure
-            if self.unconfirmed:
-                # No confirm will come for these now: they may or may not be in pc. Publish them again,
-                # first, in order: a consumer may see one twice, but never misses one.
-                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
-            if self.confirmed < len(self.bodies):
-                self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
-            self.unconfirmed.clear()
 
     def on_nack(self, refused: int) -> None:
         # The broker did not take them (a queue at its length limit, an internal error). The contract is
