@@ -128,7 +128,7 @@ class _ClientLink:
         self.io = IOThread(url, self, jobs)  # the thread that runs pika's loop; calls connect()
 
     def connect(self, node: pika.ConnectionParameters) -> None:
-        # A pika.SelectConnection that fails the jobs if one of our callbacks has a bug.
+        # pika 1.4: a SelectConnection that fails the jobs if one of our callbacks has a bug (no hook for it).
         self.connection = GuardedSelectConnection(
             node,  # a cluster's nodes in turn
             on_bug=self.io.bug,

@@ -10,8 +10,8 @@ Guarantee: exit status 0 means the broker has taken every message into ``pc``, p
 (publisher confirms). After a lost connection or a nack the unconfirmed ones are published again: a
 consumer may see one twice, never miss one. Anything else ends in one line and exit status 1.
 
-Read pc/send_many.py first. ``Publisher`` is its ``SendMany``, method for method: the story comes first
-below, and makes only pika calls. Then, in a section of its own, what goes wrong, and what the code does
+Read pc/send_many.py first. ``Publisher`` tells its ``SendMany``'s story, in the same order: it comes
+first below, and makes only pika calls. Then, in a section of its own, what goes wrong, and what the code does
 (docs/pc.md has the whole table, with its tests):
 
     a lost connection       on_closed, then run: a new connection publishes every unconfirmed message again
@@ -94,7 +94,7 @@ class Publisher:
             # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
             self.connection.add_on_connection_blocked_callback(self.on_blocked)
             self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
-            Watchdog(self.connection, self)  # no wait lasts for ever (pc/watchdog.py, for RabbitMQ 3.10)
+            Watchdog(self.connection, self)  # RabbitMQ 3.10: so that no wait lasts for ever (pc/watchdog.py)
             # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
             # sends and calls the story's methods, until one of them stops it.
             self.connection.ioloop.start()
@@ -139,7 +139,7 @@ class Publisher:
         )
 
     def on_declared(self, _frame: Method) -> None:
-        # This example's choice, not a RabbitMQ rule: a pc deleted while we are away took the messages
+        # Our choice, not a RabbitMQ rule: a pc deleted while we are away took the messages
         # it had confirmed with it; declared again, it would come back empty, and we would exit 0 all
         # the same. Passive, the broker answers 404 instead (on_channel_closed): exit 1.
         self.passive = True
@@ -179,8 +179,9 @@ class Publisher:
 
     def on_nack(self, refused: int) -> None:
         # The broker did not take them (a queue at its length limit, an internal error). The contract is
-        # to publish them again: we start over, as after a lost connection (run). On a new connection,
-        # not this channel: a RabbitMQ 3.10 cluster can leave a channel nacking everything (Recovery.on_nack).
+        # to publish them again: we start over, as after a lost connection (run).
+        # RabbitMQ 3.10: on a new connection, not this channel; a 3.10 cluster can leave a channel nacking
+        # everything (Recovery.on_nack).
         if self.recovery.on_nack(refused, self.confirmed):  # logs, and sets the pause
             self.connection.close()  # then on_closed, and run() starts over
         else:  # nacks and nothing else for NACKS_FOR seconds

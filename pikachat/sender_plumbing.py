@@ -221,7 +221,7 @@ def watch_blocked(
     """Call ``on_blocked(reason)`` as soon as the broker blocks ``connection``, ``on_unblocked()`` when it
     lets go; return the connection's blocked_connection_timeout in seconds (0 if none).
     """
-    # pika's private _impl, the connection inside the BlockingConnection: the public callbacks run
+    # pika 1.4: its private _impl, the connection inside the BlockingConnection: the public callbacks run
     # only once the blocked publish has returned, too late to say so; pika offers no other way.
     impl = connection._impl
 
