@@ -230,7 +230,8 @@ class JobBook:
     def take_new(self) -> None:
         with self.cond:
             for job_id in self._new:
-                self._outbox.extend((job_id, start) for start in self.jobs[job_id].requests)
+                if job_id in self.jobs:  # not cancelled or collected since call() filed it
+                    self._outbox.extend((job_id, start) for start in self.jobs[job_id].requests)
             self._new.clear()
 
     def refill_outbox_with_unanswered_chunks(self) -> None:

@@ -292,6 +292,7 @@ class DistOp:
         self._url = resolve(rabbit_host)
         parameters(self._url)  # a malformed URL fails here, not at the first call
         self._cond = threading.Condition()  # guards _jobs; notified when a job changes
+        self._connecting = threading.Lock()  # one call() at a time makes the connection
         self._jobs: dict[str, Job] = {}
         self._link: _ClientLink | None = None
 
@@ -321,12 +322,13 @@ class DistOp:
             start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
             for start, chunk in split(self.data, self.group_size)
         }
-        if self._link is None or self._link.io.failed:
-            self._link = None
-            link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
-            link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
-            self._link = link
-        self._link.submit(Job(job_id, requests))  # the I/O thread publishes its chunks (_ClientLink._publish)
+        with self._connecting:  # threads that call() at once share one connection
+            if self._link is None or self._link.io.failed:
+                self._link = None
+                link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
+                link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
+                self._link = link
+            self._link.submit(Job(job_id, requests))  # the I/O thread publishes them (_ClientLink._publish)
         return job_id
 
     def get_result(
@@ -380,9 +382,10 @@ class DistOp:
 
         The object stays usable: the next ``call()`` connects again.
         """
-        if self._link is not None:
-            self._link.io.close()
-            self._link = None
+        with self._connecting:
+            if self._link is not None:
+                self._link.io.close()
+                self._link = None
         with self._cond:
             for job in self._jobs.values():
                 job.fail(DistOpError(f"job {job.id}: the client was closed before the job completed"))

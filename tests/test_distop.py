@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -839,3 +840,27 @@ def test_a_client_whose_queue_is_declared_otherwise_raises_one_error(amqp_url: s
         with pytest.raises(BrokerError, match=f"delete it with 'rabbitmqctl delete_queue {WORK_QUEUE}'"):
             op.call()
         assert op.pending() == []
+
+
+def test_cancelling_a_job_just_called_leaves_the_others_alone(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    with op_class("pow")(list(range(10)), group_size=2, rabbit_host=amqp_url) as op:
+        squares = op.call(esp=2)
+        cubes = op.call(esp=3)
+        op.cancel(cubes)  # before the I/O thread has taken its chunks, most likely
+        assert op.get_result(squares, timeout=30) == [x**2 for x in range(10)]
+        assert op.pending() == []
+
+
+def test_threads_that_call_at_once_share_one_connection(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    before = set(threading.enumerate())  # an earlier test's client in this process is not ours
+    op = op_class("pow")(list(range(10)), group_size=2, rabbit_host=amqp_url)
+    with op, ThreadPoolExecutor(8) as pool:
+        jobs = list(pool.map(lambda esp: op.call(esp=esp), range(8)))
+        links = [t for t in set(threading.enumerate()) - before if t.name == "distop-client"]
+        assert len(links) == 1, links
+        assert [op.get_result(job, timeout=30) for job in jobs] == [
+            [x**e for x in range(10)] for e in range(8)
+        ]
+    wait_until(lambda: not links[0].is_alive(), 10, "the client's I/O thread to end with close()")
