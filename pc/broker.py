@@ -27,7 +27,9 @@ START_HINT = (
     "start one with 'rabbitmq-server -detached' or 'docker run -d --name some-rabbit -p 5672:5672 rabbitmq:3'"
 )
 HOST = r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"  # host, host:port, [ipv6] or [ipv6]:port
-NEXT_ADDRESS = re.compile(rf",(?=amqps?://|{HOST}(?:,|$))")  # not a comma in a password or ssl_options
+# A comma that starts the next address: not one in ssl_options, nor in a password (an "@" follows it
+# before any "/").
+NEXT_ADDRESS = re.compile(rf",(?=amqps?://|{HOST}(?:,|$))(?![^/]*@)")
 REASONS = [  # why a connection failed: the first that matches
     (amqp.ProbableAuthenticationError, "login refused: check the user name and password"),
     (amqp.ProbableAccessDeniedError, "access refused: does the virtual host exist, may this user use it?"),

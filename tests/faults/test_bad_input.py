@@ -167,6 +167,7 @@ HARD_PASSWORDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("ssl_options unclosed", "amqps://alice:pw55@localhost/%2F?ssl_options={'bad':", ("pw55",)),
     ("ssl_options no file", "amqps://alice:pw55@localhost/%2F?ssl_options={'ca_certs':'/none'}", ("pw55",)),
     ("second address", "amqp://guest:guest@127.0.0.1:{closed}/%2F,amqp://bob:99/88@rabbit/", ("99", "88")),
+    ("commas", "amqp://alice:Pw1,h2,Sec9@127.0.0.1:{closed}/%2F", ("Pw1", "Sec9")),
 ]
 COMMANDS = {script: (script, *args) for script, args in SCRIPTS.items()}
 COMMANDS.update(
