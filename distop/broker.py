@@ -15,10 +15,12 @@ import os
 import re
 import socket
 import ssl
+import struct
 import sys
 import urllib.parse
 
 import pika
+import pika.data
 from pika import exceptions as amqp
 from pika.adapters.utils import connection_workflow as workflow
 
@@ -44,6 +46,29 @@ except ImportError:
 
     class BrokerError(Exception):  # type: ignore[no-redef]
         """The broker is unreachable, refused us, or its address is invalid; safe to print."""
+
+
+def _decode_far_timestamps() -> None:
+    """pika 1.4: decode a header timestamp past the year 9999 as its number of seconds.
+
+    Any publisher may write one, and pika's decoder raises on it: pika then drops the whole connection,
+    every unacked message goes back to the queue with the bad one, and comes back again, until the delivery
+    limit dead-letters them all. Decoded as a number, the message is handled like any other.
+    """
+    decode = pika.data.decode_value
+
+    def decode_value(encoded: bytes, offset: int) -> tuple[object, int]:
+        try:
+            return decode(encoded, offset)
+        except (OverflowError, OSError, ValueError):  # datetime cannot hold it
+            if encoded[offset : offset + 1] != b"T":  # offset is at the value's type letter
+                raise
+            return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
+
+    pika.data.decode_value = decode_value  # pika's tables call it by this name, nested ones too
+
+
+_decode_far_timestamps()
 
 
 def resolve(rabbit_host: str | None = None) -> str:

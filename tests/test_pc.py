@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -575,3 +576,37 @@ def test_amqp_url_is_honoured(spawn: Spawn, amqp_url: str, vhost: str) -> None:
     connections = rabbitmqctl("list_connections", "-q", "--no-table-headers", "vhost", "timeout")
     rows = [line.split("\t") for line in connections.splitlines()]
     assert [timeout for host, timeout in rows if host == vhost] == ["7"]
+
+
+FAR_FUTURE = object()  # a header value written as a timestamp past the year 9999, as any publisher may
+
+
+def test_a_header_pika_cannot_decode_costs_nothing(
+    spawn: Spawn, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the consumer's care, pika dropped the connection at that message, again and again, and the
+    # delivery limit dead-lettered it with every good message in flight beside it.
+    encode = pika.data.encode_value
+
+    def encode_value(pieces: list, value: object) -> int:
+        if value is FAR_FUTURE:
+            pieces.append(struct.pack(">cQ", b"T", 2**64 - 1))
+            return 9
+        return encode(pieces, value)
+
+    monkeypatch.setattr(pika.data, "encode_value", encode_value)
+    produce(spawn, "--count", "100", "before")  # declares pc and pc.dead as the consumer does
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        headers = {"when": FAR_FUTURE}
+        channel.basic_publish("", "pc", b"far future", pika.BasicProperties(headers=headers), mandatory=True)
+    produce(spawn, "--count", "100", "after")
+
+    consumer = spawn("pc/consumer.py")
+    consumer.wait_for(r"received 'after 100'")
+    stop(consumer)
+    expected = [f"before {i}" for i in range(1, 101)] + ["far future"] + [f"after {i}" for i in range(1, 101)]
+    assert received(consumer) == expected
+    assert "lost the broker" not in consumer.output
+    assert queue_is_empty(amqp_url, "pc") and not messages_ready(amqp_url, "pc.dead")
