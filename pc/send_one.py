@@ -16,7 +16,7 @@ PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.
 
 
 def main() -> int:
-    if sys.argv[1:] in (["-h"], ["--help"]):  # not a message to send
+    if sys.argv[1:2] in (["-h"], ["--help"]):  # asking how to use it, not a message to send
         print(__doc__)
         return 0
     text = " ".join(sys.argv[1:]) or "Hello World!"
