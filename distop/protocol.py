@@ -45,12 +45,12 @@ DEAD_LETTER_QUEUE = "distop.dead"
 CLIENT_HEADER = "distop-client"
 # Clients' reply queues are named by the broker, so their names start with this.
 REPLY_QUEUE_PREFIX = "amq.gen-"
-# The delivery limit: how often a chunk may come back to the queue unacked (its server died) and still be
-# delivered again. 4, so at most 5 deliveries: the 5th time it comes back, the queue dead-letters it. pc
-# allows 5 (pc/workqueue.py): a pc consumer holds up to 200 messages and a crash sends them all back,
-# innocent ones too. A distop server holds one chunk, so each time back is a server lost while running
+# The delivery limit, counted as in pc/workqueue.py: with a limit of 4, a chunk is delivered at most 5
+# times, the first time and once more after each of its first 4 returns unacked (its server died); its 5th
+# return dead-letters it. pc allows 5: a pc consumer holds up to 200 messages and a crash sends them all
+# back, innocent ones too. A distop server holds one chunk, so each return is a server lost while running
 # that very chunk, and a poison chunk should cost few servers. A chunk given back unstarted
-# (distop/pipelined.py, at most once per chunk) counts as one time back.
+# (distop/pipelined.py, at most once per chunk) counts as one return.
 DELIVERY_LIMIT = 4
 # The work queue is a quorum queue (replicated on a cluster; it counts how often each chunk comes back),
 # and sends the chunks it gives up on, past the delivery limit or rejected, to the dead-letter exchange.

@@ -10,15 +10,13 @@ from __future__ import annotations
 import re
 
 QUEUE = "pc"
-# The delivery limit. A quorum queue counts, for each message, how many times it
-# came back unacknowledged: a consumer rejected it, or died or disconnected
-# holding it. Each time the message is delivered again, until it comes back for
-# the 6th time (more than DELIVERY_LIMIT times): then the broker moves it to
-# DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at. So a
-# message is delivered at most 6 times: once, and once more each of the first 5
-# times it comes back (RabbitMQ 3.10; tests/test_pc.py checks it). Ordinary crashes rarely
-# send one message back 6 times (a consumer dies holding at most PREFETCH, 200); a
-# message that kills every consumer that takes it does, and then stops circling.
+# The delivery limit. A quorum queue counts, for each message, how many times it has come back
+# unacknowledged: a consumer rejected it, or died or disconnected holding it. With a limit of 5, a message
+# is delivered at most 6 times: the first time, and once more after each of its first 5 returns. Its 6th
+# return sends it to DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at (RabbitMQ 3.10;
+# tests/test_pc.py checks it). Ordinary crashes rarely send one message back 6 times (a consumer dies
+# holding at most PREFETCH, 200); a message that kills every consumer that takes it does, and then stops
+# circling.
 # A message dead-lettered to a queue that does not exist is dropped: so every script declares
 # DEAD_LETTER_QUEUE before QUEUE.
 DEAD_LETTER_QUEUE = "pc.dead"
