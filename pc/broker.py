@@ -4,7 +4,8 @@ The address is a host argument (``rabbit``, ``rabbit:5673``, ``[::1]``: guest ac
 ``amqp://`` / ``amqps://`` URL; without one, ``AMQP_URL``; then a local RabbitMQ. A cluster's
 nodes are comma-separated: ``rabbit1,rabbit2:5673``, or ``amqp://u:p@h1/%2F,h2:5673`` where a
 bare ``host[:port]`` takes the first URL's scheme, credentials, virtual host and query.
-Errors name every address tried, never a password.
+Errors name every address tried, never a password. Importing this module also mends, for the whole
+program, a pika 1.4 decoder that raised on a header timestamp past the year 9999 (_decode_far_timestamps).
 """
 
 from __future__ import annotations
