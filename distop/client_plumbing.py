@@ -171,9 +171,10 @@ class IOThread(threading.Thread):
         For a nack, a return, a channel the broker closed, or our consumer cancelled (our reply queue
         deleted): the contract is to publish again what the broker refused or dropped, and a new connection
         does that and more: it declares the work queue and a reply queue again, and publishes the chunks whose
-        replies went with the old reply queue too (duplicate replies are ignored). A new channel, not the same
-        one: on a RabbitMQ 3.10 cluster, a channel opened just as a node died can keep pointing at the queue's
-        dead leader and nack everything published on it (fixed in 3.12.5); a new channel finds the new leader.
+        replies went with the old reply queue too (duplicate replies are ignored). RabbitMQ 3.10: a new
+        channel, not the same one: on a 3.10 cluster, a channel opened just as a node died can keep pointing
+        at the queue's dead leader and nack everything published on it (fixed in 3.12.5); a new channel finds
+        the new leader.
         """
         connection = self._link.connection
         if self._start_over_in is not None or connection is None or not connection.is_open:

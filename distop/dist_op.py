@@ -149,7 +149,8 @@ class _ClientLink:
         channel.add_on_close_callback(self._on_channel_closed)  # the broker refused a command
         channel.add_on_return_callback(self._on_returned)  # a mandatory chunk no queue took
         channel.add_on_cancel_callback(self._on_cancelled)  # the broker cancelled our consumer of replies
-        # No callback until the last declaration: the broker takes a channel's commands in order.
+        # pika sends each command at once; only the last declare asks to hear back: the broker answers a
+        # channel's commands in order, so once the last is answered, all are (a refusal: _on_channel_closed).
         # A headers exchange, declared alike by every server: where the work queue sends dead chunks.
         channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
         # Durable, quorum, with a delivery limit, as the servers declare it: whoever comes first creates it.
@@ -237,8 +238,9 @@ class _ClientLink:
     # What goes wrong, and what we do ------------------------------------------
 
     def _on_nack(self, method: Basic.Nack) -> None:
-        # The broker refused them (a queue at its length limit, an internal error). The contract is to
-        # publish them again: we start over, as after a lost connection.
+        # The broker refused them (a queue at its length limit, an internal error). Any version: publish
+        # them again; on a healthy broker, the same channel would do.
+        # RabbitMQ 3.10: we start over on a new connection, as after a lost connection (IOThread.start_over).
         count = len(self._unconfirmed.tags(method))
         self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
 

@@ -127,7 +127,8 @@ class Publisher:
         self.next_tag = 1  # a new channel numbers its messages from 1
         channel.add_on_close_callback(self.on_channel_closed)  # the broker refused a command
         channel.add_on_return_callback(self.on_returned)  # a mandatory message no queue took
-        # No callback until the last command: the broker takes a channel's commands in order.
+        # pika sends each command at once; only the last declare asks to hear back: the broker answers a
+        # channel's commands in order, so once the last is answered, all are (a refusal: on_channel_closed).
         # Publisher confirms: the broker now acks (or nacks) every message we publish, numbered 1, 2, 3...
         channel.confirm_delivery(self.on_confirm)
         # Where pc sends a message over its delivery limit (pc/workqueue.py).
@@ -178,10 +179,10 @@ class Publisher:
     # What goes wrong, and what the code does ----------------------------------------
 
     def on_nack(self, refused: int) -> None:
-        # The broker did not take them (a queue at its length limit, an internal error). The contract is
-        # to publish them again: we start over, as after a lost connection (run).
-        # RabbitMQ 3.10: on a new connection, not this channel; a 3.10 cluster can leave a channel nacking
-        # everything (Recovery.on_nack).
+        # The broker did not take them (a queue at its length limit, an internal error). Any version:
+        # publish them again; on a healthy broker, the same channel would do.
+        # RabbitMQ 3.10: we do it on a new connection (run starts over): a 3.10 cluster can leave a channel
+        # nacking everything (Recovery.on_nack).
         if self.recovery.on_nack(refused, self.confirmed):  # logs, and sets the pause
             self.connection.close()  # then on_closed, and run() starts over
         else:  # nacks and nothing else for NACKS_FOR seconds

@@ -5,7 +5,7 @@ receive.py and send.py in one program. Start as many as you like, in any order:
     python pikachat/chat.py [RABBIT_HOST] [--name NAME]        # Ctrl-D or Ctrl-C to leave
     printf 'hi all\\n' | python pikachat/chat.py --name ash     # says its lines, then leaves
 
-The lesson: a program that both consumes and publishes needs two
+The lesson: with pika, a program that both consumes and publishes needs two
 BlockingConnections, one per thread; it binds its queue before it says "joined"
 (everyone sees "* ash joined", and "* ash left" at the end); and it skips its
 own lines, which the fanout exchange copies back to it. The story is
@@ -44,8 +44,9 @@ from pikachat.terminal import open_terminal
 
 LOGGER = logging.getLogger("pikachat.chat")
 
-# The story, in the order it happens, on two threads with a BlockingConnection each: a pika connection
-# may be used only by the thread that opened it, and the receiving one spends its life in start_consuming().
+# The story, in the order it happens, on two threads with a BlockingConnection each: pika's rule (not
+# RabbitMQ's) is that a connection is used only by the thread that opened it, and the receiving one spends
+# its life in start_consuming().
 
 
 def hear_others(

@@ -102,7 +102,8 @@ class Sender:
                 # mandatory: with no queue bound, the broker returns the message (basic.return) before
                 # it confirms, and pika raises UnroutableError; without it, the line would vanish silently.
                 channel.basic_publish(EXCHANGE, "", body, PROPERTIES, mandatory=True)
-        # The broker's answers, but for the confirm itself (under else, below).
+        # The broker's answers, but for the confirm itself (under else, below). The order matters: pika's
+        # UnroutableError and NackError are AMQPChannelErrors too, though the channel stays open.
         except pika.exceptions.UnroutableError:  # returned (basic.return): no queue bound, nobody listens
             LOGGER.warning("%s reached no one: nobody is listening", what)
             return True
