@@ -1,6 +1,6 @@
 """Run one distop job from the command line: scatter range(SIZE) over the servers, print the result.
 
-    python distop/client.py                                   # pow over range(30), 3 chunks
+    python distop/client.py                                   # plusone over range(30): [1, 2, ..., 30]
     python distop/client.py --op pow --param esp=3 --size 1000 --chunks 8
     python distop/client.py rabbit.example --op plusone --timeout 10
 
@@ -81,7 +81,7 @@ class ConcatOp(DistOp):
 
 def main() -> int:
     parser = parser_with_broker(__doc__.split("\n\n")[0])
-    parser.add_argument("--op", type=op_name, default="pow", help="the op to run (default: pow)")
+    parser.add_argument("--op", type=op_name, default="plusone", help="the op to run (default: plusone)")
     parser.add_argument(
         "--size", type=positive, default=30, help=f"data is range(SIZE), up to {MAX_COUNT:,} (default: 30)"
     )
