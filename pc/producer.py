@@ -33,6 +33,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import deque
 
 import pika
 import pika.exceptions
@@ -69,7 +70,7 @@ class Publisher:
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
         self.bodies = bodies
-        self.todo = list(range(len(bodies)))[::-1]  # the bodies' indexes, a stack: the next one last
+        self.todo = deque(range(len(bodies)))  # the indexes of the bodies still to publish, in order
         self.unconfirmed: dict[int, int] = {}  # delivery tag -> index of its body, on this channel
         self.next_tag = 1  # the delivery tag of the next message published on this channel
         self.confirmed = 0
@@ -91,10 +92,7 @@ class Publisher:
         """
         while self.confirmed < len(self.bodies):
             self.connect()
-            # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
-            self.connection.add_on_connection_blocked_callback(self.on_blocked)
-            self.connection.add_on_connection_unblocked_callback(self.on_unblocked)
-            Watchdog(self.connection, self)  # RabbitMQ 3.10: so that no wait lasts for ever (pc/watchdog.py)
+            self.watch(self.connection)  # for what goes wrong: alarms, and no wait lasting for ever (below)
             # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker
             # sends and calls the story's methods, until one of them stops it.
             self.connection.ioloop.start()
@@ -103,7 +101,7 @@ class Publisher:
             if self.unconfirmed:
                 # No confirm will come for these now: they may or may not be in pc. Publish them again,
                 # first, in order: a consumer may see one twice, but never misses one.
-                self.todo.extend(sorted(self.unconfirmed.values(), reverse=True))
+                self.todo.extendleft(sorted(self.unconfirmed.values(), reverse=True))
             if self.confirmed < len(self.bodies):
                 self.recovery.wait_to_reconnect(len(self.unconfirmed))  # or BrokerError: time to give up
             self.unconfirmed.clear()
@@ -149,7 +147,7 @@ class Publisher:
     def publish(self) -> None:
         # Pipelined: publish until WINDOW are unconfirmed; each confirm makes room for more.
         while self.todo and len(self.unconfirmed) < WINDOW:
-            index = self.todo.pop()
+            index = self.todo.popleft()
             # The default exchange ("") routes by queue name. mandatory: if no queue takes the
             # message, the broker returns it rather than confirm it into the void.
             self.channel.basic_publish("", QUEUE, self.bodies[index], PROPERTIES, mandatory=True)
@@ -212,6 +210,12 @@ class Publisher:
         # This node did not answer: run() tries the next. None ever did: one line saying why.
         self.failure = self.failure or self.nodes.failed(error)
         connection.ioloop.stop()
+
+    def watch(self, connection: pika.SelectConnection) -> None:
+        # A broker short of memory or disk blocks publishers until it recovers (on_blocked).
+        connection.add_on_connection_blocked_callback(self.on_blocked)
+        connection.add_on_connection_unblocked_callback(self.on_unblocked)
+        Watchdog(connection, self)  # RabbitMQ 3.10: so that no wait lasts for ever (pc/watchdog.py)
 
     def on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
