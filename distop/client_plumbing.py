@@ -360,8 +360,11 @@ class Job:
     ) -> None:
         """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it.
 
-        ``timeout`` None or math.inf: no timeout. ValueError, before any wait, if negative or NaN.
+        ``timeout`` None or math.inf: no timeout. Before any wait: TypeError if not a number (a bool is
+        not one), ValueError if negative or NaN.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
         if timeout is not None and not timeout >= 0:  # NaN is not >= 0 either
             raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
         deadline = None if timeout in (None, math.inf) else time.monotonic() + timeout

@@ -341,7 +341,8 @@ class DistOp:
 
         ``job_id`` may be left out when exactly one job is pending (else
         ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
-        ever; negative or NaN: ValueError. ``progress(done, total)`` is called,
+        ever; negative or NaN: ValueError; not a number (a str, a bool):
+        TypeError. ``progress(done, total)`` is called,
         in this thread, as partials arrive. Raises TimeoutError once
         ``timeout`` seconds pass (the job stays pending: you may wait again),
         RemoteError if a server's op raised, PoisonChunkError if a chunk was

@@ -167,6 +167,19 @@ def test_get_result_refuses_a_negative_or_nan_timeout_at_once(amqp_url: str, tim
         assert op.pending() == [job]
 
 
+@pytest.mark.parametrize(("timeout", "kind"), [("5", "str"), (True, "bool"), ([5], "list")])
+def test_get_result_refuses_a_timeout_that_is_not_a_number_at_once(
+    amqp_url: str, timeout: Any, kind: str
+) -> None:
+    with ListOp([1], rabbit_host=amqp_url) as op:
+        job = op.call()  # no server: the job would wait
+        started = time.monotonic()
+        with pytest.raises(TypeError, match=f"^timeout must be a number of seconds or None, not {kind}$"):
+            op.get_result(job, timeout=timeout)
+        assert time.monotonic() - started < 0.5  # at once, without waiting
+        assert op.pending() == [job]
+
+
 def test_an_infinite_or_huge_timeout_waits_for_the_result(spawn: Spawn, amqp_url: str) -> None:
     with op_class("sleep")([1, 2], group_size=2, rabbit_host=amqp_url) as op:
         first, second = op.call(seconds=0.5), op.call(seconds=0.5)
