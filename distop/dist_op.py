@@ -312,7 +312,7 @@ class DistOp:
 
         ``params`` reach the server's op as keyword arguments. Raises
         BrokerError if the broker cannot be reached, TypeError if ``params``
-        are not JSON-serialisable.
+        are not JSON-serialisable (text with half a UTF-16 pair, a lone surrogate, is not).
         """
         check_json(params, "params")
         # The job id goes into each chunk's correlation_id, "JOB_ID:START": a reply names its job and chunk.

@@ -158,6 +158,16 @@ def test_params_must_be_json(amqp_url: str) -> None:
         op.call(when=object())
 
 
+@pytest.mark.parametrize("name", ["data", "params"])
+def test_a_lone_surrogate_is_refused_before_anything_is_published(amqp_url: str, name: str) -> None:
+    text = "caf\ud800"  # half a UTF-16 pair: UTF-8, JSON's encoding on the wire, cannot hold it
+    error = f"{name} must be JSON-serialisable: '\\ud800' is half a UTF-16 pair, which UTF-8 cannot carry"
+    data = [1, {text: 1}] if name == "data" else [1]  # in data, a key; in params, a value
+    with pytest.raises(TypeError, match=f"^{re.escape(error)}$"), ListOp(data, rabbit_host=amqp_url) as op:
+        op.call(name=text)
+    assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before anything was published
+
+
 @pytest.mark.parametrize("timeout", [-1, math.nan])
 def test_get_result_refuses_a_negative_or_nan_timeout_at_once(amqp_url: str, timeout: float) -> None:
     with ListOp([1], rabbit_host=amqp_url) as op:
