@@ -31,6 +31,7 @@ from distop.ops import (
     BrokerError,
     DistOp,
     DistOpError,
+    OpExecutor,
     PoisonChunkError,
     RemoteError,
     split,
@@ -138,6 +139,19 @@ def test_group_size_larger_than_data(spawn: Spawn, amqp_url: str) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
     with pytest.raises(error, match=text):
         ListOp(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("rabbit_host", "error", "text"),
+    [
+        (5672, TypeError, "^rabbit_host must be a str, a host name or URL, not int$"),
+        (b"localhost", TypeError, "^rabbit_host must be a str, a host name or URL, not bytes$"),
+        ("http://nowhere", BrokerError, "amqp://"),
+    ],
+)
+def test_op_executor_bad_arguments(rabbit_host: Any, error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        OpExecutor(rabbit_host)  # nothing connects before run()
 
 
 @pytest.mark.parametrize("data", [[0, 1, 2], (0, 1, 2), range(3)], ids=["list", "tuple", "range"])
