@@ -20,7 +20,7 @@ import pika
 
 from distop import codec
 from distop.broker import BrokerError, connect, resolve
-from distop.cli import positive_float
+from distop.cli import op_name, positive_float
 from distop.errors import RemoteError
 from distop.protocol import JSON, WORK_QUEUE, WORK_QUEUE_ARGUMENTS, decode_reply
 
@@ -79,7 +79,7 @@ def number(text: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("op", help="the op the servers run: plusone, pow, nop")
+    parser.add_argument("op", type=op_name, help="the op the servers run: plusone, pow, nop")
     parser.add_argument("numbers", nargs="+", type=number, help="the chunk: numbers")
     parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait (default: 30)")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import math
 import threading
@@ -361,8 +362,11 @@ class Job:
     ) -> None:
         """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it.
 
-        ``timeout`` None or math.inf: no timeout. ValueError, before any wait, if negative or NaN.
+        ``timeout`` None or math.inf: no timeout. Before any wait: TypeError if not a number (a bool is
+        not one), ValueError if negative or NaN.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
         if timeout is not None and not timeout >= 0:  # NaN is not >= 0 either
             raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
         deadline = None if timeout in (None, math.inf) else time.monotonic() + timeout
@@ -416,7 +420,17 @@ def checked_data(
 
 
 def check_json(value: object, name: str) -> None:
+    """TypeError unless ``value`` is JSON a server can read: JSON's types, no NaN, text UTF-8 can hold."""
     try:
-        codec.dumps(value)
+        body = codec.dumps(value)
+        # JSON goes out as UTF-8, which cannot hold half a UTF-16 pair ("\ud800"): the json module writes one
+        # as an escape, and a server would reject the chunk. Such escapes are rare: look closer only then.
+        if b"\\ud" in body:
+            json.dumps(value, ensure_ascii=False).encode()  # UnicodeEncodeError if a half stands alone
+    except UnicodeEncodeError as exc:
+        half = exc.object[exc.start]
+        raise TypeError(
+            f"{name} must be JSON-serialisable: {half!r} is half a UTF-16 pair, which UTF-8 cannot carry"
+        ) from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name} must be JSON-serialisable: {exc}") from None

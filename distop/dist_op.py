@@ -314,7 +314,7 @@ class DistOp:
 
         ``params`` reach the server's op as keyword arguments. Raises
         BrokerError if the broker cannot be reached, TypeError if ``params``
-        are not JSON-serialisable.
+        are not JSON-serialisable (text with half a UTF-16 pair, a lone surrogate, is not).
         """
         check_json(params, "params")
         # The job id goes into each chunk's correlation_id, "JOB_ID:START": a reply names its job and chunk.
@@ -343,7 +343,8 @@ class DistOp:
 
         ``job_id`` may be left out when exactly one job is pending (else
         ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
-        ever; negative or NaN: ValueError. ``progress(done, total)`` is called,
+        ever; negative or NaN: ValueError; not a number (a str, a bool):
+        TypeError. ``progress(done, total)`` is called,
         in this thread, as partials arrive. Raises TimeoutError once
         ``timeout`` seconds pass (the job stays pending: you may wait again),
         RemoteError if a server's op raised, PoisonChunkError if a chunk was

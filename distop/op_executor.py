@@ -101,6 +101,9 @@ class OpExecutor:
     QUEUE: ClassVar[str] = WORK_QUEUE
 
     def __init__(self, rabbit_host: str | None = None) -> None:
+        if rabbit_host is not None and not isinstance(rabbit_host, str):  # as DistOp checks it
+            kind = type(rabbit_host).__name__
+            raise TypeError(f"rabbit_host must be a str, a host name or URL, not {kind}")
         self._url = resolve(rabbit_host)
         parameters(self._url)  # a malformed URL fails here, before anything connects
         self.host = socket.gethostname()

@@ -241,3 +241,18 @@ def test_call_one_refuses_bad_arguments(spawn: Spawn, amqp_url: str, args: tuple
     assert proc.stderr_lines[0].startswith("usage: ") and "error: " in proc.stderr_lines[-1]
     assert "Traceback" not in proc.output
     assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before it connected: nothing was sent
+
+
+# The op names distop/client.py's --op refuses (distop/cli.py's op_name): "\udcff" is how Python holds the
+# byte 0xff from the shell, which is not UTF-8.
+@pytest.mark.parametrize(
+    ("op", "error"), [("", "must not be empty"), ("caf\udcff", "not UTF-8: 'caf\\udcff'")]
+)
+def test_call_one_refuses_an_op_name_client_py_refuses(
+    spawn: Spawn, amqp_url: str, op: str, error: str
+) -> None:
+    proc = call_one(spawn, "--timeout", "1", op, "1")
+    assert proc.popen.returncode == 2, proc.output
+    assert proc.stderr_lines[0].startswith("usage: ")
+    assert proc.stderr_lines[-1] == f"call_one.py: error: argument op: {error}"
+    assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before it connected: nothing was sent

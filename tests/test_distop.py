@@ -31,6 +31,7 @@ from distop.ops import (
     BrokerError,
     DistOp,
     DistOpError,
+    OpExecutor,
     PoisonChunkError,
     RemoteError,
     split,
@@ -140,6 +141,19 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], text: str
         ListOp(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("rabbit_host", "error", "text"),
+    [
+        (5672, TypeError, "^rabbit_host must be a str, a host name or URL, not int$"),
+        (b"localhost", TypeError, "^rabbit_host must be a str, a host name or URL, not bytes$"),
+        ("http://nowhere", BrokerError, "amqp://"),
+    ],
+)
+def test_op_executor_bad_arguments(rabbit_host: Any, error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        OpExecutor(rabbit_host)  # nothing connects before run()
+
+
 @pytest.mark.parametrize("data", [[0, 1, 2], (0, 1, 2), range(3)], ids=["list", "tuple", "range"])
 def test_data_may_be_any_sequence(data: Any) -> None:
     assert ListOp(data, group_size=2).data == [0, 1, 2]  # nothing connects before call()
@@ -158,12 +172,35 @@ def test_params_must_be_json(amqp_url: str) -> None:
         op.call(when=object())
 
 
+@pytest.mark.parametrize("name", ["data", "params"])
+def test_a_lone_surrogate_is_refused_before_anything_is_published(amqp_url: str, name: str) -> None:
+    text = "caf\ud800"  # half a UTF-16 pair: UTF-8, JSON's encoding on the wire, cannot hold it
+    error = f"{name} must be JSON-serialisable: '\\ud800' is half a UTF-16 pair, which UTF-8 cannot carry"
+    data = [1, {text: 1}] if name == "data" else [1]  # in data, a key; in params, a value
+    with pytest.raises(TypeError, match=f"^{re.escape(error)}$"), ListOp(data, rabbit_host=amqp_url) as op:
+        op.call(name=text)
+    assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before anything was published
+
+
 @pytest.mark.parametrize("timeout", [-1, math.nan])
 def test_get_result_refuses_a_negative_or_nan_timeout_at_once(amqp_url: str, timeout: float) -> None:
     with ListOp([1], rabbit_host=amqp_url) as op:
         job = op.call()  # no server: the job would wait
         with pytest.raises(ValueError, match=f"timeout must be 0 or more seconds, not {timeout}"):
             op.get_result(job, timeout=timeout)
+        assert op.pending() == [job]
+
+
+@pytest.mark.parametrize(("timeout", "kind"), [("5", "str"), (True, "bool"), ([5], "list")])
+def test_get_result_refuses_a_timeout_that_is_not_a_number_at_once(
+    amqp_url: str, timeout: Any, kind: str
+) -> None:
+    with ListOp([1], rabbit_host=amqp_url) as op:
+        job = op.call()  # no server: the job would wait
+        started = time.monotonic()
+        with pytest.raises(TypeError, match=f"^timeout must be a number of seconds or None, not {kind}$"):
+            op.get_result(job, timeout=timeout)
+        assert time.monotonic() - started < 0.5  # at once, without waiting
         assert op.pending() == [job]
 
 
