@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import math
 import threading
@@ -422,12 +421,8 @@ def checked_data(
 def check_json(value: object, name: str) -> None:
     """TypeError unless ``value`` is JSON a server can read: JSON's types, no NaN, text UTF-8 can hold."""
     try:
-        body = codec.dumps(value)
-        # JSON goes out as UTF-8, which cannot hold half a UTF-16 pair ("\ud800"): the json module writes one
-        # as an escape, and a server would reject the chunk. Such escapes are rare: look closer only then.
-        if b"\\ud" in body:
-            json.dumps(value, ensure_ascii=False).encode()  # UnicodeEncodeError if a half stands alone
-    except UnicodeEncodeError as exc:
+        codec.dumps(value)
+    except UnicodeEncodeError as exc:  # JSON goes out as UTF-8, which cannot hold half a UTF-16 pair
         half = exc.object[exc.start]
         raise TypeError(
             f"{name} must be JSON-serialisable: {half!r} is half a UTF-16 pair, which UTF-8 cannot carry"

@@ -25,13 +25,16 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def dumps(value: Any) -> bytes:
-    """``value`` as JSON; TypeError or ValueError for what ``json.dumps(allow_nan=False)`` refuses."""
+    """``value`` as JSON; TypeError or ValueError for what ``json.dumps(allow_nan=False)`` refuses, and
+    ValueError for text that UTF-8 cannot carry."""
     try:
         body = orjson.dumps(value, option=_OPTIONS)
     except orjson.JSONEncodeError:
         body = b"null"  # e.g. an integer beyond 64 bits: let the json module write it, or say why not
     if b"null" in body:  # a None, or a NaN or infinity that orjson wrote as null
-        return json.dumps(value, allow_nan=False).encode()
+        # ensure_ascii=False: half a UTF-16 pair ("\ud800") raises UnicodeEncodeError, a ValueError, as in
+        # orjson; escaped, it would go out as JSON that orjson, on the other side, cannot read.
+        return json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
     return body
 
 

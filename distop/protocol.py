@@ -154,11 +154,14 @@ def dead_letter_error(job_id: str, start: int, headers: dict[str, Any]) -> Poiso
 
 
 def error_text(exc: BaseException) -> str:
-    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    """``str(exc)``, even for an exception whose ``__str__`` raises, in text that UTF-8 can carry."""
     try:
-        return str(exc)
+        text = str(exc)
     except Exception:
         return f"<{type(exc).__name__} whose message cannot be shown>"
+    # Half a UTF-16 pair ("\udcff": bytes decoded with errors="surrogateescape") has no UTF-8 form, so a reply
+    # holding it could not be read: it is written as its escape instead.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def refused(reason: BaseException) -> str:

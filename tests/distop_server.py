@@ -60,6 +60,13 @@ class MisbehavingExecutor(SampleExecutor, PipelinedOpExecutor):
     def unserialisable(self, chunk: list[Any]) -> set[Any]:
         return set(chunk)
 
+    def half_pair(self, chunk: list[Any]) -> list[str]:
+        """A result with half a UTF-16 pair, as text decoded with errors="surrogateescape" can hold."""
+        return ["\ud800"]
+
+    def half_pair_error(self, chunk: list[Any]) -> None:
+        raise ValueError("not UTF-8: \udcff")  # as bytes 0xff decoded with errors="surrogateescape"
+
 
 if __name__ == "__main__":
     sys.exit(serve(MisbehavingExecutor, __doc__))

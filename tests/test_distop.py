@@ -553,6 +553,8 @@ def test_a_server_exits_1_when_its_queue_is_declared_otherwise(spawn: Spawn, amq
         ("deep", "TypeError", "not JSON-serialisable"),
         ("exit", "SystemExit", "exit inside an op on [1, 2]"),
         ("unprintable", "UnprintableError", "cannot be shown"),
+        ("half_pair", "TypeError", "not JSON-serialisable"),
+        ("half_pair_error", "ValueError", "not UTF-8: \\udcff"),  # escaped: UTF-8 cannot carry it
     ],
 )
 def test_whatever_an_op_raises_the_server_answers_and_keeps_serving(
