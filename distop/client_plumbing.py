@@ -6,15 +6,12 @@
   instead of hanging them (IOThread.run, GuardedSelectConnection).
 - JobBook: the jobs' bookkeeping on the I/O thread: which chunks to publish (again), which job a reply is
   for, filing a partial result.
-- Unconfirmed: the chunks published on the channel and not yet confirmed, by delivery tag, and the pause
-  before starting over.
 - Job, and DistOp's argument checks.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import threading
@@ -25,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import pika
 from pika.adapters.select_connection import IOLoop
-from pika.spec import Basic
 
 from distop import codec
 from distop.broker import explain, parameters, redact
@@ -88,6 +84,7 @@ class IOThread(threading.Thread):
         self._backoff = 0.5
         self._closing = False
         self._start_over_in: float | None = None  # set while closing a connection to start over
+        self._start_over_pause = NACK_BACKOFF  # doubles at each start over, back to NACK_BACKOFF at an ack
 
     @property
     def stopping(self) -> bool:
@@ -165,8 +162,12 @@ class IOThread(threading.Thread):
         LOGGER.warning("lost the broker (%s); reconnecting", reason)
         self.reconnect_later()
 
-    def start_over(self, why: str, pause: float) -> None:
-        """Close the connection; after ``pause``, a new one publishes every chunk not yet answered.
+    def confirmed(self) -> None:
+        """The broker acked a chunk: the next start over comes after the shortest pause again."""
+        self._start_over_pause = NACK_BACKOFF
+
+    def start_over(self, why: str) -> None:
+        """Close the connection; after a pause, a new one publishes every chunk not yet answered.
 
         For a nack, a return, a channel the broker closed, or our consumer cancelled (our reply queue
         deleted): the contract is to publish again what the broker refused or dropped, and a new connection
@@ -179,6 +180,8 @@ class IOThread(threading.Thread):
         connection = self._link.connection
         if self._start_over_in is not None or connection is None or not connection.is_open:
             return  # starting over already (nacks come in batches), or the connection is going anyway
+        pause = self._start_over_pause
+        self._start_over_pause = min(pause * 2, MAX_NACK_BACKOFF)
         LOGGER.warning(
             "%s; publishing every chunk not yet answered again in %.1f s, on a new connection", why, pause
         )
@@ -286,52 +289,6 @@ class JobBook:
             for job in self.jobs.values():
                 job.fail(error)
             self.cond.notify_all()
-
-
-class Unconfirmed:
-    """The chunks published on this connection's channel that the broker has not confirmed yet.
-
-    A channel in confirm mode numbers what it publishes 1, 2, 3... (delivery tags); an ack or a nack names
-    one tag, or with ``multiple`` every tag up to it. After a nack, the next connection comes after a
-    pause (backoff) that doubles from NACK_BACKOFF up to MAX_NACK_BACKOFF, back to NACK_BACKOFF at an ack.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start)
-        self._next_tag = 1
-        self._backoff = NACK_BACKOFF
-        self._pause: float | None = None  # this connection's pause before starting over, once asked for
-
-    def __len__(self) -> int:
-        return len(self._chunks)
-
-    def published(self, chunk: tuple[str, int]) -> None:
-        self._chunks[self._next_tag] = chunk
-        self._next_tag += 1
-
-    def tags(self, method: Basic.Ack | Basic.Nack) -> list[int]:
-        """The delivery tags an ack or nack covers (``multiple``: every tag up to its own)."""
-        if method.multiple:
-            # Tags go in increasing: stop at the first beyond, not scan all 1,000.
-            return list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self._chunks))
-        return [method.delivery_tag]
-
-    def confirmed(self, method: Basic.Ack) -> None:
-        for tag in self.tags(method):
-            self._chunks.pop(tag, None)
-        self._backoff = NACK_BACKOFF
-
-    def backoff(self) -> float:
-        """How long to wait before starting over; the same for every nack of one connection."""
-        if self._pause is None:
-            self._pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_NACK_BACKOFF)
-        return self._pause
-
-    def forget(self) -> None:
-        """The connection is gone: the next channel numbers its deliveries from 1."""
-        self._chunks.clear()
-        self._next_tag = 1
-        self._pause = None
 
 
 @dataclass

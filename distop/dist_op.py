@@ -36,11 +36,12 @@ again only once a later chunk comes back, or on a reconnection; and a job dies w
 called it.
 
 The plumbing is in distop/client_plumbing.py: IOThread (the thread, reconnecting, starting over, giving
-up), JobBook (which chunks to publish, which job a reply is for), Unconfirmed (chunks by delivery tag).
+up), JobBook (which chunks to publish, which job a reply is for).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import uuid
@@ -60,7 +61,6 @@ from distop.client_plumbing import (
     IOThread,
     Job,
     JobBook,
-    Unconfirmed,
     check_json,
     checked_data,
     pending_job,
@@ -124,7 +124,8 @@ class _ClientLink:
         self._channel: Channel | None = None  # this connection's channel
         self._reply_queue = ""  # set only while this connection's reply queue is consumed
         self._publishing = False  # the channel is in confirm mode: chunks may go out
-        self._unconfirmed = Unconfirmed()  # delivery tag -> (job id, start), until the broker confirms it
+        self._unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start), until confirmed
+        self._next_tag = 1  # the delivery tag of the next chunk published on this channel
         self.io = IOThread(url, self, jobs)  # the thread that runs pika's loop; calls connect()
 
     def connect(self, node: pika.ConnectionParameters) -> None:
@@ -206,14 +207,22 @@ class _ClientLink:
             )
             # The default exchange ("") routes by queue name. mandatory: no queue takes it, it comes back.
             channel.basic_publish("", self._queue, body, properties, mandatory=True)
-            self._unconfirmed.published((job_id, start))  # its confirm will name it by delivery tag
+            self._unconfirmed[self._next_tag] = (job_id, start)  # its confirm will name it by this tag
+            self._next_tag += 1
 
     def _on_confirm(self, frame: Method) -> None:
-        # A confirm names chunks by delivery tag (multiple: every tag up to this one).
-        if isinstance(frame.method, Basic.Nack):
-            self._on_nack(frame.method)  # the broker refused them: below
+        method = frame.method
+        # A confirm names chunks by delivery tag; multiple: every tag up to delivery_tag, not only that one.
+        if method.multiple:  # (tags were filed in increasing order: stop at the first beyond)
+            tags = list(itertools.takewhile(lambda tag: tag <= method.delivery_tag, self._unconfirmed))
+        else:
+            tags = [method.delivery_tag]
+        if isinstance(method, Basic.Nack):
+            self._on_nack(len(tags))  # the broker refused them: below
             return
-        self._unconfirmed.confirmed(frame.method)
+        for tag in tags:  # an ack: the broker has them safe
+            self._unconfirmed.pop(tag, None)
+        self.io.confirmed()  # for what goes wrong: the next start over comes after the shortest pause
         self._publish()  # room in the window for more
 
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
@@ -237,23 +246,22 @@ class _ClientLink:
 
     # What goes wrong, and what we do ------------------------------------------
 
-    def _on_nack(self, method: Basic.Nack) -> None:
+    def _on_nack(self, count: int) -> None:
         # The broker refused them (a queue at its length limit, an internal error). Any version: publish
         # them again; on a healthy broker, the same channel would do.
         # RabbitMQ 3.10: we start over on a new connection, as after a lost connection (IOThread.start_over).
-        count = len(self._unconfirmed.tags(method))
-        self.io.start_over(f"the broker refused {count} chunk(s)", self._unconfirmed.backoff())
+        self.io.start_over(f"the broker refused {count} chunk(s)")
 
     def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
         # No queue took the chunk: the work queue was deleted, with every chunk of ours that waited in it.
         # Its ack follows and means "dropped". Start over: the new connection declares the queue again.
-        self.io.start_over(f"no queue {self._queue!r} took a chunk", self._unconfirmed.backoff())
+        self.io.start_over(f"no queue {self._queue!r} took a chunk")
 
     def _on_cancelled(self, _frame: Method) -> None:
         # The broker cancels a consumer whose queue is deleted: our reply queue is gone, and the replies
         # in it. Start over: the new connection declares a new one and publishes every chunk not yet answered.
         why = "the broker cancelled our consumer (was our reply queue deleted?)"
-        self.io.start_over(why, self._unconfirmed.backoff())
+        self.io.start_over(why)
 
     def _on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
         # The connection is gone, and with it its channels and our reply queue (the broker deletes it):
@@ -261,7 +269,8 @@ class _ClientLink:
         self._channel = None
         self._reply_queue = ""
         self._publishing = False
-        self._unconfirmed.forget()  # the next channel counts delivery tags from 1 again
+        self._unconfirmed.clear()  # no confirm will come for these: published again on the next channel,
+        self._next_tag = 1  # which counts delivery tags from 1 again
         self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
@@ -272,7 +281,7 @@ class _ClientLink:
             self.io.give_up(BrokerError(refused(reason)))
         else:
             # Later, our replies were consumed on it: start over on a new connection.
-            self.io.start_over(f"the broker closed the channel ({reason})", self._unconfirmed.backoff())
+            self.io.start_over(f"the broker closed the channel ({reason})")
 
 
 class DistOp:

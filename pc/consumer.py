@@ -89,9 +89,7 @@ STOPPING = threading.Event()
 # The story: declare, consume, handle, ack ----------------------------------
 
 
-def listen(
-    connection: pika.BlockingConnection, quiet: bool, work: float, ack_each: bool, fail_on: bytes | None
-) -> Listening:
+def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options) -> Listening:
     """Declare the queue and consume from it on a new channel."""
     channel = connection.channel()
     # Where pc sends a message over its delivery limit (pc/workqueue.py).
@@ -114,11 +112,11 @@ def listen(
     channel.add_on_cancel_callback(lambda _frame: cancelled.set())
     # Manual acks (auto_ack=False, the default): a message stays the broker's
     # until we ack it, and goes to another consumer if we die first.
-    channel.basic_consume(QUEUE, make_handler(batch, quiet, work, fail_on))
+    channel.basic_consume(QUEUE, make_handler(batch, options))
     return Listening(channel, batch, cancelled)
 
 
-def make_handler(batch: BatchedAcks | None, quiet: bool, work: float, fail_on: bytes | None):
+def make_handler(batch: BatchedAcks | None, options: Options):
     """Return the on-message callback: handle, then ack; if handling fails, give the message back."""
 
     def on_message(
@@ -126,11 +124,11 @@ def make_handler(batch: BatchedAcks | None, quiet: bool, work: float, fail_on: b
     ) -> None:
         if STOPPING.is_set():
             return  # Ctrl-C: not acked, so it goes back to the queue when we close
-        if not quiet:
+        if not options.quiet:
             note = " (redelivered)" if method.redelivered else ""  # delivered before, never acked
             LOGGER.info("#%d received %s%s", method.delivery_tag, show(body), note)
         try:
-            handled = handle(body, work, fail_on)
+            handled = handle(body, options)
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
             LOGGER.error("#%d could not be handled (%s); giving it back", method.delivery_tag, why)
@@ -149,11 +147,19 @@ def make_handler(batch: BatchedAcks | None, quiet: bool, work: float, fail_on: b
     return on_message
 
 
-def handle(body: bytes, work: float, fail_on: bytes | None) -> bool:
+def handle(body: bytes, options: Options) -> bool:
     """Your work goes here. This one pretends (--work, --fail-on); False if Ctrl-C cut it short."""
-    if fail_on is not None and fail_on in body:
-        raise ValueError(f"--fail-on {fail_on.decode()!r}")
-    return pretend_to_work(work)
+    if options.fail_on is not None and options.fail_on in body:
+        raise ValueError(f"--fail-on {options.fail_on.decode()!r}")
+    return pretend_to_work(options.work)
+
+
+class Options(NamedTuple):
+    """The command line's options for the handler above, there to try the consumer out."""
+
+    quiet: bool = False  # --quiet: no log line per message
+    work: float = 0.0  # --work: seconds each message pretends to take
+    fail_on: bytes | None = None  # --fail-on: fail to handle a message containing this
 
 
 class Listening(NamedTuple):
@@ -167,9 +173,7 @@ class Listening(NamedTuple):
 # Reconnection and plumbing -------------------------------------------------
 
 
-def consume(
-    url: str, quiet: bool = False, work: float = 0.0, ack_each: bool = False, fail_on: bytes | None = None
-) -> None:
+def consume(url: str, ack_each: bool, options: Options) -> None:
     """Consume until STOPPING is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails or the broker stays away
@@ -191,7 +195,7 @@ def consume(
         listening: Listening | None = None
         try:
             while not STOPPING.is_set():
-                listening = listen(connection, quiet, work, ack_each, fail_on)
+                listening = listen(connection, ack_each, options)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
                 # start_consuming() in half-second slices: between them, notice Ctrl-C (a flag) or a cancel.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
@@ -294,7 +298,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
 
     try:
-        consume(resolve(), args.quiet, args.work, args.ack_each, fail_on)
+        consume(resolve(), args.ack_each, Options(args.quiet, args.work, fail_on))
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1
