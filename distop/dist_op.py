@@ -18,11 +18,15 @@ How a job travels:
     get_result()  <--gather()--  our reply queue  <--one reply per chunk, same correlation_id--  servers
     a chunk that kills its servers:  distop.chunks --dead-letter--> distop.dead --our binding--> reply queue
 
-Read distop/call_one.py first: the same RPC for one chunk, top to bottom. Below, DistOp first, the class
-you subclass: call() scatters (a job id, one message per chunk), get_result() waits and gathers. Then
-_ClientLink, the pika calls behind them: call_one.py with many chunks in flight, their confirms and replies
-arriving in any order, on a SelectConnection that a thread of its own runs, so that call() returns at once
-while replies keep arriving.
+Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
+call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
+pika callbacks, the first few each called when the broker answers the one before, then _on_confirm,
+_on_returned and _on_reply whenever the broker sends one: read them top to bottom. It uses a
+SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
+replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
+why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
+(the interface); dead chunks brought back by a headers binding, a PoisonChunkError rather than a
+timeout (failures); starting over after a nack, a return, a lost connection or a lost reply queue (failures).
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and published again until its
 result is in: after a nack, a lost connection, a return, or the loss of our reply queue. get_result()
@@ -81,141 +85,8 @@ PUBLISH_WINDOW = 1000  # chunks published but not yet confirmed by the broker, a
 CONNECT_TIMEOUT = 60.0
 
 
-class DistOp:
-    """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
-
-    ``data`` is a non-empty list of JSON-serialisable items, split into
-    ``group_size`` chunks (one per server): a count of chunks, not their size.
-    ``rabbit_host`` is a host name or an amqp(s):// URL; without it,
-    ``AMQP_URL``, then localhost. Nothing connects until the first ``call()``.
-    Use it as a context manager, or call ``close()``, to release the connection.
-    """
-
-    OP_NAME: str = ""  # the name of the servers' op; set per object if chosen at run time
-    QUEUE: ClassVar[str] = WORK_QUEUE
-
-    def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
-        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size, rabbit_host)
-        self.group_size = group_size
-        self._url = resolve(rabbit_host)
-        parameters(self._url)  # a malformed URL fails here, not at the first call
-        self._cond = threading.Condition()  # guards _jobs; notified when a job changes
-        self._connecting = threading.Lock()  # one call() at a time makes the connection
-        self._jobs: dict[str, Job] = {}
-        self._link: _ClientLink | None = None
-
-    def gather(self, partials: dict[int, Any]) -> Any:
-        """Combine the partial results, given as ``{start_index: partial}`` in order.
-
-        The default returns the partials as a list, in order.
-        """
-        return list(partials.values())
-
-    def call(self, **params: Any) -> str:
-        """Publish one chunk per server and return the job id at once.
-
-        At once: the chunks are handed to the I/O thread, which publishes them; call() does not wait
-        for their confirms or replies. The first call(), and the first after the broker was lost for
-        good, connects first, and waits up to CONNECT_TIMEOUT seconds for the connection.
-
-        ``params`` reach the server's op as keyword arguments. Raises
-        BrokerError if the broker cannot be reached, TypeError if ``params``
-        are not JSON-serialisable (text with half a UTF-16 pair, a lone surrogate, is not).
-        """
-        check_json(params, "params")
-        # The job id goes into each chunk's correlation_id, "JOB_ID:START": a reply names its job and chunk.
-        job_id = uuid.uuid4().hex
-        # Scatter: one message per chunk, each to be taken by one server from the work queue.
-        requests = {
-            start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
-            for start, chunk in split(self.data, self.group_size)
-        }
-        with self._connecting:  # threads that call() at once share one connection
-            if self._link is None or self._link.io.failed:
-                self._link = None
-                link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
-                link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
-                self._link = link
-            self._link.submit(Job(job_id, requests))  # the I/O thread publishes them (_ClientLink._publish)
-        return job_id
-
-    def get_result(
-        self,
-        job_id: str | None = None,
-        timeout: float | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> Any:
-        """Block until every partial of the job is in; return ``gather(partials)``.
-
-        ``job_id`` may be left out when exactly one job is pending (else
-        ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
-        ever; negative or NaN: ValueError; not a number (a str, a bool):
-        TypeError. ``progress(done, total)`` is called,
-        in this thread, as partials arrive. Raises TimeoutError once
-        ``timeout`` seconds pass (the job stays pending: you may wait again),
-        RemoteError if a server's op raised, PoisonChunkError if a chunk was
-        dead-lettered, BrokerError if the broker was lost for good.
-        """
-        with self._cond:
-            job = pending_job(self._jobs, job_id)
-            # Replies arrive on the I/O thread (_ClientLink._on_reply), filed by job (correlation_id).
-            job.wait_done(self._cond, timeout, progress, self.OP_NAME)  # TimeoutError: the job stays
-            self._jobs.pop(job.id, None)
-        if job.error is not None:
-            raise job.error
-        if progress is not None:
-            progress(len(job.partials), len(job.requests))
-        return self.gather(dict(sorted(job.partials.items())))  # gather: the partials in chunk order
-
-    def pending(self) -> list[str]:
-        """The ids of the jobs called but not yet collected."""
-        with self._cond:
-            return list(self._jobs)
-
-    def cancel(self, job_id: str) -> None:
-        """Give up on a job: forget it, and never publish its chunks again.
-
-        Chunks already in the queue still run (a queue cannot take a message
-        back); their replies are dropped. A thread waiting for the job in
-        ``get_result()`` gets DistOpError. Raises ValueError for an unknown job.
-        """
-        with self._cond:
-            job = self._jobs.pop(job_id, None)
-            if job is None:
-                raise ValueError(f"no pending job {job_id!r}")
-            job.fail(DistOpError(f"job {job_id} was cancelled"))
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Close the connection; jobs still pending fail (``get_result()`` raises DistOpError).
-
-        The object stays usable: the next ``call()`` connects again.
-        """
-        with self._connecting:
-            if self._link is not None:
-                self._link.io.close()
-                self._link = None
-        with self._cond:
-            for job in self._jobs.values():
-                job.fail(DistOpError(f"job {job.id}: the client was closed before the job completed"))
-            self._cond.notify_all()
-
-    def __enter__(self) -> DistOp:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
 class _ClientLink:
     """The client's connection: the RabbitMQ story, in the order it happens on each (re)connection.
-
-    What it adds to call_one.py, and why: many chunks in flight, their confirms pipelined (speed); a thread
-    of its own, so that call() returns at once (the interface); dead chunks brought back by a headers
-    binding, a PoisonChunkError rather than a timeout, and starting over after a nack, a return, a lost
-    connection or a lost reply queue (failures). Its methods are pika callbacks: the first few each called
-    when the broker has answered the one before, then _on_confirm, _on_returned and _on_reply whenever the
-    broker sends one. Read them top to bottom:
 
         connect              pika.SelectConnection         pika calls the next method when it is open
         _on_open             connection.channel()          one channel: declare, consume replies, publish
@@ -411,3 +282,129 @@ class _ClientLink:
         else:
             # Later, our replies were consumed on it: start over on a new connection.
             self.io.start_over(f"the broker closed the channel ({reason})")
+
+
+class DistOp:
+    """The client side of a scatter/gather op; subclass it, set OP_NAME, override gather().
+
+    ``data`` is a non-empty list of JSON-serialisable items, split into
+    ``group_size`` chunks (one per server): a count of chunks, not their size.
+    ``rabbit_host`` is a host name or an amqp(s):// URL; without it,
+    ``AMQP_URL``, then localhost. Nothing connects until the first ``call()``.
+    Use it as a context manager, or call ``close()``, to release the connection.
+    """
+
+    OP_NAME: str = ""  # the name of the servers' op; set per object if chosen at run time
+    QUEUE: ClassVar[str] = WORK_QUEUE
+
+    def __init__(self, data: list[Any], group_size: int = 1, rabbit_host: str | None = None) -> None:
+        self.data = checked_data(self.OP_NAME, type(self).__name__, data, group_size, rabbit_host)
+        self.group_size = group_size
+        self._url = resolve(rabbit_host)
+        parameters(self._url)  # a malformed URL fails here, not at the first call
+        self._cond = threading.Condition()  # guards _jobs; notified when a job changes
+        self._connecting = threading.Lock()  # one call() at a time makes the connection
+        self._jobs: dict[str, Job] = {}
+        self._link: _ClientLink | None = None
+
+    def gather(self, partials: dict[int, Any]) -> Any:
+        """Combine the partial results, given as ``{start_index: partial}`` in order.
+
+        The default returns the partials as a list, in order.
+        """
+        return list(partials.values())
+
+    def call(self, **params: Any) -> str:
+        """Publish one chunk per server and return the job id at once.
+
+        At once: the chunks are handed to the I/O thread, which publishes them; call() does not wait
+        for their confirms or replies. The first call(), and the first after the broker was lost for
+        good, connects first, and waits up to CONNECT_TIMEOUT seconds for the connection.
+
+        ``params`` reach the server's op as keyword arguments. Raises
+        BrokerError if the broker cannot be reached, TypeError if ``params``
+        are not JSON-serialisable (text with half a UTF-16 pair, a lone surrogate, is not).
+        """
+        check_json(params, "params")
+        # The job id goes into each chunk's correlation_id, "JOB_ID:START": a reply names its job and chunk.
+        job_id = uuid.uuid4().hex
+        # Scatter: one message per chunk, each to be taken by one server from the work queue.
+        requests = {
+            start: codec.dumps({"op": self.OP_NAME, "chunk": chunk, "params": params})
+            for start, chunk in split(self.data, self.group_size)
+        }
+        with self._connecting:  # threads that call() at once share one connection
+            if self._link is None or self._link.io.failed:
+                self._link = None
+                link = _ClientLink(self._url, self.QUEUE, JobBook(self._cond, self._jobs))
+                link.io.start_and_wait(CONNECT_TIMEOUT)  # BrokerError if not; the next call() tries again
+                self._link = link
+            self._link.submit(Job(job_id, requests))  # the I/O thread publishes them (_ClientLink._publish)
+        return job_id
+
+    def get_result(
+        self,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Block until every partial of the job is in; return ``gather(partials)``.
+
+        ``job_id`` may be left out when exactly one job is pending (else
+        ValueError). ``timeout`` is in seconds; None or ``math.inf`` waits for
+        ever; negative or NaN: ValueError; not a number (a str, a bool):
+        TypeError. ``progress(done, total)`` is called,
+        in this thread, as partials arrive. Raises TimeoutError once
+        ``timeout`` seconds pass (the job stays pending: you may wait again),
+        RemoteError if a server's op raised, PoisonChunkError if a chunk was
+        dead-lettered, BrokerError if the broker was lost for good.
+        """
+        with self._cond:
+            job = pending_job(self._jobs, job_id)
+            # Replies arrive on the I/O thread (_ClientLink._on_reply), filed by job (correlation_id).
+            job.wait_done(self._cond, timeout, progress, self.OP_NAME)  # TimeoutError: the job stays
+            self._jobs.pop(job.id, None)
+        if job.error is not None:
+            raise job.error
+        if progress is not None:
+            progress(len(job.partials), len(job.requests))
+        return self.gather(dict(sorted(job.partials.items())))  # gather: the partials in chunk order
+
+    def pending(self) -> list[str]:
+        """The ids of the jobs called but not yet collected."""
+        with self._cond:
+            return list(self._jobs)
+
+    def cancel(self, job_id: str) -> None:
+        """Give up on a job: forget it, and never publish its chunks again.
+
+        Chunks already in the queue still run (a queue cannot take a message
+        back); their replies are dropped. A thread waiting for the job in
+        ``get_result()`` gets DistOpError. Raises ValueError for an unknown job.
+        """
+        with self._cond:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                raise ValueError(f"no pending job {job_id!r}")
+            job.fail(DistOpError(f"job {job_id} was cancelled"))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Close the connection; jobs still pending fail (``get_result()`` raises DistOpError).
+
+        The object stays usable: the next ``call()`` connects again.
+        """
+        with self._connecting:
+            if self._link is not None:
+                self._link.io.close()
+                self._link = None
+        with self._cond:
+            for job in self._jobs.values():
+                job.fail(DistOpError(f"job {job.id}: the client was closed before the job completed"))
+            self._cond.notify_all()
+
+    def __enter__(self) -> DistOp:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
