@@ -234,7 +234,8 @@ class _ClientLink:
         job, start = found
         headers = props.headers if isinstance(props.headers, dict) else {}
         if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:
-            # Not a reply: our chunk itself, dead-lettered, back through our binding; x-death says why.
+            # Not a reply: our chunk itself, dead-lettered, back through our binding. The broker added the
+            # header x-death when it dead-lettered it: from which queue, why (e.g. delivery_limit), how often.
             self._jobs.file(job, start, dead_letter_error(job.id, start, headers))
             return
         try:

@@ -203,9 +203,9 @@ class OpExecutor:
         if channel is None or not channel.is_open:
             return  # the connection was lost during the op: the chunk is back in the queue, for any server
         props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
-        # To the client's reply queue (reply_to) by the default exchange, quoting the correlation_id. No
-        # confirm, not persistent: if the reply is lost with the client's connection, the client publishes
-        # the chunk again.
+        # To the client's reply queue (reply_to) by the default exchange, quoting the correlation_id.
+        # Our choice: no confirm, not persistent: if the reply is lost with the client's connection, the
+        # client publishes the chunk again.
         channel.basic_publish("", chunk.props.reply_to, body, props)
         # Ack only now: until here, a server that dies leaves the chunk to another. Only the channel it came
         # on can ack it; if that one is closed (consumer_timeout), the chunk is back in the queue anyway.

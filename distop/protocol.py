@@ -51,7 +51,7 @@ REPLY_QUEUE_PREFIX = "amq.gen-"
 # back, innocent ones too. A distop server holds one chunk, so each return is a server lost while running
 # that very chunk, and a poison chunk should cost few servers. A chunk given back unstarted
 # (distop/pipelined.py, at most once per chunk) counts as one return.
-DELIVERY_LIMIT = 4
+DELIVERY_LIMIT = 4  # Our choice: 5 deliveries at most
 # The work queue is a quorum queue (replicated on a cluster; it counts how often each chunk comes back),
 # and sends the chunks it gives up on, past the delivery limit or rejected, to the dead-letter exchange.
 WORK_QUEUE_ARGUMENTS = {
@@ -62,6 +62,7 @@ WORK_QUEUE_ARGUMENTS = {
 # The dead-letter queue keeps rejected and poison chunks for inspection, bounded. A quorum queue too, so
 # that on a cluster it lives on every node: a classic queue (the default type) lives on one node, and
 # servers that lose that node would be refused their declarations.
+# Our choice: bounded to 10,000; when full, the oldest dead letter makes room for the new one.
 DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 10_000}
 JSON = "application/json"
 # A correlation id as clients make them: the job id (uuid4 hex) and a start index.

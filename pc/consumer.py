@@ -36,7 +36,8 @@ What goes wrong, and what the code does (docs/pc.md has the whole table, with it
     the broker is lost           consume: reconnect, for up to RECONNECT_FOR; then one line, exit 1
     pc is deleted                consume: the broker cancels us; declare pc again, consume again
     pc declared otherwise (406)  consume: one line, exit 1
-    Ctrl-C or SIGTERM            a flag: the message in hand is not acked (it goes back); exit 0
+    Ctrl-C or SIGTERM            a flag: the message in hand is not acked; it and the prefetched ones
+                                 go back, each return counting towards the delivery limit; exit 0
     a handler slower than the    the broker takes us for dead: our unacked messages go back; we
       heartbeat timeout          reconnect. For long work, see distop's server (a worker thread)
 """
@@ -103,7 +104,7 @@ def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options
     # Prefetch: the broker pushes at most PREFETCH unacknowledged messages to
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
-    # Our choice, for speed: acks in batches, one for up to 50 handled messages (pc/batched_acks.py);
+    # Our choice: for speed, acks in batches, one for up to 50 handled messages (pc/batched_acks.py);
     # --ack-each acks each message alone, the plain way.
     batch = None if ack_each else BatchedAcks(channel)
     # Consumer cancel notification: the broker tells us when it ends our consumer (the queue

@@ -138,9 +138,9 @@ class Publisher:
         )
 
     def on_declared(self, _frame: Method) -> None:
-        # Our choice, not a RabbitMQ rule: a pc deleted while we are away took the messages
-        # it had confirmed with it; declared again, it would come back empty, and we would exit 0 all
-        # the same. Passive, the broker answers 404 instead (on_channel_closed): exit 1.
+        # Our choice: a pc deleted while we are away took the messages it had confirmed with it; declared
+        # again, it would come back empty, and we would exit 0 all the same. Passive, the broker answers 404
+        # instead (on_channel_closed): exit 1.
         self.passive = True
         self.publish()
 
@@ -151,6 +151,7 @@ class Publisher:
             # The default exchange ("") routes by queue name. mandatory: if no queue takes the
             # message, the broker returns it rather than confirm it into the void.
             self.channel.basic_publish("", QUEUE, self.bodies[index], PROPERTIES, mandatory=True)
+            # basic_publish returns nothing: we number the messages as the broker does, to read its confirms.
             self.unconfirmed[self.next_tag] = index  # its confirm will name it by this tag
             self.next_tag += 1
 

@@ -31,9 +31,10 @@ from pc.workqueue import QUEUE
 
 LOGGER = logging.getLogger("pc.producer")
 
-# Seconds with messages in flight and no confirm: then reconnect, and so check that the queue is there.
+# RabbitMQ 3.10: seconds with messages in flight and no confirm; then reconnect, and so check that the
+# queue is there (3.10 may stop answering a publisher whose quorum queue was deleted).
 CONFIRMS_DUE = 10.0
-# Seconds the broker gets to answer our connection.close; then we drop the connection.
+# RabbitMQ 3.10: seconds the broker gets to answer our connection.close; then we drop the connection.
 CLOSE_DUE = 10.0
 TICK = 1.0  # how often the watchdog looks
 

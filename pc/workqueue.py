@@ -10,17 +10,16 @@ from __future__ import annotations
 import re
 
 QUEUE = "pc"
-# The delivery limit. A quorum queue counts, for each message, how many times it has come back
-# unacknowledged: a consumer rejected it, or died or disconnected holding it. With a limit of 5, a message
-# is delivered at most 6 times: the first time, and once more after each of its first 5 returns. Its 6th
-# return sends it to DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at (RabbitMQ 3.10;
-# tests/test_pc.py checks it). Ordinary crashes rarely send one message back 6 times (a consumer dies
-# holding at most PREFETCH, 200); a message that kills every consumer that takes it does, and then stops
-# circling.
+# The delivery limit. A quorum queue counts, for each message, how many times it has come back unacknowledged:
+# a consumer rejected it, or died, disconnected or stopped holding it (a Ctrl-C counts). With a limit of 5, a
+# message is delivered at most 6 times: the first time, and once more after each of its first 5 returns. Its
+# 6th return sends it to DEAD_LETTER_QUEUE instead (dead-lettering), for a person to look at (RabbitMQ 3.10;
+# tests/test_pc.py checks it). Crashes and stops rarely send one message back 6 times (a consumer dies holding
+# at most PREFETCH, 200); a message that kills every consumer that takes it does, and then stops circling.
 # A message dead-lettered to a queue that does not exist is dropped: so every script declares
 # DEAD_LETTER_QUEUE before QUEUE.
 DEAD_LETTER_QUEUE = "pc.dead"
-DELIVERY_LIMIT = 5
+DELIVERY_LIMIT = 5  # Our choice: 6 deliveries at most
 QUEUE_ARGUMENTS = {
     # Replicated across the nodes of a cluster, and able to count deliveries. A quorum queue must be
     # declared durable (the broker refuses durable=False), so every script declares it so.
@@ -34,7 +33,7 @@ DEAD_LETTER_QUEUE_ARGUMENTS = {
     # Replicated too: a classic queue lives on one node of a cluster, and
     # while that node is down every declaration of it fails (404).
     "x-queue-type": "quorum",
-    # Bounded: when full, the oldest dead letter makes room for the new one.
+    # Our choice: bounded; when full, the oldest dead letter makes room for the new one.
     "x-max-length": 10_000,
 }
 
