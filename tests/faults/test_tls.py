@@ -110,7 +110,9 @@ def test_distop_over_tls(spawn: Spawn, tls_broker: TLSBroker, tls_vhost: str, re
     started = time.monotonic()
     server = spawn("distop/callee.py", url=url, env=trust)
     server.wait_for("serving")
-    client = run_to_end(spawn, "distop/client.py", "--param", "esp=2", "--size", "9", url=url, env=trust)
+    client = run_to_end(
+        spawn, "distop/client.py", "--op", "pow", "--param", "esp=2", "--size", "9", url=url, env=trust
+    )
     assert client.popen.returncode == 0, client.output
     assert client.stdout_lines == [str([x**2 for x in range(9)])]
     assert set(tls_broker.tls_connections(tls_vhost)) == {"true"}
