@@ -5,7 +5,8 @@ The address is a host argument (``rabbit``, ``rabbit:5673``, ``[::1]``: guest ac
 nodes are comma-separated: ``rabbit1,rabbit2:5673``, or ``amqp://u:p@h1/%2F,h2:5673`` where a
 bare ``host[:port]`` takes the first URL's scheme, credentials, virtual host and query.
 Errors name every address tried, never a password. Importing this module also mends, for the whole
-program, a pika 1.4 decoder that raised on a header timestamp past the year 9999 (_decode_far_timestamps).
+program, a pika 1.4 decoder that raised on some header values (a timestamp past the year 9999, tables nested
+hundreds deep): _decode_what_pika_cannot.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import urllib.parse
 
 import pika
@@ -49,27 +51,43 @@ except ImportError:
         """The broker is unreachable, refused us, or its address is invalid; safe to print."""
 
 
-def _decode_far_timestamps() -> None:
-    """pika 1.4: decode a header timestamp past the year 9999 as its number of seconds.
+MAX_DEPTH = 32  # tables and arrays in a header, nested deeper than this, are decoded as None
 
-    Any publisher may write one, and pika's decoder raises on it: pika then drops the whole connection,
+
+def _decode_what_pika_cannot() -> None:
+    """pika 1.4: decode two kinds of header value that pika's decoder raises on, keeping the connection.
+
+    Any publisher may write them, and pika's decoder raises on them: pika then drops the whole connection,
     every unacked message goes back to the queue with the bad one, and comes back again, until the delivery
-    limit dead-letters them all. Decoded as a number, the message is handled like any other.
+    limit dead-letters them all. A timestamp past the year 9999 is decoded as its number of seconds; a table
+    or array nested deeper than MAX_DEPTH as None (pika's decoder recurses: some 400 levels exhaust Python's
+    stack). The message is then handled like any other.
     """
     decode = pika.data.decode_value
+    nesting = threading.local()  # how deep the value being decoded is, on this thread
 
     def decode_value(encoded: bytes, offset: int) -> tuple[object, int]:
+        kind = encoded[offset : offset + 1]  # offset is at the value's type letter
+        if kind in (b"F", b"A"):  # a table or an array: its size in bytes follows
+            depth = getattr(nesting, "depth", 0)
+            if depth >= MAX_DEPTH:
+                return None, offset + 5 + struct.unpack_from(">I", encoded, offset + 1)[0]
+            nesting.depth = depth + 1
+            try:
+                return decode(encoded, offset)
+            finally:
+                nesting.depth = depth
         try:
             return decode(encoded, offset)
         except (OverflowError, OSError, ValueError):  # datetime cannot hold it
-            if encoded[offset : offset + 1] != b"T":  # offset is at the value's type letter
+            if kind != b"T":
                 raise
             return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
 
     pika.data.decode_value = decode_value  # pika's tables call it by this name, nested ones too
 
 
-_decode_far_timestamps()
+_decode_what_pika_cannot()
 
 
 def resolve(rabbit_host: str | None = None) -> str:

@@ -61,9 +61,20 @@ def malformed(
 # Well-formed JSON that is not a message of any example.
 NOT_AN_OBJECT: list[Any] = [None, True, 5, 1.5, "text", [], ["op", "nop"], [{"text": "x"}]]
 
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A header table ``depth`` tables deep: legal AMQP, and pika 1.4's decoder recursed until it failed."""
+    table: dict[str, Any] = {}
+    for _ in range(depth):
+        table = {"a": table}
+    return table
+
+
 # Properties a broken or hostile peer may send: correlation ids and reply_to
-# odd or missing, headers of the wrong types.
+# odd or missing, headers of the wrong types or nested hundreds deep.
 ODD_PROPERTIES: list[dict[str, Any]] = [
+    {"headers": nested(400)},
     {},
     {"correlation_id": "x:²", "reply_to": "amq.gen-"},
     {"correlation_id": "", "reply_to": ""},

@@ -32,10 +32,12 @@ def publish(amqp_url: str, exchange: str, routing_key: str, deliveries: list) ->
 def test_pc_consumer_shows_and_acks_200_malformed_messages_and_keeps_serving(
     spawn: Spawn, amqp_url: str, report: Report
 ) -> None:
-    garbage = malformed(
-        COUNT,
-        valid=b"good",
-        wrong_types=[*NOT_AN_OBJECT, {}, {"text": 5}, {"text": None}, {"text": ["x"]}, {"txt": "x"}],
+    garbage = with_odd_properties(
+        malformed(
+            COUNT,
+            valid=b"good",
+            wrong_types=[*NOT_AN_OBJECT, {}, {"text": 5}, {"text": None}, {"text": ["x"]}, {"txt": "x"}],
+        )
     )
     started = time.monotonic()
     consumer = spawn("pc/consumer.py")
@@ -192,23 +194,25 @@ def envelope(**fields: object) -> dict:
 def test_pikachat_receiver_skips_200_malformed_messages_and_keeps_listening(
     spawn: Spawn, amqp_url: str, vhost: str, report: Report
 ) -> None:
-    garbage = malformed(
-        COUNT,
-        valid=json.dumps(envelope()).encode(),
-        wrong_types=[
-            *NOT_AN_OBJECT,
-            {},
-            envelope(kind="shout"),
-            envelope(kind=None),
-            envelope(text=5),
-            envelope(sender=""),
-            envelope(sender=["ash"]),
-            envelope(sender_id="y" * 65),
-            envelope(time="noon"),
-            envelope(time=True),
-            envelope(time=-1),
-            envelope(time=1e300),
-        ],
+    garbage = with_odd_properties(
+        malformed(
+            COUNT,
+            valid=json.dumps(envelope()).encode(),
+            wrong_types=[
+                *NOT_AN_OBJECT,
+                {},
+                envelope(kind="shout"),
+                envelope(kind=None),
+                envelope(text=5),
+                envelope(sender=""),
+                envelope(sender=["ash"]),
+                envelope(sender_id="y" * 65),
+                envelope(time="noon"),
+                envelope(time=True),
+                envelope(time=-1),
+                envelope(time=1e300),
+            ],
+        )
     )
     started = time.monotonic()
     receiver = spawn("pikachat/receive.py")
