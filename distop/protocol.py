@@ -65,8 +65,9 @@ WORK_QUEUE_ARGUMENTS = {
 # Our choice: bounded to 10,000; when full, the oldest dead letter makes room for the new one.
 DEAD_LETTER_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 10_000}
 JSON = "application/json"
-# A correlation id as clients make them: the job id (uuid4 hex) and a start index.
-CORRELATION_ID = re.compile(r"([0-9a-f]{32}):([0-9]{1,18})", re.ASCII)
+# A correlation id as clients make them: the job id (uuid4 hex) and a start index, written as str() writes
+# it (no sign, no leading zero): "JOB:02" is no client's, so it answers nothing.
+CORRELATION_ID = re.compile(r"([0-9a-f]{32}):(0|[1-9][0-9]{0,17})", re.ASCII)
 # After losing the broker, keep trying this long before giving up.
 RECONNECT_FOR = 60.0
 MAX_BACKOFF = 5.0

@@ -615,6 +615,8 @@ def test_hostile_replies_are_dropped_and_nothing_is_published_again(
             ({"correlation_id": f"{job}:-1"}, good),
             ({"correlation_id": f"{job}:{'9' * 40}"}, good),
             ({"correlation_id": f"{job}:0 "}, good),
+            ({"correlation_id": f"{job}:02"}, good),  # not as a client writes 2: a forgery
+            ({"correlation_id": f"{job}:00"}, good),
             ({"correlation_id": ""}, good),
             ({}, good),
             (
