@@ -64,6 +64,19 @@ class UnknownOpError(Exception):
     """Raised on the server, and sent back, when a chunk names an op it does not have."""
 
 
+@dataclass
+class Chunk:
+    """A chunk a server has received: where from, and the request in it."""
+
+    channel: BlockingChannel  # the channel it came on: only that one can ack it
+    tag: int  # its delivery tag on that channel
+    consumer: str  # the consumer tag it came through
+    redelivered: bool
+    props: BasicProperties  # reply_to and correlation_id: where the reply goes, and under which id
+    request: dict[str, Any]
+    op_seconds: float = 0.0  # how long its op ran, once it has (PipelinedOpExecutor reads it)
+
+
 class OpExecutor:
     """The server side: subclass it with one method per op, ``def op(self, chunk, **params)``.
 
@@ -357,19 +370,6 @@ class OpExecutor:
     def _on_cancelled(self, _frame: Method) -> None:
         """The broker cancelled our consumer (its queue was deleted): _serve declares it again."""
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
-
-
-@dataclass
-class Chunk:
-    """A chunk a server has received: where from, and the request in it."""
-
-    channel: BlockingChannel  # the channel it came on: only that one can ack it
-    tag: int  # its delivery tag on that channel
-    consumer: str  # the consumer tag it came through
-    redelivered: bool
-    props: BasicProperties  # reply_to and correlation_id: where the reply goes, and under which id
-    request: dict[str, Any]
-    op_seconds: float = 0.0  # how long its op ran, once it has (PipelinedOpExecutor reads it)
 
 
 def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:
