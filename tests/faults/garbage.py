@@ -62,7 +62,6 @@ def malformed(
 NOT_AN_OBJECT: list[Any] = [None, True, 5, 1.5, "text", [], ["op", "nop"], [{"text": "x"}]]
 
 
-
 def nested(depth: int) -> dict[str, Any]:
     """A header table ``depth`` tables deep: legal AMQP, and pika 1.4's decoder recursed until it failed."""
     table: dict[str, Any] = {}
