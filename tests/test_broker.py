@@ -62,6 +62,12 @@ def test_the_three_helpers_are_one_text() -> None:
         # A comma inside ssl_options or a password does not start another address.
         ("amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}", ["amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}"]),
         ("amqp://u:a,b@h/%2F", ["amqp://u:a,b@h/%2F"]),
+        # A bare host takes the first URL's settings, even after another URL.
+        (
+            "amqp://a@h1/v1,h2,amqp://b@h3/v3,h4",
+            ["amqp://a@h1/v1", "amqp://a@h2/v1", "amqp://b@h3/v3", "amqp://a@h4/v1"],
+        ),
+        (" amqp://u:p@h1/v,h2\n", ["amqp://u:p@h1/v", "amqp://u:p@h2/v"]),  # spaces around it: dropped
     ],
 )
 def test_addresses(given: str, expected: list[str]) -> None:
@@ -133,6 +139,19 @@ def test_pc_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
     # A bare host:port takes the credentials and virtual host of the first URL.
     consumer = spawn("pc/consumer.py", url=f"{dead},{live_address(amqp_url)}")
     consumer.wait_for(r"received 'over there'")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_an_amqp_url_with_spaces_around_it_is_used(spawn: Spawn, amqp_url: str, package: str) -> None:
+    proc = run_to_end(spawn, "-m", f"{package}.broker", url=f"  {amqp_url}\n")
+    assert proc.popen.returncode == 0, proc.output
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:s3cret@h1/v,,h2", "amqp://guest:s3cret@h1/v,", ",h1"])
+def test_an_empty_address_is_one_line(spawn: Spawn, url: str) -> None:
+    proc = run_to_end(spawn, "pc/send_one.py", url=url)
+    assert proc.popen.returncode == 1, proc.output
+    assert proc.stderr_lines == ["send_one: invalid broker URL: an address between commas is empty"]
 
 
 def test_distop_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
