@@ -132,8 +132,14 @@ def redact(url: str) -> str:
     return ", ".join(names)
 
 
-def parameters(url: str) -> list[pika.URLParameters]:
-    """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid."""
+def parameters(url: str, blocked_for: float | None = None) -> list[pika.URLParameters]:
+    """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid.
+
+    ``blocked_for``: for a publisher, pika's ``blocked_connection_timeout`` where the URL sets none; pika
+    then drops a connection the broker blocks (memory or disk alarm) for longer than that many seconds,
+    with ConnectionBlockedTimeout. Not for consumers nor servers: they are not blocked, and drain the
+    queues meanwhile; a server that dropped its connection would send back the chunk it holds.
+    """
     result = []
     for address in addresses(url):
         invalid = f"invalid broker URL {redact(address)}"
@@ -148,6 +154,8 @@ def parameters(url: str) -> list[pika.URLParameters]:
             raise BrokerError(f"{invalid}: write '/', '?', '#', '@' in a password as %2F, %3F, %23, %40")
         try:
             result.append(pika.URLParameters(address))
+            if result[-1].blocked_connection_timeout is None:
+                result[-1].blocked_connection_timeout = blocked_for
         except (ValueError, TypeError, SyntaxError, OSError) as exc:  # port, query or ssl_options
             detail = str(exc).splitlines()[0]
             if "ssl_options" in parts.query and ("malformed" in detail or isinstance(exc, SyntaxError)):
@@ -186,15 +194,29 @@ def explain(url: str, *errors: BaseException) -> BrokerError:
     return BrokerError(f"cannot connect to {where}{hint}")
 
 
-def connect(url: str) -> pika.BlockingConnection:
+class _Connection(pika.BlockingConnection):
+    """A BlockingConnection whose ``with`` block, left by Ctrl-C, ends without the close handshake.
+
+    The KeyboardInterrupt may have come in the middle of a pika call, and a broker that blocks us (memory
+    or disk alarm) reads nothing, so would never answer the close: the process ends, and the broker sees
+    the connection go (unacked messages go back to their queue, as after a close).
+    """
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not KeyboardInterrupt:
+            super().__exit__(exc_type, *exc)
+
+
+def connect(url: str, blocked_for: float | None = None) -> pika.BlockingConnection:
     """Connect to the first address of ``url`` that answers; raise BrokerError naming each if none does.
 
     Blocks for at most the URL's ``socket_timeout`` (pika's default: 10 s) per IP address tried.
+    ``blocked_for``: as in parameters(), for a publisher.
     """
     errors: list[BaseException] = []
-    for params in parameters(url):
+    for params in parameters(url, blocked_for):
         try:
-            return pika.BlockingConnection(params)
+            return _Connection(params)
         except (amqp.AMQPError, OSError) as exc:
             errors.append(exc)
     raise explain(url, *errors) from errors[-1]
