@@ -27,7 +27,8 @@ from distop.protocol import JSON, WORK_QUEUE, WORK_QUEUE_ARGUMENTS, decode_reply
 
 def call(op: str, numbers: list[float], timeout: float) -> object:
     """The server's result for ``op`` on ``numbers``; RemoteError if its op raised, TimeoutError."""
-    with connect(resolve()) as connection:  # AMQP_URL, else localhost
+    # blocked_for: a broker short of memory or disk stops reading from publishers; give up after 60 s.
+    with connect(resolve(), blocked_for=60) as connection:  # AMQP_URL, else localhost
         channel = connection.channel()
         channel.confirm_delivery()  # basic_publish now returns once the broker has the chunk safe
         # Declared exactly as the servers declare it (or the broker refuses): the first to come creates it.
@@ -88,10 +89,13 @@ def main() -> int:
         # terminal would act on (and text that is not UTF-8).
         print(json.dumps(call(args.op, args.numbers, args.timeout)))
     except (BrokerError, RemoteError, TimeoutError, ValueError, pika.exceptions.AMQPError) as exc:
+        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):  # blocked_for (or the URL's) ran out
+            exc = "the broker blocked the connection (memory or disk alarm); gave up"
         print(f"call_one: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C: the chunk may or may not be queued; no result
+        print("call_one: interrupted", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -314,9 +314,10 @@ class Job:
         cond: threading.Condition,
         timeout: float | None,
         progress: Callable[[int, int], None] | None,
-        op_name: str,
+        why_late: Callable[[], str],
     ) -> None:
-        """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it.
+        """Wait on ``cond`` (held) until the job is done, reporting progress; TimeoutError past it, saying
+        ``why_late()``.
 
         ``timeout`` None or math.inf: no timeout. Before any wait: TypeError if not a number (a bool is
         not one), ValueError if negative or NaN.
@@ -336,7 +337,7 @@ class Job:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
                     f"job {self.id}: {len(self.partials)} of {len(self.requests)} partial results "
-                    f"within {timeout} s (is a server serving {op_name!r}?)"
+                    f"within {timeout} s ({why_late()})"
                 )
             # At most TIMEOUT_MAX at a time (about 292 years): a longer wait raises OverflowError.
             cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))

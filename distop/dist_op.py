@@ -114,6 +114,8 @@ class _ClientLink:
         our chunk dead-lettered                _on_reply: PoisonChunkError for its job
         a malformed, forged or late reply      _on_reply: dropped, logged
         a bug in one of these callbacks        GuardedSelectConnection: the pending jobs fail with it
+        the broker blocks us (memory or disk   _on_blocked: a warning at once; we wait, and a get_result()
+        alarm)                                 that times out meanwhile says so (why_late)
     """
 
     def __init__(self, url: str, queue: str, jobs: JobBook) -> None:
@@ -126,6 +128,7 @@ class _ClientLink:
         self._publishing = False  # the channel is in confirm mode: chunks may go out
         self._unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start), until confirmed
         self._next_tag = 1  # the delivery tag of the next chunk published on this channel
+        self.blocked = False  # by the broker, short of memory or disk (_on_blocked)
         self.io = IOThread(url, self, jobs)  # the thread that runs pika's loop; calls connect()
 
     def connect(self, node: pika.ConnectionParameters) -> None:
@@ -140,6 +143,8 @@ class _ClientLink:
             # life, and the caller's thread hands it work (submit) even while we reconnect.
             custom_ioloop=self.io.ioloop,
         )
+        self.connection.add_on_connection_blocked_callback(self._on_blocked)  # a memory or disk alarm
+        self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
         # One channel is enough: we declare, consume our replies and publish our chunks on it.
@@ -272,6 +277,7 @@ class _ClientLink:
         self._publishing = False
         self._unconfirmed.clear()  # no confirm will come for these: published again on the next channel,
         self._next_tag = 1  # which counts delivery tags from 1 again
+        self.blocked = False
         self.io.connection_lost(reason)  # reconnect after a pause, give up after a minute, or stop if closing
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
@@ -283,6 +289,24 @@ class _ClientLink:
         else:
             # Later, our replies were consumed on it: start over on a new connection.
             self.io.start_over(f"the broker closed the channel ({reason})")
+
+    def _on_blocked(self, _connection: pika.SelectConnection, frame: Method) -> None:
+        # A broker short of memory or disk reads nothing more from us until it recovers: no chunk reaches
+        # the servers. All we can do is wait, and say why: at once, and in get_result()'s TimeoutError.
+        self.blocked = True
+        LOGGER.warning(
+            "the broker has blocked this connection: %s (memory or disk alarm)", frame.method.reason
+        )
+
+    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self.blocked = False
+        LOGGER.info("the broker has unblocked this connection")
+
+    def why_late(self, op_name: str) -> str:
+        """The likely reason why a job is late, for get_result()'s TimeoutError."""
+        if self.blocked:
+            return "the broker has blocked publishing: memory or disk alarm"
+        return f"is a server serving {op_name!r}?"
 
 
 class DistOp:
@@ -363,7 +387,9 @@ class DistOp:
         with self._cond:
             job = pending_job(self._jobs, job_id)
             # Replies arrive on the I/O thread (_ClientLink._on_reply), filed by job (correlation_id).
-            job.wait_done(self._cond, timeout, progress, self.OP_NAME)  # TimeoutError: the job stays
+            link = self._link  # set by call(): the job's chunks went out on it
+            # TimeoutError: the job stays; its message gives the likely reason (_ClientLink.why_late).
+            job.wait_done(self._cond, timeout, progress, lambda: link.why_late(self.OP_NAME) if link else "")
             self._jobs.pop(job.id, None)
         if job.error is not None:
             raise job.error

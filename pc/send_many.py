@@ -5,9 +5,10 @@
 Why a SelectConnection: send_one.py's BlockingConnection waits for each confirm, one network round trip per
 message. Here up to WINDOW messages are in flight at once, and the broker's confirms arrive as callbacks.
 Guarantee: exit status 0 means the broker confirmed every message (in ``pc``, on disk). Limits: nothing is
-retried. A nack, a return, a refused declaration or a lost connection ends it in one line and exit status 1,
-and the messages not yet confirmed may or may not be in the queue. pc/producer.py is this story plus
-publishing those again, on a new connection or channel, until all are confirmed.
+retried. A nack, a return, a refused declaration, a lost connection or 60 s blocked by a memory or disk alarm
+ends it in one line and exit status 1, and the messages not yet confirmed may or may not be in the queue.
+pc/producer.py is this story plus publishing those again, on a new connection or channel, until all are
+confirmed.
 """
 
 import argparse
@@ -15,6 +16,8 @@ import sys
 
 import pika
 import pika.exceptions
+from pika.adapters.select_connection import IOLoop
+from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic
@@ -32,25 +35,31 @@ class SendMany:
     one before (open, channel, declare); then on_confirm and on_returned whenever the broker sends one."""
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
+        self.url = url
         self.bodies = bodies
+        self.connection: pika.SelectConnection | None = None  # set once open (on_open)
         self.channel: Channel  # set once open (on_channel)
         self.published = 0
         self.unconfirmed: set[int] = set()  # delivery tags: 1, 2, 3... in the order we publish on the channel
         self.confirmed = 0
         self.error = ""  # why it stopped early
-        self.connection = pika.SelectConnection(
-            parameters(url)[0],
-            on_open_callback=self.on_open,
-            on_open_error_callback=lambda _conn, error: self.stop(str(explain(url, error))),
-            on_close_callback=self.on_closed,
-        )
+        self.ioloop = IOLoop()
+        # Each address of the URL (a cluster's nodes) in turn, until one answers. blocked_for: a broker short
+        # of memory or disk stops reading from publishers; give up after 60 s of that (on_closed).
+        nodes = parameters(url, blocked_for=60)
+        pika.SelectConnection.create_connection(nodes, self.on_open, custom_ioloop=self.ioloop)
 
     def run(self) -> None:
         # A SelectConnection does nothing until its ioloop runs: the loop reads what the broker sends and
-        # calls the methods below, until on_closed stops it.
-        self.connection.ioloop.start()
+        # calls the methods below, until on_closed (or stop) stops it.
+        self.ioloop.start()
 
-    def on_open(self, connection: pika.SelectConnection) -> None:
+    def on_open(self, connection: pika.SelectConnection | AMQPConnectionWorkflowFailed) -> None:
+        if isinstance(connection, AMQPConnectionWorkflowFailed):  # no address answered
+            self.stop(str(explain(self.url, *connection.exceptions)))
+            return
+        self.connection = connection
+        connection.add_on_close_callback(self.on_closed)
         connection.channel(on_open_callback=self.on_channel)
 
     def on_channel(self, channel: Channel) -> None:
@@ -95,15 +104,17 @@ class SendMany:
 
     def stop(self, error: str) -> None:
         self.error = self.error or error
-        if self.connection.is_open:
+        if self.connection is None:
+            self.ioloop.stop()  # never opened
+        elif self.connection.is_open:
             self.connection.close()  # then on_closed
-        elif self.connection.is_closed:
-            self.connection.ioloop.stop()  # never opened
 
     def on_closed(self, _connection: pika.SelectConnection, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):  # blocked 60 s, or the URL's timeout
+            self.error = self.error or "the broker blocked the connection (memory or disk alarm); gave up"
         if self.confirmed < len(self.bodies):
             self.error = self.error or f"lost the connection: {reason}"
-        self.connection.ioloop.stop()  # back to run()
+        self.ioloop.stop()  # back to run()
 
 
 def main() -> int:

@@ -26,7 +26,8 @@ def main() -> int:
         print("send_one: the message text is not UTF-8", file=sys.stderr)
         return 2
     try:
-        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
+        # blocked_for: a broker short of memory or disk stops reading from publishers; give up after 60 s.
+        with connect(resolve(), blocked_for=60) as connection:  # BlockingConnection: calls wait for answers
             channel = connection.channel()
             channel.confirm_delivery()  # basic_publish now returns once the broker has the message safe
             # Where pc puts a message that has failed too often; declared first, so it is there.
@@ -35,6 +36,8 @@ def main() -> int:
             # Persistent: on disk. mandatory: if no queue takes it, UnroutableError, not a silent drop.
             channel.basic_publish("", QUEUE, body, PERSISTENT, mandatory=True)
     except (BrokerError, pika.exceptions.AMQPError) as exc:
+        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):  # blocked_for (or the URL's) ran out
+            exc = "the broker blocked the connection (memory or disk alarm); gave up"
         print(f"send_one: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the confirm: the message may or may not be in the queue

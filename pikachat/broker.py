@@ -3,7 +3,8 @@
 The address is a host argument (``rabbit``, ``rabbit:5673``, ``[::1]``: guest account) or an
 ``amqp://`` / ``amqps://`` URL; without one, ``AMQP_URL``; then a local RabbitMQ. A cluster's
 nodes are comma-separated: ``rabbit1,rabbit2:5673``, or ``amqp://u:p@h1/%2F,h2:5673`` where a
-bare ``host[:port]`` takes the first URL's scheme, credentials, virtual host and query.
+bare ``host[:port]`` takes the first URL's scheme, credentials, virtual host and query (a comma in a
+virtual host's name is written %2C). Spaces around the whole are ignored; an empty address is refused.
 Errors name every address tried, never a password. Importing this module also mends, for the whole
 program, a pika 1.4 decoder that raised on some header values (a timestamp past the year 9999, tables nested
 hundreds deep): _decode_what_pika_cannot.
@@ -32,9 +33,9 @@ START_HINT = (
     "start one with 'rabbitmq-server -detached' or 'docker run -d --name some-rabbit -p 5672:5672 rabbitmq:3'"
 )
 HOST = r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"  # host, host:port, [ipv6] or [ipv6]:port
-# A comma that starts the next address: not one in ssl_options, nor in a password (an "@" follows it
-# before any "/").
-NEXT_ADDRESS = re.compile(rf",(?=amqps?://|{HOST}(?:,|$))(?![^/]*@)")
+# A comma that starts the next address (or an empty one, refused): not one in ssl_options, nor in a
+# password (an "@" follows it before any "/").
+NEXT_ADDRESS = re.compile(rf",(?=amqps?://|(?:{HOST})?(?:,|$))(?![^/]*@)")
 REASONS = [  # why a connection failed: the first that matches
     (amqp.ProbableAuthenticationError, "login refused: check the user name and password"),
     (amqp.ProbableAccessDeniedError, "access refused: does the virtual host exist, may this user use it?"),
@@ -92,8 +93,9 @@ _decode_what_pika_cannot()
 
 def resolve(rabbit_host: str | None = None) -> str:
     """Return the URL(s) for ``rabbit_host``, else ``AMQP_URL``, else localhost; BrokerError if invalid."""
+    rabbit_host = (rabbit_host or "").strip()  # a space or newline pasted with it
     if not rabbit_host:
-        return os.environ.get("AMQP_URL") or DEFAULT_URL
+        return os.environ.get("AMQP_URL", "").strip() or DEFAULT_URL
     first, comma, others = rabbit_host.partition(",")
     if "://" in first:
         return rabbit_host
@@ -114,6 +116,8 @@ def _split(address: str) -> tuple[str, str, str, str]:
 def addresses(url: str) -> list[str]:
     """Split ``url`` into one URL per node, completing each bare ``host[:port]`` from the first."""
     first, *others = NEXT_ADDRESS.split(url)
+    if "" in (first, *others):  # "h1,,h2": else "h1"'s virtual host would take the comma
+        raise BrokerError("invalid broker URL: an address between commas is empty")
     scheme, userinfo, _, rest = _split(first)
     at = "@" if userinfo else ""
     return [first] + [node if "://" in node else f"{scheme}://{userinfo}{at}{node}{rest}" for node in others]
@@ -128,8 +132,14 @@ def redact(url: str) -> str:
     return ", ".join(names)
 
 
-def parameters(url: str) -> list[pika.URLParameters]:
-    """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid."""
+def parameters(url: str, blocked_for: float | None = None) -> list[pika.URLParameters]:
+    """Parse ``url`` into pika's connection parameters, one per node; raise BrokerError if invalid.
+
+    ``blocked_for``: for a publisher, pika's ``blocked_connection_timeout`` where the URL sets none; pika
+    then drops a connection the broker blocks (memory or disk alarm) for longer than that many seconds,
+    with ConnectionBlockedTimeout. Not for consumers nor servers: they are not blocked, and drain the
+    queues meanwhile; a server that dropped its connection would send back the chunk it holds.
+    """
     result = []
     for address in addresses(url):
         invalid = f"invalid broker URL {redact(address)}"
@@ -144,6 +154,8 @@ def parameters(url: str) -> list[pika.URLParameters]:
             raise BrokerError(f"{invalid}: write '/', '?', '#', '@' in a password as %2F, %3F, %23, %40")
         try:
             result.append(pika.URLParameters(address))
+            if result[-1].blocked_connection_timeout is None:
+                result[-1].blocked_connection_timeout = blocked_for
         except (ValueError, TypeError, SyntaxError, OSError) as exc:  # port, query or ssl_options
             detail = str(exc).splitlines()[0]
             if "ssl_options" in parts.query and ("malformed" in detail or isinstance(exc, SyntaxError)):
@@ -182,15 +194,29 @@ def explain(url: str, *errors: BaseException) -> BrokerError:
     return BrokerError(f"cannot connect to {where}{hint}")
 
 
-def connect(url: str) -> pika.BlockingConnection:
+class _Connection(pika.BlockingConnection):
+    """A BlockingConnection whose ``with`` block, left by Ctrl-C, ends without the close handshake.
+
+    The KeyboardInterrupt may have come in the middle of a pika call, and a broker that blocks us (memory
+    or disk alarm) reads nothing, so would never answer the close: the process ends, and the broker sees
+    the connection go (unacked messages go back to their queue, as after a close).
+    """
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not KeyboardInterrupt:
+            super().__exit__(exc_type, *exc)
+
+
+def connect(url: str, blocked_for: float | None = None) -> pika.BlockingConnection:
     """Connect to the first address of ``url`` that answers; raise BrokerError naming each if none does.
 
     Blocks for at most the URL's ``socket_timeout`` (pika's default: 10 s) per IP address tried.
+    ``blocked_for``: as in parameters(), for a publisher.
     """
     errors: list[BaseException] = []
-    for params in parameters(url):
+    for params in parameters(url, blocked_for):
         try:
-            return pika.BlockingConnection(params)
+            return _Connection(params)
         except (amqp.AMQPError, OSError) as exc:
             errors.append(exc)
     raise explain(url, *errors) from errors[-1]

@@ -29,7 +29,8 @@ def main() -> int:
         print("say_one: the message text is not UTF-8", file=sys.stderr)
         return 2
     try:
-        with connect(resolve()) as connection:  # BlockingConnection: each call waits for its answer
+        # blocked_for: a broker short of memory or disk stops reading from publishers; give up after 60 s.
+        with connect(resolve(), blocked_for=60) as connection:  # BlockingConnection: calls wait for answers
             channel = connection.channel()
             channel.confirm_delivery()  # basic_publish now returns once the broker has taken the message
             # fanout: copies each message into every queue bound to it; declared as receive.py declares it.
@@ -40,6 +41,8 @@ def main() -> int:
         print(f"nobody is listening: {text!r} reached no one")
         return 0
     except (BrokerError, pika.exceptions.AMQPError) as exc:
+        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):  # blocked_for (or the URL's) ran out
+            exc = "the broker blocked the connection (memory or disk alarm); gave up"
         print(f"say_one: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the confirm: the line may or may not have gone out

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import signal
+import time
 import urllib.parse
+from pathlib import Path
 
 import pika
 import pytest
@@ -22,7 +25,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
-from tests.faults.conftest import memory_alarm
+from tests.faults.conftest import blocked_connections, memory_alarm
 
 PACKAGES = ["pc", "pikachat", "distop"]
 
@@ -62,6 +65,12 @@ def test_the_three_helpers_are_one_text() -> None:
         # A comma inside ssl_options or a password does not start another address.
         ("amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}", ["amqps://u:p@h/%2F?ssl_options={'a':1,'b':2}"]),
         ("amqp://u:a,b@h/%2F", ["amqp://u:a,b@h/%2F"]),
+        # A bare host takes the first URL's settings, even after another URL.
+        (
+            "amqp://a@h1/v1,h2,amqp://b@h3/v3,h4",
+            ["amqp://a@h1/v1", "amqp://a@h2/v1", "amqp://b@h3/v3", "amqp://a@h4/v1"],
+        ),
+        (" amqp://u:p@h1/v,h2\n", ["amqp://u:p@h1/v", "amqp://u:p@h2/v"]),  # spaces around it: dropped
     ],
 )
 def test_addresses(given: str, expected: list[str]) -> None:
@@ -88,6 +97,10 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "pikachat/receive.py": (),
     "pikachat/send.py": (),
     "pikachat/chat.py": (),
+    "pc/send_one.py": (),
+    "pc/send_many.py": ("1",),
+    "pikachat/say_one.py": (),
+    "distop/call_one.py": ("plusone", "1"),
     **{f"-m {package}.broker": () for package in PACKAGES},
 }
 # The scripts that take the broker as their argument.
@@ -133,6 +146,27 @@ def test_pc_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
     # A bare host:port takes the credentials and virtual host of the first URL.
     consumer = spawn("pc/consumer.py", url=f"{dead},{live_address(amqp_url)}")
     consumer.wait_for(r"received 'over there'")
+
+
+def test_send_many_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
+    vhost = urllib.parse.urlsplit(amqp_url).path
+    dead = f"amqp://guest:guest@{dead_address()}{vhost}"
+    sender = run_to_end(spawn, "pc/send_many.py", "5", "y", url=f"{dead},{live_address(amqp_url)}")
+    assert sender.popen.returncode == 0, sender.output
+    assert sender.stdout_lines == ["sent 5 messages to 'pc', all confirmed"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_an_amqp_url_with_spaces_around_it_is_used(spawn: Spawn, amqp_url: str, package: str) -> None:
+    proc = run_to_end(spawn, "-m", f"{package}.broker", url=f"  {amqp_url}\n")
+    assert proc.popen.returncode == 0, proc.output
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:s3cret@h1/v,,h2", "amqp://guest:s3cret@h1/v,", ",h1"])
+def test_an_empty_address_is_one_line(spawn: Spawn, url: str) -> None:
+    proc = run_to_end(spawn, "pc/send_one.py", url=url)
+    assert proc.popen.returncode == 1, proc.output
+    assert proc.stderr_lines == ["send_one: invalid broker URL: an address between commas is empty"]
 
 
 def test_distop_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
@@ -189,3 +223,48 @@ def test_a_producer_that_loses_its_node_goes_on_with_the_next(
         wait_until(lambda: queue_depth(node_vhost, QUEUE) == 100, 30, "100 messages on the next node")
     finally:
         rabbitmqctl("delete_vhost", node_vhost)
+
+
+# The short publishers, with the arguments that make each publish at once.
+SHORT_PUBLISHERS: dict[str, tuple[str, ...]] = {
+    "pc/send_one.py": ("held",),
+    "pc/send_many.py": ("5", "held"),
+    "pikachat/say_one.py": ("held",),
+    "distop/call_one.py": ("plusone", "1"),
+}
+
+
+@pytest.mark.parametrize("script", SHORT_PUBLISHERS)
+def test_a_blocked_short_publisher_gives_up_in_one_line(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str, script: str
+) -> None:
+    url = broker_node.url(node_vhost) + "?blocked_connection_timeout=2"
+    with memory_alarm(broker_node):
+        started = time.monotonic()
+        proc = spawn(script, *SHORT_PUBLISHERS[script], url=url)
+        assert proc.wait(30) == 1, proc.output
+        assert time.monotonic() - started >= 2
+    name = Path(script).stem
+    line = f"{name}: the broker blocked the connection (memory or disk alarm); gave up"
+    assert proc.stderr_lines == [line + (" (0 of 5 confirmed)" if name == "send_many" else "")]
+
+
+def test_blocked_for_applies_where_the_url_sets_no_timeout() -> None:
+    first, second = broker.parameters("amqp://h1/v?blocked_connection_timeout=2,h2", blocked_for=60)
+    assert (first.blocked_connection_timeout, second.blocked_connection_timeout) == (2, 2)
+    assert broker.parameters("amqp://h1/v", blocked_for=60)[0].blocked_connection_timeout == 60
+    assert broker.parameters("amqp://h1/v")[0].blocked_connection_timeout is None  # consumers, servers
+
+
+@pytest.mark.parametrize("script", SHORT_PUBLISHERS)
+def test_ctrl_c_ends_a_blocked_short_publisher_at_once(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str, script: str
+) -> None:
+    with memory_alarm(broker_node):
+        proc = spawn(script, *SHORT_PUBLISHERS[script], url=broker_node.url(node_vhost))  # blocked for 60 s
+        wait_until(lambda: blocked_connections(broker_node, node_vhost) == 1, 30, f"{script} blocked")
+        proc.signal(signal.SIGINT)
+        assert proc.wait(5) == 1, proc.output
+    name = Path(script).stem
+    confirmed = " (0 of 5 confirmed)" if name == "send_many" else ""
+    assert proc.stderr_lines == [f"{name}: interrupted{confirmed}"]

@@ -48,6 +48,7 @@ from tests.conftest import (
     run_to_end,
     wait_until,
 )
+from tests.faults.conftest import memory_alarm
 
 SERVER = "tests/distop_server.py"
 LESSON = (ROOT / "docs" / "distop.md").read_text()
@@ -420,6 +421,19 @@ def test_client_cli_times_out(spawn: Spawn) -> None:
     client = run_to_end(spawn, "distop/client.py", "--timeout", "1")
     assert client.popen.returncode == 1
     assert len(client.stderr_lines) == 1 and "0 of 3 partial results within 1.0 s" in client.stderr
+
+
+def test_a_blocked_client_says_so_at_once_and_its_timeout_names_the_alarm(
+    spawn: Spawn, broker_node: BrokerNode, node_vhost: str
+) -> None:
+    with memory_alarm(broker_node):
+        client = spawn("distop/client.py", "-q", "--timeout", "4", url=broker_node.url(node_vhost))
+        client.wait_for(r"WARNING the broker has blocked this connection: .* \(memory or disk alarm\)$", 10)
+        assert client.wait(30) == 1, client.output
+    assert client.stderr_lines[-1].endswith(
+        "0 of 3 partial results within 4.0 s (the broker has blocked publishing: memory or disk alarm)"
+    ), client.stderr
+    assert client.count("blocked this connection") == 1 and "Traceback" not in client.output
 
 
 def test_rabbit_host_argument_wins_over_amqp_url(spawn: Spawn, amqp_url: str) -> None:
