@@ -108,6 +108,8 @@ class Publisher:
 
     def connect(self) -> None:
         # A SelectConnection's calls return at once; pika calls the methods below as the broker answers.
+        # One node at a time, not pika's create_connection over all of them as in send_many.py: run()'s loop
+        # moves to the next node after any failure, at the start or later.
         self.connection = pika.SelectConnection(
             self.nodes.next(),  # the first node of AMQP_URL; after a lost connection, the next
             on_open_callback=self.on_open,
