@@ -183,7 +183,7 @@ class Publisher:
         # The broker did not take them (a queue at its length limit, an internal error). Any version:
         # publish them again; on a healthy broker, the same channel would do.
         # RabbitMQ 3.10: we do it on a new connection (run starts over): a 3.10 cluster can leave a channel
-        # nacking everything (Recovery.on_nack).
+        # nacking everything (Recovery.on_nack; fixed in 3.12.5).
         if self.recovery.on_nack(refused, self.confirmed):  # logs, and sets the pause
             self.connection.close()  # then on_closed, and run() starts over
         else:  # nacks and nothing else for NACKS_FOR seconds
