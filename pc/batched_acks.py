@@ -1,4 +1,4 @@
-"""Acks in batches: an optimisation of pc/consumer.py's ``channel.basic_ack(delivery_tag=...)``.
+"""When to ack: pc/consumer.py acks a batch of handled messages at once, ``basic_ack(multiple=True)``.
 
 An ack per message costs a network write and broker work per message, most of
 the time a fast handler takes: measured (docs/performance.md), pc/consumer.py
@@ -27,28 +27,37 @@ ACK_DELAY = 0.1
 
 
 class BatchedAcks:
-    """Acknowledge handled messages on one channel in batches: ``handled(tag)``; ``flush()`` on closing."""
+    """Say when a batch of handled messages is due for its ack: ``due(tag)``; ``flush()`` acks the rest.
 
-    def __init__(self, channel: BlockingChannel) -> None:
+    ``every=1`` makes every message due at once: an ack per message.
+    """
+
+    def __init__(self, channel: BlockingChannel, every: int = ACK_EVERY) -> None:
         self.channel = channel
+        self.every = every
         self._last_tag = 0
         self._waiting = 0  # handled, not yet acknowledged
         self._acked_at = time.monotonic()
 
-    def handled(self, delivery_tag: int) -> None:
-        """A message has been handled: acknowledge it, with the others of its batch when the batch is due."""
+    def due(self, delivery_tag: int) -> bool:
+        """A message has been handled: True if its batch is due (the caller acks up to ``delivery_tag``)."""
         self._last_tag = delivery_tag
         self._waiting += 1
-        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
-            self.flush()
-        elif self._waiting == 1:
+        if self._waiting >= self.every or time.monotonic() - self._acked_at >= ACK_DELAY:
+            self._acked()
+            return True
+        if self._waiting == 1:
             # In case no other message comes to fill the batch. A BlockingConnection runs this timer from
             # inside its own calls (start_consuming, process_data_events), on this thread, never in between.
             self.channel.connection.call_later(ACK_DELAY, self.flush)
+        return False
 
     def flush(self) -> None:
         """Acknowledge every handled message not acknowledged yet."""
         if self._waiting and self.channel.is_open:
             self.channel.basic_ack(delivery_tag=self._last_tag, multiple=True)
-            self._waiting = 0
-            self._acked_at = time.monotonic()
+            self._acked()
+
+    def _acked(self) -> None:
+        self._waiting = 0
+        self._acked_at = time.monotonic()

@@ -58,7 +58,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from pc.batched_acks import BatchedAcks
+from pc.batched_acks import ACK_EVERY, BatchedAcks
 from pc.broker import BrokerError, connect, redact, resolve
 from pc.workqueue import (
     DEAD_LETTER_QUEUE,
@@ -106,7 +106,7 @@ def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options
     channel.basic_qos(prefetch_count=PREFETCH)
     # Our choice: for speed, acks in batches, one for up to 50 handled messages (pc/batched_acks.py);
     # --ack-each acks each message alone, the plain way.
-    batch = None if ack_each else BatchedAcks(channel)
+    batch = BatchedAcks(channel, every=1 if ack_each else ACK_EVERY)
     # Consumer cancel notification: the broker tells us when it ends our consumer (the queue
     # was deleted). start_consuming() would return; consume's loop watches this flag instead.
     cancelled = threading.Event()
@@ -117,7 +117,7 @@ def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options
     return Listening(channel, batch, cancelled)
 
 
-def make_handler(batch: BatchedAcks | None, options: Options):
+def make_handler(batch: BatchedAcks, options: Options):
     """Return the on-message callback: handle, then ack; if handling fails, give the message back."""
 
     def on_message(
@@ -139,11 +139,11 @@ def make_handler(batch: BatchedAcks | None, options: Options):
             return
         if not handled:
             return  # cut short by Ctrl-C: not acked either
-        # Ack after handling, never before: now the broker may forget the message.
-        if batch is None:  # --ack-each
-            channel.basic_ack(delivery_tag=method.delivery_tag)
-        else:  # the default: the same ack, sent with its batch (pc/batched_acks.py)
-            batch.handled(method.delivery_tag)
+        # Ack after handling, never before: now the broker may forget the message. multiple: this ack covers
+        # every delivery up to this tag, each handled already (they come one at a time, in order), so one
+        # ack serves a batch; batch.due says when one is due (every message with --ack-each).
+        if batch.due(method.delivery_tag):
+            channel.basic_ack(delivery_tag=method.delivery_tag, multiple=True)
 
     return on_message
 
@@ -164,10 +164,10 @@ class Options(NamedTuple):
 
 
 class Listening(NamedTuple):
-    """What listen() set up: the channel, the ack batch (None with --ack-each), and the cancel flag."""
+    """What listen() set up: the channel, the ack batch, and the cancel flag."""
 
     channel: BlockingChannel
-    batch: BatchedAcks | None
+    batch: BatchedAcks
     cancelled: threading.Event
 
 
@@ -252,7 +252,7 @@ def _close_channel(channel: BlockingChannel) -> None:
 def _close(connection: pika.BlockingConnection, listening: Listening | None) -> None:
     """Ack what has been handled, then close; unacked messages go back to the queue."""
     try:
-        if listening is not None and listening.batch is not None and connection.is_open:
+        if listening is not None and connection.is_open:
             listening.batch.flush()
     except pika.exceptions.AMQPError:
         pass  # then those are handled again, as after a crash
