@@ -91,6 +91,8 @@ def main() -> int:
     except (BrokerError, RemoteError, TimeoutError, ValueError, pika.exceptions.AMQPError) as exc:
         if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):  # blocked_for (or the URL's) ran out
             exc = "the broker blocked the connection (memory or disk alarm); gave up"
+        elif isinstance(exc, pika.exceptions.NackError):  # basic.nack: a full queue, a cluster in trouble
+            exc = "the broker refused the chunk (a nack)"
         print(f"call_one: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the chunk may or may not be queued; no result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import signal
@@ -12,8 +13,9 @@ from pathlib import Path
 import pika
 import pytest
 
+from distop.protocol import DEAD_LETTER_EXCHANGE, WORK_QUEUE_ARGUMENTS
 from pc import broker
-from pc.workqueue import QUEUE, QUEUE_ARGUMENTS
+from pc.workqueue import DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 from tests.conftest import (
     ROOT,
     SHARED_BROKER,
@@ -268,3 +270,44 @@ def test_ctrl_c_ends_a_blocked_short_publisher_at_once(
     name = Path(script).stem
     confirmed = " (0 of 5 confirmed)" if name == "send_many" else ""
     assert proc.stderr_lines == [f"{name}: interrupted{confirmed}"]
+
+
+# What each short publisher publishes to, and the line it says when the broker refuses (nacks) it.
+REFUSED: dict[str, tuple[str, str]] = {
+    "pc/send_one.py": ("pc", "send_one: the broker refused the message (a nack)"),
+    "pc/send_many.py": ("pc", "send_many: the broker refused 1 message(s) (0 of 5 confirmed)"),
+    "pikachat/say_one.py": ("chat.full", "say_one: the broker refused the line (a nack)"),
+    "distop/call_one.py": ("distop.chunks", "call_one: the broker refused the chunk (a nack)"),
+}
+
+
+@pytest.mark.parametrize("script", SHORT_PUBLISHERS)
+def test_a_short_publisher_refused_by_the_broker_says_so_in_one_line(
+    spawn: Spawn, amqp_url: str, vhost: str, script: str
+) -> None:
+    queue, line = REFUSED[script]
+    # Full at one message, and says so with a nack (overflow reject-publish). A quorum queue enforces its
+    # length between publishes: the first two overfill it, and from then on it refuses each one.
+    policy = json.dumps({"max-length": 1, "overflow": "reject-publish"})
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "full", f"^{queue}$", policy)
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        if queue == "chat.full":  # a listener whose queue is full: the fanout exchange cannot deliver to it
+            channel.exchange_declare("pikachat", exchange_type="fanout", durable=True)
+            channel.queue_declare(queue)
+            channel.queue_bind(queue, "pikachat")
+        else:  # the queue as the script declares it
+            if queue == "pc":
+                channel.queue_declare("pc.dead", durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS)
+            else:
+                channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+            arguments = QUEUE_ARGUMENTS if queue == "pc" else WORK_QUEUE_ARGUMENTS
+            channel.queue_declare(queue, durable=True, arguments=arguments)
+        channel.confirm_delivery()
+        for body in (b"fill 1", b"fill 2"):
+            with contextlib.suppress(pika.exceptions.NackError):
+                channel.basic_publish("", queue, body)
+    wait_until(lambda: queue_depth(vhost, queue) >= 1, 10, f"a full {queue}")
+    proc = run_to_end(spawn, script, *SHORT_PUBLISHERS[script])
+    assert proc.popen.returncode == 1, proc.output
+    assert proc.stderr_lines == [line]
