@@ -29,7 +29,7 @@ POKEMON = (
 # How often an idle sender serves its connection (heartbeats, noticing a
 # lost broker); also how soon it notices Ctrl-C.
 IDLE = 0.5
-# A "line" from stdin is cut here even without a line ending.
+# A line from stdin is cut here, the rest of it dropped, so that memory stays bounded without a line ending.
 MAX_LINE = 64 * 1024
 
 
@@ -134,21 +134,26 @@ class Lines:
 
 
 def read_stdin() -> Iterator[str]:
-    """Each line on stdin, without its line ending; a very long one is cut in pieces."""
+    """Each line on stdin, without its line ending; of a very long one, its first MAX_LINE characters."""
     # os.read rather than sys.stdin: a daemon thread blocked inside a
     # buffered file can abort the interpreter at exit.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""
+    skipping = False  # in the rest of a line too long to hold: dropped up to its end
     while True:
         try:
             chunk = os.read(0, 65536)
         except OSError:
             chunk = b""
-        *lines, pending = (pending + decoder.decode(chunk, final=not chunk)).split("\n")
-        if len(pending) > MAX_LINE:
-            lines, pending = [*lines, pending], ""
-        for line in lines:
-            yield line.removesuffix("\r")
+        text = decoder.decode(chunk, final=not chunk)
+        if skipping and "\n" in text:
+            text, skipping = text.split("\n", 1)[1], False
+        if not skipping:
+            *lines, pending = (pending + text).split("\n")
+            if len(pending) > MAX_LINE:  # memory stays bounded; the line is cut to MAX_TEXT anyway
+                lines, pending, skipping = [*lines, pending], "", True
+            for line in lines:
+                yield line.removesuffix("\r")
         if not chunk:
             break
     if pending:

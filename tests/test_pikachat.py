@@ -430,6 +430,14 @@ def test_a_long_line_is_cut(spawn: Spawn) -> None:
     assert shown(receiver) == ["ash: " + "y" * 2000]
 
 
+def test_a_line_longer_than_the_input_buffer_is_still_one_message(spawn: Spawn) -> None:
+    receiver = listen(spawn)
+    sender = say(spawn, "z" * 200_000, "after", name="ash")
+    receiver.wait_for(r"ash: after$")
+    assert shown(receiver) == ["ash: " + "z" * 2000, "ash: after"]
+    assert sender.count("cut to 2000") == 1, sender.stderr
+
+
 BAD_NAME = "argument --name: a name is 1 to 32 letters, digits, '_', '.' or '-'"
 BAD_ARGUMENTS = [
     (("pikachat/send.py", "--name", "ash ketchum"), BAD_NAME),
