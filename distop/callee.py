@@ -74,7 +74,7 @@ def serve(executor_class: type[OpExecutor], description: str) -> int:
     try:
         # Connects, declares, consumes until Ctrl-C or SIGTERM; reconnects if the broker restarts.
         executor_class(args.rabbit_host).run()
-    except BrokerError as exc:  # no broker for 60 s, refused credentials, our queue declared otherwise
+    except BrokerError as exc:  # not serving 60 s after a loss, refused credentials, queue declared otherwise
         print(f"callee: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -104,11 +104,13 @@ class OpExecutor:
       this server dies mid-chunk   not acked: the broker gives the chunk to another server
       a chunk that kills servers   the queue delivers it 5 times at most, then dead-letters it;
                                    its client gets PoisonChunkError
-      the broker is lost           run: reconnect, for up to RECONNECT_FOR; then one line, exit 1
+      the broker is lost           run: reconnect; not consuming again within RECONNECT_FOR (a node may
+                                   answer, yet fail to declare a quorum queue): one line with why, exit 1
       an op past consumer_timeout  _serve: the broker closed the channel; one line, a new channel
       the work queue is deleted    _on_cancelled, then _serve declares it again
       the queue declared otherwise _declare: one line, exit 1
-      Ctrl-C or SIGTERM            _on_signal: finish the chunk in hand, exit 0; a second: at once
+      Ctrl-C or SIGTERM            _on_signal: finish the chunk in hand, exit 0; a second: at once;
+                                   none in hand while connecting or declaring: at once
     """
 
     QUEUE: ClassVar[str] = WORK_QUEUE
@@ -127,6 +129,8 @@ class OpExecutor:
         self._stopping = threading.Event()
         self._aborting = threading.Event()
         self._announced = False
+        self._consuming = False  # in start_consuming(); if not, nor a chunk in hand, a signal ends run()
+        self._down_since: float | None = None  # not consuming since then (run); None while consuming
 
     # The RabbitMQ story, in the order it happens ------------------------------
 
@@ -274,34 +278,59 @@ class OpExecutor:
     # Plumbing: reconnection, channels the broker closes, signals ----------------
 
     def run(self) -> None:
-        """Serve until stopped. Raises BrokerError if the broker cannot be reached
-        at first, stays away for RECONNECT_FOR seconds, or refuses our queues."""
+        """Serve until stopped. Raises BrokerError if the broker cannot be reached at first,
+        if we are not consuming again RECONNECT_FOR seconds after losing it (or after starting),
+        or if it refuses our queues."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGTERM, self._on_signal)
         # One worker thread for the executor's life (daemon: a second Ctrl-C
         # must not wait for an op to finish).
         threading.Thread(target=self._work_forever, name="distop-op", daemon=True).start()
-        lost_since: float | None = None
+        # Reset only once consuming (_serve), not by a mere connect: a node may answer and still fail
+        # every declaration (a quorum queue without a majority of its nodes).
+        self._down_since = time.monotonic()
+        first = True
         backoff = 0.5
-        while not self._stopping.is_set():
-            try:
-                connection = connect(self._url)
-            except BrokerError:
-                if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
-                    raise
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            lost_since, backoff = None, 0.5
-            try:
-                self._serve(connection)
-            except pika.exceptions.AMQPConnectionError as exc:
-                # The broker restarted, or the network failed: connect again, for up to RECONNECT_FOR.
-                LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
-                lost_since = time.monotonic()
-            except pika.exceptions.AMQPChannelError as exc:
-                raise BrokerError(f"the broker refused: {exc}") from exc
+        try:
+            while not self._stopping.is_set():
+                try:
+                    connection = connect(self._url)
+                except BrokerError:
+                    if first or time.monotonic() - self._down_since > RECONNECT_FOR:
+                        raise
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                first, backoff = False, 0.5
+                try:
+                    self._serve(connection)
+                except pika.exceptions.AMQPConnectionError as exc:
+                    # The broker restarted, or the network failed: connect again, for up to RECONNECT_FOR.
+                    self._consuming = False
+                    self._lost(exc)
+                except pika.exceptions.AMQPChannelError as exc:
+                    raise BrokerError(f"the broker refused: {exc}") from exc
+        except _Stopped:
+            LOGGER.info("stopped")  # a signal while nothing was in hand (_on_signal)
+
+    def _lost(self, exc: pika.exceptions.AMQPConnectionError) -> None:
+        """The connection is lost: say why, start the outage clock; BrokerError once RECONNECT_FOR is out."""
+        if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+            why = f"the broker closed the connection: {exc.reply_code} {exc.reply_text}"
+        else:
+            why = type(exc).__name__
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        elif time.monotonic() - self._down_since > RECONNECT_FOR:
+            # 541 before consuming: what RabbitMQ 3.10 says after a declaration hung a minute.
+            internal = isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code == 541
+            hint = "; a quorum queue without a majority of its nodes?" if internal else ""
+            raise BrokerError(
+                f"could not serve {self.QUEUE!r} at {redact(self._url)} within {RECONNECT_FOR:.0f} s: "
+                f"{why}{hint}"
+            ) from exc
+        LOGGER.warning("lost the broker (%s); reconnecting", why)
 
     def stop(self) -> None:
         """Stop taking chunks; ``run()`` returns after the chunks in hand are finished."""
@@ -335,14 +364,18 @@ class OpExecutor:
                 # the next chunk must not wait unacked behind it.
                 self._wait_for_chunk_in_hand(connection)
                 self._consume(connection, channel)
+                self._down_since = None  # consuming again: the outage, if any, is over (run)
                 if not self._announced:
                     self._announced = True
                     ops, url = ", ".join(self._ops), redact(self._url)
                     LOGGER.info("serving %s on %r at %s; Ctrl-C to stop", ops, self.QUEUE, url)
                 # Returns once _tick() calls stop_consuming(), or our consumers are cancelled; raises
                 # ChannelClosedByBroker if the broker closes the channel.
+                self._consuming = True
                 channel.start_consuming()
+                self._consuming = False
             except pika.exceptions.ChannelClosedByBroker as exc:
+                self._consuming = False
                 # The broker closed our channel (an op past its consumer_timeout): the chunk in hand went
                 # back to the queue; say why in one line (_channel_closed_reason), serve on a new channel.
                 LOGGER.warning("%s; serving on a new channel", _channel_closed_reason(exc))
@@ -361,6 +394,11 @@ class OpExecutor:
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         """Ctrl-C or SIGTERM: take no more chunks, finish the one in hand; a second one: give it back now."""
+        if not self._consuming and self._in_hand is None:
+            # Connecting or declaring (which may hang a minute): nothing in hand, so leave the pika call now
+            # (run returns; the process ends and the broker sees the connection go).
+            self._stopping.set()
+            raise _Stopped
         if self._stopping.is_set():
             self._aborting.set()  # a second Ctrl-C: give the chunk back now
         else:
@@ -370,6 +408,10 @@ class OpExecutor:
     def _on_cancelled(self, _frame: Method) -> None:
         """The broker cancelled our consumer (its queue was deleted): _serve declares it again."""
         LOGGER.warning("the broker cancelled our consumer (was %r deleted?); declaring it again", self.QUEUE)
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM with nothing in hand. A BaseException, as KeyboardInterrupt: pika lets it through."""
 
 
 def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:

@@ -33,11 +33,14 @@ What goes wrong, and what the code does (docs/pc.md has the whole table, with it
     the handler raises           on_message: basic_nack(requeue=True); the 6th time, pc.dead. At once,
                                  no delay: a passing failure can use up all 6 in milliseconds
     this consumer dies           the broker delivers its unacked messages again, to any consumer
-    the broker is lost           consume: reconnect, for up to RECONNECT_FOR; then one line, exit 1
+    the broker is lost           consume: reconnect; not consuming again within RECONNECT_FOR (counted
+                                 to consuming, not connecting: a node may answer, yet fail to declare a
+                                 quorum queue without its majority), one line with why, exit 1
     pc is deleted                consume: the broker cancels us; declare pc again, consume again
     pc declared otherwise (406)  consume: one line, exit 1
     Ctrl-C or SIGTERM            a flag: the message in hand is not acked; it and the prefetched ones
-                                 go back, each return counting towards the delivery limit; exit 0
+                                 go back, each return counting towards the delivery limit; exit 0.
+                                 Not consuming yet (nothing in hand): on_signal ends it at once, exit 0
     a handler slower than the    the broker takes us for dead: our unacked messages go back; we
       heartbeat timeout          reconnect. For long work, see distop's server (a worker thread)
 """
@@ -85,6 +88,8 @@ SHOW_AT_MOST = 1000
 
 # Set by Ctrl-C or SIGTERM (see main): take no more messages, close, exit 0.
 STOPPING = threading.Event()
+# Set while consuming, when a message may be in hand; unset, a signal ends us at once (on_signal).
+CONSUMING = threading.Event()
 
 
 # The story: declare, consume, handle, ack ----------------------------------
@@ -177,27 +182,33 @@ class Listening(NamedTuple):
 def consume(url: str, ack_each: bool, options: Options) -> None:
     """Consume until STOPPING is set; reconnect if the broker goes away.
 
-    Raises BrokerError if the first connection fails or the broker stays away
-    for RECONNECT_FOR seconds.
+    Raises BrokerError if the first connection fails, or if we are not consuming
+    again RECONNECT_FOR seconds after losing the broker (or after starting).
     """
-    lost_since: float | None = None
+    # Not consuming since then (None while consuming): not reset by a mere connect, as a node may answer
+    # and still fail every declaration (a quorum queue without a majority of its nodes).
+    down_since: float | None = time.monotonic()
+    first = True
     backoff = 0.5
     while not STOPPING.is_set():
         try:
             connection = connect(url)
         except BrokerError:
-            if lost_since is None or time.monotonic() - lost_since > RECONNECT_FOR:
+            if first or time.monotonic() - down_since > RECONNECT_FOR:
                 raise
             LOGGER.info("broker still unreachable; retrying in %.1f s", backoff)
             STOPPING.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
-        lost_since, backoff = None, 0.5
+        first, backoff = False, 0.5
         listening: Listening | None = None
         try:
             while not STOPPING.is_set():
+                CONSUMING.clear()  # nothing in hand while we declare: a signal may end us at once
                 listening = listen(connection, ack_each, options)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
+                down_since = None
+                CONSUMING.set()
                 # start_consuming() in half-second slices: between them, notice Ctrl-C (a flag) or a cancel.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
                     connection.process_data_events(time_limit=0.5)
@@ -209,12 +220,32 @@ def consume(url: str, ack_each: bool, options: Options) -> None:
                     _close_channel(listening.channel)
             _close(connection, listening)
         except pika.exceptions.AMQPConnectionError as exc:
-            LOGGER.warning("lost the broker (%s); reconnecting", type(exc).__name__)
-            lost_since = time.monotonic()
+            CONSUMING.clear()
+            why = _why_lost(exc)
+            if down_since is not None and time.monotonic() - down_since > RECONNECT_FOR:
+                # 541 before consuming: what RabbitMQ 3.10 says after a declaration hung a minute.
+                hint = "; a quorum queue without a majority of its nodes?" if _internal_error(exc) else ""
+                raise BrokerError(
+                    f"could not consume from {QUEUE!r} at {redact(url)} within {RECONNECT_FOR:.0f} s: "
+                    f"{why}{hint}"
+                ) from exc
+            LOGGER.warning("lost the broker (%s); reconnecting", why)
+            down_since = down_since or time.monotonic()
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 406 and "inequivalent arg" in exc.reply_text:  # listen's queue_declare
                 raise BrokerError(inequivalent(exc.reply_text)) from exc
             raise
+
+
+def _internal_error(exc: pika.exceptions.AMQPConnectionError) -> bool:
+    return isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code == 541
+
+
+def _why_lost(exc: pika.exceptions.AMQPConnectionError) -> str:
+    """The broker's reply code and text if it closed the connection, else the kind of loss."""
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        return f"the broker closed the connection: {exc.reply_code} {exc.reply_text}"
+    return type(exc).__name__
 
 
 def pretend_to_work(seconds: float) -> bool:
@@ -263,6 +294,19 @@ def _close(connection: pika.BlockingConnection, listening: Listening | None) -> 
         pass
 
 
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM while not consuming. A BaseException, as KeyboardInterrupt: pika lets it through."""
+
+
+def on_signal(_signum: int, _frame: object) -> None:
+    """Ctrl-C or SIGTERM: while consuming, only a flag, as an exception in the middle of pika's I/O could
+    leave a message in hand unsettled; otherwise nothing is in hand, and a declaration may hang for a
+    minute: end now (main exits 0; the broker sees the connection go)."""
+    STOPPING.set()
+    if not CONSUMING.is_set():
+        raise Stopped
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no log line per message")
@@ -292,14 +336,15 @@ def main() -> int:
     if not args.verbose:
         # pika logs expected disconnections as errors, with tracebacks.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
-    # Ctrl-C and SIGTERM (docker stop, kill) only raise a flag: an exception
-    # raised in the middle of pika's I/O could leave the connection stuck.
+    # Ctrl-C and SIGTERM (docker stop, kill): see on_signal.
     # SIGINT explicitly, too: a shell starting us in the background ignores it.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: STOPPING.set())
-    signal.signal(signal.SIGINT, lambda _signum, _frame: STOPPING.set())
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     try:
         consume(resolve(), args.ack_each, Options(args.quiet, args.work, fail_on))
+    except Stopped:
+        pass  # a signal while not consuming: nothing was in hand
     except BrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)
         return 1
