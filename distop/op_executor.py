@@ -302,13 +302,19 @@ class OpExecutor:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue
-                first, backoff = False, 0.5
+                first = False
                 try:
                     self._serve(connection)
                 except pika.exceptions.AMQPConnectionError as exc:
                     # The broker restarted, or the network failed: connect again, for up to RECONNECT_FOR.
                     self._consuming = False
+                    consumed = self._down_since is None  # _serve clears it once consuming
                     self._lost(exc)
+                    if consumed:
+                        backoff = 0.5
+                    else:  # lost before consuming on it: not at once, lest we hammer the node
+                        time.sleep(backoff)
+                        backoff = min(backoff * 2, MAX_BACKOFF)
                 except pika.exceptions.AMQPChannelError as exc:
                     raise BrokerError(f"the broker refused: {exc}") from exc
         except _Stopped:

@@ -200,14 +200,14 @@ def consume(url: str, ack_each: bool, options: Options) -> None:
             STOPPING.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
-        first, backoff = False, 0.5
+        first = False
         listening: Listening | None = None
         try:
             while not STOPPING.is_set():
                 CONSUMING.clear()  # nothing in hand while we declare: a signal may end us at once
                 listening = listen(connection, ack_each, options)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
-                down_since = None
+                down_since, backoff = None, 0.5
                 CONSUMING.set()
                 # start_consuming() in half-second slices: between them, notice Ctrl-C (a flag) or a cancel.
                 while not STOPPING.is_set() and not listening.cancelled.is_set():
@@ -230,6 +230,9 @@ def consume(url: str, ack_each: bool, options: Options) -> None:
                     f"{why}{hint}"
                 ) from exc
             LOGGER.warning("lost the broker (%s); reconnecting", why)
+            if down_since is not None:  # lost before consuming on it: not at once, lest we hammer the node
+                STOPPING.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
             down_since = down_since or time.monotonic()
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 406 and "inequivalent arg" in exc.reply_text:  # listen's queue_declare
