@@ -329,7 +329,7 @@ class OpExecutor:
         if self._down_since is None:
             self._down_since = time.monotonic()
         elif time.monotonic() - self._down_since > RECONNECT_FOR:
-            # 541 before consuming: what RabbitMQ 3.10 says after a declaration hung a minute.
+            # 541 INTERNAL_ERROR before consuming: RabbitMQ 3.10, a declaration that hung a minute.
             internal = isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code == 541
             hint = "; a quorum queue without a majority of its nodes?" if internal else ""
             raise BrokerError(

@@ -223,7 +223,7 @@ def consume(url: str, ack_each: bool, options: Options) -> None:
             CONSUMING.clear()
             why = _why_lost(exc)
             if down_since is not None and time.monotonic() - down_since > RECONNECT_FOR:
-                # 541 before consuming: what RabbitMQ 3.10 says after a declaration hung a minute.
+                # 541 INTERNAL_ERROR before consuming: RabbitMQ 3.10, a declaration that hung a minute.
                 hint = "; a quorum queue without a majority of its nodes?" if _internal_error(exc) else ""
                 raise BrokerError(
                     f"could not consume from {QUEUE!r} at {redact(url)} within {RECONNECT_FOR:.0f} s: "

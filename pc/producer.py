@@ -11,8 +11,9 @@ Guarantee: exit status 0 means the broker has taken every message into ``pc``, p
 consumer may see one twice, never miss one. Anything else ends in one line and exit status 1.
 
 Read pc/send_many.py first. ``Publisher`` tells its ``SendMany``'s story, in the same order: it comes
-first below, and makes only pika calls. Then, in a section of its own, what goes wrong, and what the code does
-(docs/pc.md has the whole table, with its tests):
+first below, with a one-line hook here and there for what goes wrong (the loop in run, watch, passive). Then,
+in a section of its own, what goes wrong, and what the code does (docs/pc.md has the whole table, with its
+tests):
 
     a lost connection       on_closed, then run: a new connection publishes every unconfirmed message again
     a nack                  on_nack: start over the same way; after NACKS_FOR s of nothing but nacks, exit 1
