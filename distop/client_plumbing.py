@@ -284,6 +284,11 @@ class JobBook:
             if job.done or job.watched:  # one wake-up per job, not one per partial
                 self.cond.notify_all()
 
+    def note_malformed(self, job: Job, why: str) -> None:
+        """A reply for ``job`` could not be read: its TimeoutError, if it comes to that, gives ``why``."""
+        with self.cond:
+            job.malformed = why
+
     def fail_pending(self, error: DistOpError) -> None:
         with self.cond:
             for job in self.jobs.values():
@@ -300,6 +305,7 @@ class Job:
     partials: dict[int, Any] = field(default_factory=dict)
     error: DistOpError | None = None
     watched: bool = False  # a get_result() with a progress callback wants every partial
+    malformed: str = ""  # why the last unreadable reply for one of its chunks was dropped
 
     @property
     def done(self) -> bool:
@@ -337,7 +343,7 @@ class Job:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
                     f"job {self.id}: {len(self.partials)} of {len(self.requests)} partial results "
-                    f"within {timeout} s ({why_late()})"
+                    f"within {timeout} s ({self.malformed or why_late()})"
                 )
             # At most TIMEOUT_MAX at a time (about 292 years): a longer wait raises OverflowError.
             cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))

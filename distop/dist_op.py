@@ -65,7 +65,7 @@ from distop.client_plumbing import (
     checked_data,
     pending_job,
 )
-from distop.errors import BrokerError, DistOpError, RemoteError
+from distop.errors import BrokerError, DistOpError, RemoteError, printable
 from distop.protocol import (
     CLIENT_HEADER,
     DEAD_LETTER_EXCHANGE,
@@ -112,7 +112,8 @@ class _ClientLink:
         the connection lost                    _on_closed: reconnect; after a minute, the jobs fail
         a declaration refused (406)            _on_channel_closed: call() raises BrokerError
         our chunk dead-lettered                _on_reply: PoisonChunkError for its job
-        a malformed, forged or late reply      _on_reply: dropped, logged
+        a malformed, forged or late reply      _on_reply: dropped, logged; the job's TimeoutError names
+                                               the malformed one
         a bug in one of these callbacks        GuardedSelectConnection: the pending jobs fail with it
         the broker blocks us (memory or disk   _on_blocked: a warning at once; we wait, and a get_result()
         alarm)                                 that times out meanwhile says so (why_late)
@@ -246,7 +247,12 @@ class _ClientLink:
         try:
             reply = decode_reply(body)
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
-            LOGGER.warning("dropped a malformed reply for %s:%s: %s", job.id, start, error_text(exc)[:200])
+            why = printable(error_text(exc)[:200])
+            LOGGER.warning("dropped a malformed reply for %s:%s: %s", job.id, start, why)
+            # The job waits on (a forged reply must not fail it); if it times out, its TimeoutError says this.
+            self._jobs.note_malformed(
+                job, f"the reply for chunk {job.id}:{start} was malformed and dropped: {why}"
+            )
             return
         self._jobs.file(job, start, reply if isinstance(reply, RemoteError) else reply.result)
 

@@ -662,6 +662,25 @@ def test_hostile_replies_are_dropped_and_nothing_is_published_again(
         assert op.get_result(job, timeout=15) == [1, 2, 3, 4]
 
 
+def test_a_job_whose_reply_was_malformed_times_out_saying_so(amqp_url: str, vhost: str) -> None:
+    with ListOp([1, 2], rabbit_host=amqp_url) as op:
+        job = op.call()
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 1, 10, "the chunk in the queue")
+        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+            channel = connection.channel()
+            # A server of another version, say: it takes the chunk and answers in a shape we cannot read.
+            _method, props, _body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+            reply = pika.BasicProperties(correlation_id=props.correlation_id)
+            channel.basic_publish("", props.reply_to, b'{"partial": [1, 2]}', reply)
+        wait_until(lambda: queue_depth(vhost, reply_queue_of(vhost)) == 0, 10, "the client to read it")
+        with pytest.raises(TimeoutError) as caught:
+            op.get_result(job, timeout=0.5)
+    message = str(caught.value)
+    assert f"job {job}: 0 of 1 partial results within 0.5 s" in message
+    assert f"the reply for chunk {job}:0 was malformed and dropped" in message, message
+    assert "is a server serving" not in message
+
+
 # Text a hostile peer may put in a reply, to forge a second line where the client shows the error.
 FORGED = "\x1b[31mRED\n05:00:00 INFO forged log line"
 
