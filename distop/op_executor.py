@@ -258,8 +258,12 @@ class OpExecutor:
 
     def _op_done(self, connection: pika.BlockingConnection, chunk: Chunk, body: bytes) -> None:
         """On the connection's thread: the op in hand is done; reply and ack (_reply_and_ack)."""
-        self._in_hand = None
-        self._reply_and_ack(chunk, body)
+        try:
+            self._reply_and_ack(chunk, body)
+        finally:
+            # Only now: until the ack is sent, a signal must find the chunk in hand (_on_signal) and let
+            # it finish, not end the server between the op and its ack.
+            self._in_hand = None
 
     def _wait_for_chunk_in_hand(self, connection: pika.BlockingConnection) -> None:
         # Short waits, so that a second signal is noticed promptly.
