@@ -33,7 +33,8 @@ class PowOp(DistOp):
 def start_job(op: DistOp, name: str, **params: Any) -> str:
     """Publish a job's chunks and return its id at once, without waiting for any result."""
     # Returns at once. DistOp's I/O thread publishes each chunk to the work queue: basic_publish("",
-    # "distop.chunks", chunk, persistent, mandatory, reply_to="amq.gen-...", correlation_id="JOB_ID:START"),
+    # "distop.chunks", chunk, persistent, mandatory, reply_to="amq.gen-...", correlation_id="JOB_ID:START",
+    # headers={"distop-client": our id}, which brings the chunk back to us if it is dead-lettered),
     # published again (after a nack, a return or a lost connection) until its result is in.
     job_id = op.call(**params)
     # Each chunk's reply will carry correlation_id "JOB_ID:START": this job, and where its chunk starts.
