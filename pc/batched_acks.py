@@ -27,14 +27,10 @@ ACK_DELAY = 0.1
 
 
 class BatchedAcks:
-    """Say when a batch of handled messages is due for its ack: ``due(tag)``; ``flush()`` acks the rest.
+    """Say when a batch of handled messages is due for its ack: ``due(tag)``; ``flush()`` acks the rest."""
 
-    ``every=1`` makes every message due at once: an ack per message.
-    """
-
-    def __init__(self, channel: BlockingChannel, every: int = ACK_EVERY) -> None:
+    def __init__(self, channel: BlockingChannel) -> None:
         self.channel = channel
-        self.every = every
         self._last_tag = 0
         self._waiting = 0  # handled, not yet acknowledged
         self._acked_at = time.monotonic()
@@ -43,7 +39,7 @@ class BatchedAcks:
         """A message has been handled: True if its batch is due (the caller acks up to ``delivery_tag``)."""
         self._last_tag = delivery_tag
         self._waiting += 1
-        if self._waiting >= self.every or time.monotonic() - self._acked_at >= ACK_DELAY:
+        if self._waiting >= ACK_EVERY or time.monotonic() - self._acked_at >= ACK_DELAY:
             self._acked()
             return True
         if self._waiting == 1:

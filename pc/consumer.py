@@ -61,7 +61,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from pc.batched_acks import ACK_EVERY, BatchedAcks
+from pc.batched_acks import BatchedAcks
 from pc.broker import BrokerError, connect, redact, resolve
 from pc.workqueue import (
     DEAD_LETTER_QUEUE,
@@ -95,7 +95,7 @@ CONSUMING = threading.Event()
 # The story: declare, consume, handle, ack ----------------------------------
 
 
-def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options) -> Listening:
+def listen(connection: pika.BlockingConnection, options: Options) -> Listening:
     """Declare the queue and consume from it on a new channel."""
     channel = connection.channel()
     # Where pc sends a message over its delivery limit (pc/workqueue.py).
@@ -110,8 +110,8 @@ def listen(connection: pika.BlockingConnection, ack_each: bool, options: Options
     # us at once; the rest wait in the queue for whichever consumer is free.
     channel.basic_qos(prefetch_count=PREFETCH)
     # Our choice: for speed, acks in batches, one for up to 50 handled messages (pc/batched_acks.py);
-    # --ack-each acks each message alone, the plain way.
-    batch = BatchedAcks(channel, every=1 if ack_each else ACK_EVERY)
+    # --ack-each acks each message alone, the plain way (on_message).
+    batch = BatchedAcks(channel)
     # Consumer cancel notification: the broker tells us when it ends our consumer (the queue
     # was deleted). start_consuming() would return; consume's loop watches this flag instead.
     cancelled = threading.Event()
@@ -144,10 +144,12 @@ def make_handler(batch: BatchedAcks, options: Options):
             return
         if not handled:
             return  # cut short by Ctrl-C: not acked either
-        # Ack after handling, never before: now the broker may forget the message. multiple: this ack covers
-        # every delivery up to this tag, each handled already (they come one at a time, in order), so one
-        # ack serves a batch; batch.due says when one is due (every message with --ack-each).
-        if batch.due(method.delivery_tag):
+        # Ack after handling, never before: now the broker may forget the message.
+        if options.ack_each:  # --ack-each: the plain form, an ack for this message alone
+            channel.basic_ack(delivery_tag=method.delivery_tag)
+        # Our choice, for speed: one ack for a batch. multiple: it covers every delivery up to this tag,
+        # each handled already (they come one at a time, in order); batch.due says when one is due.
+        elif batch.due(method.delivery_tag):
             channel.basic_ack(delivery_tag=method.delivery_tag, multiple=True)
 
     return on_message
@@ -166,6 +168,7 @@ class Options(NamedTuple):
     quiet: bool = False  # --quiet: no log line per message
     work: float = 0.0  # --work: seconds each message pretends to take
     fail_on: bytes | None = None  # --fail-on: fail to handle a message containing this
+    ack_each: bool = False  # --ack-each: an ack per message, not one per batch
 
 
 class Listening(NamedTuple):
@@ -179,7 +182,7 @@ class Listening(NamedTuple):
 # Reconnection and plumbing -------------------------------------------------
 
 
-def consume(url: str, ack_each: bool, options: Options) -> None:
+def consume(url: str, options: Options) -> None:
     """Consume until STOPPING is set; reconnect if the broker goes away.
 
     Raises BrokerError if the first connection fails, or if we are not consuming
@@ -205,7 +208,7 @@ def consume(url: str, ack_each: bool, options: Options) -> None:
         try:
             while not STOPPING.is_set():
                 CONSUMING.clear()  # nothing in hand while we declare: a signal may end us at once
-                listening = listen(connection, ack_each, options)
+                listening = listen(connection, options)
                 LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
                 down_since, backoff = None, 0.5
                 CONSUMING.set()
@@ -345,7 +348,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        consume(resolve(), args.ack_each, Options(args.quiet, args.work, fail_on))
+        consume(resolve(), Options(args.quiet, args.work, fail_on, args.ack_each))
     except Stopped:
         pass  # a signal while not consuming: nothing was in hand
     except BrokerError as exc:

@@ -63,10 +63,18 @@ MAX_COUNT = 1_000_000  # messages in one run, at most (--count)
 
 
 class Publisher:
-    """Publish ``bodies`` in order, confirms pipelined; ``run()`` (at the end) raises BrokerError if it can't.
+    """Publish ``bodies`` in order, confirms pipelined; ``run()`` raises BrokerError if it can't.
 
-    pika calls the story's methods, connect to on_declared, each once the broker has answered the one
-    before; then on_confirm whenever the broker sends a confirm.
+    The conversation with the broker, in the order it happens on each connection; each method is a
+    callback that pika calls once the broker has answered the one before:
+
+        run, connect    pika.SelectConnection          a connection to the next node; its ioloop runs
+        on_open         connection.channel()           one channel
+        on_channel      confirm_delivery(on_confirm)   the broker will ack (or nack) each message
+                        queue_declare(pc.dead, pc)     durable quorum queues, as the consumer declares them
+        on_declared     (the broker answered)          pc is there: publish
+        publish         basic_publish, up to WINDOW    persistent, mandatory; numbered 1, 2, 3...
+        on_confirm      basic.ack (or basic.nack)      the broker has them (or refused them): publish more
     """
 
     def __init__(self, url: str, bodies: list[bytes]) -> None:
