@@ -39,8 +39,10 @@ What goes wrong, and what the code does (docs/pc.md has the whole table, with it
     pc is deleted                consume: the broker cancels us; declare pc again, consume again
     pc declared otherwise (406)  consume: one line, exit 1
     Ctrl-C or SIGTERM            a flag: the message in hand is not acked; it and the prefetched ones
-                                 go back, each return counting towards the delivery limit; exit 0.
-                                 Not consuming yet (nothing in hand): on_signal ends it at once, exit 0
+                                 go back, each return counting towards the delivery limit (a message
+                                 held through 6 stops goes to pc.dead: with a slow handler that is
+                                 restarted often, lower PREFETCH); exit 0. Not consuming yet (nothing
+                                 in hand): on_signal ends it at once, exit 0
     a handler slower than the    the broker takes us for dead: our unacked messages go back; we
       heartbeat timeout          reconnect. For long work, see distop's server (a worker thread)
 """
