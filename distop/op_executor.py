@@ -41,7 +41,7 @@ from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
 from distop import codec
-from distop.broker import connect, parameters, redact, resolve
+from distop.broker import Connection, connect, parameters, redact, resolve
 from distop.errors import BrokerError
 from distop.protocol import (
     DEAD_LETTER_EXCHANGE,
@@ -356,7 +356,7 @@ class OpExecutor:
             if not name.startswith("_") and name not in base and callable(getattr(cls, name))
         )
 
-    def _serve(self, connection: pika.BlockingConnection) -> None:
+    def _serve(self, connection: Connection) -> None:
         """Declare and consume, on a new channel whenever the broker closes ours, until stopped."""
         self._in_hand = None  # a lost connection's chunks are back in the queue
         self._tick(connection)
@@ -377,8 +377,10 @@ class OpExecutor:
                 self._down_since = None  # consuming again: the outage, if any, is over (run)
                 if not self._announced:
                     self._announced = True
-                    ops, url = ", ".join(self._ops), redact(self._url)
-                    LOGGER.info("serving %s on %r at %s; Ctrl-C to stop", ops, self.QUEUE, url)
+                    ops = ", ".join(self._ops)
+                    LOGGER.info("serving %s on %r at %s; Ctrl-C to stop", ops, self.QUEUE, connection.node)
+                else:  # after a lost connection, or a channel the broker closed
+                    LOGGER.info("serving again on %r at %s", self.QUEUE, connection.node)
                 # Returns once _tick() calls stop_consuming(), or our consumers are cancelled; raises
                 # ChannelClosedByBroker if the broker closes the channel.
                 self._consuming = True

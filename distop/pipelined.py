@@ -35,6 +35,7 @@ from typing import ClassVar
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
+from distop.broker import Connection
 from distop.op_executor import Chunk, OpExecutor
 
 LOGGER = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class PipelinedOpExecutor(OpExecutor):
 
     # OpExecutor's plumbing, with this class's state reset where it must be ---
 
-    def _serve(self, connection: pika.BlockingConnection) -> None:
+    def _serve(self, connection: Connection) -> None:
         self._long_op_check = None
         self._waiting.clear()  # a lost connection's chunks are back in the queue
         super()._serve(connection)

@@ -194,31 +194,40 @@ def explain(url: str, *errors: BaseException) -> BrokerError:
     return BrokerError(f"cannot connect to {where}{hint}")
 
 
-class _Connection(pika.BlockingConnection):
-    """A BlockingConnection whose ``with`` block, left by Ctrl-C, ends without the close handshake.
+class Connection(pika.BlockingConnection):
+    """A BlockingConnection that knows its node, and whose ``with`` block, left by Ctrl-C, ends without the
+    close handshake.
+
+    ``node``: the address of AMQP_URL that answered, without its password, for log lines: on a cluster,
+    which node we are on.
 
     The KeyboardInterrupt may have come in the middle of a pika call, and a broker that blocks us (memory
     or disk alarm) reads nothing, so would never answer the close: the process ends, and the broker sees
     the connection go (unacked messages go back to their queue, as after a close).
     """
 
+    node = ""
+
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not KeyboardInterrupt:
             super().__exit__(exc_type, *exc)
 
 
-def connect(url: str, blocked_for: float | None = None) -> pika.BlockingConnection:
+def connect(url: str, blocked_for: float | None = None) -> Connection:
     """Connect to the first address of ``url`` that answers; raise BrokerError naming each if none does.
 
     Blocks for at most the URL's ``socket_timeout`` (pika's default: 10 s) per IP address tried.
     ``blocked_for``: as in parameters(), for a publisher.
     """
     errors: list[BaseException] = []
-    for params in parameters(url, blocked_for):
+    for address, params in zip(addresses(url), parameters(url, blocked_for), strict=True):
         try:
-            return _Connection(params)
+            connection = Connection(params)
         except (amqp.AMQPError, OSError) as exc:
             errors.append(exc)
+            continue
+        connection.node = redact(address)
+        return connection
     raise explain(url, *errors) from errors[-1]
 
 

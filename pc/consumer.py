@@ -211,7 +211,7 @@ def consume(url: str, options: Options) -> None:
             while not STOPPING.is_set():
                 CONSUMING.clear()  # nothing in hand while we declare: a signal may end us at once
                 listening = listen(connection, options)
-                LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, redact(url))
+                LOGGER.info("waiting for messages on %r at %s; Ctrl-C to stop", QUEUE, connection.node)
                 down_since, backoff = None, 0.5
                 CONSUMING.set()
                 # start_consuming() in half-second slices: between them, notice Ctrl-C (a flag) or a cancel.

@@ -35,7 +35,7 @@ from threading import Event, Thread
 from pika.adapters.blocking_connection import BlockingChannel
 
 from pikachat import sender_plumbing as plumbing
-from pikachat.broker import BrokerError, redact, resolve
+from pikachat.broker import BrokerError, resolve
 from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, render
 from pikachat.receive import Listener, subscribe
@@ -88,7 +88,7 @@ def chat(sender: Sender, lines: Lines, print_line: Callable[[str], None]) -> int
         LOGGER.info(
             "joined %r at %s as %s; type a line to send it, Ctrl-D to leave",
             EXCHANGE,
-            redact(sender.url),
+            sender.plumbing.node,
             sender.name,
         )
         failed = send_lines(sender, lines)  # send.py: the same publish for each line typed, until Ctrl-D

@@ -151,7 +151,7 @@ class Listener:
         self._channel = channel
         self._on_channel(channel)
         self._subscribed = True
-        LOGGER.info("listening on exchange %r at %s", EXCHANGE, redact(self._url))
+        LOGGER.info("listening on exchange %r at %s", EXCHANGE, channel.connection.node)
         # RabbitMQ tells no consumer that the exchange its queue was bound to is deleted: check.
         channel.connection.call_later(CHECK_EVERY, partial(self._check_binding, channel))
         # stop() may have come while we set up; its callback found no consumer.

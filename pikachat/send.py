@@ -41,7 +41,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from pikachat import sender_plumbing as plumbing
-from pikachat.broker import BrokerError, close_quietly, connect, explain, redact, resolve
+from pikachat.broker import BrokerError, Connection, close_quietly, connect, explain, redact, resolve
 from pikachat.cli import Lines, parse_arguments, setup_logging
 from pikachat.message import EXCHANGE, Message, encode
 
@@ -55,7 +55,7 @@ LOGGER = logging.getLogger("pikachat.send")
 PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Transient)
 
 
-def open_channel(url: str) -> tuple[pika.BlockingConnection, BlockingChannel]:
+def open_channel(url: str) -> tuple[Connection, BlockingChannel]:
     """Connect, turn on publisher confirms and declare the exchange; raise BrokerError if refused."""
     connection = connect(url)
     try:
@@ -164,7 +164,7 @@ def main() -> int:
     LOGGER.info(
         "sending to exchange %r at %s as %s; one message per line, Ctrl-D to end",
         EXCHANGE,
-        redact(sender.url),
+        sender.plumbing.node,
         sender.name,
     )
     try:

@@ -33,7 +33,7 @@ import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pikachat.broker import BrokerError, addresses, close_quietly, redact
+from pikachat.broker import BrokerError, Connection, addresses, close_quietly, redact
 from pikachat.cli import Lines
 
 LOGGER = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ MAX_BACKOFF = 5.0
 # before the sender gives up, unless the URL sets blocked_connection_timeout.
 BLOCKED_TIMEOUT = 60
 
-OpenChannel = Callable[[str], tuple[pika.BlockingConnection, BlockingChannel]]
+OpenChannel = Callable[[str], tuple[Connection, BlockingChannel]]
 
 
 class BlockedTooLongError(Exception):
@@ -79,7 +79,7 @@ class SenderPlumbing:
         self.in_hand = ""  # the line being sent, for the "blocked" warning
         self.blocked_for = 0.0  # the connection's blocked_connection_timeout
         self._open_channel = open_channel
-        self._connection: pika.BlockingConnection | None = None
+        self._connection: Connection | None = None
         self._channel: BlockingChannel | None = None
         self._lost = False
         self._retry_at = 0.0
@@ -93,8 +93,13 @@ class SenderPlumbing:
         # A broker short of memory or disk blocks publishers: tell the user at once.
         self.blocked_for = watch_blocked(connection, self._on_blocked, self._on_unblocked)
         if self._lost:
-            LOGGER.info("reconnected to %s", redact(self.url))
+            LOGGER.info("reconnected to %s", connection.node)
         self._lost, self._backoff = False, FIRST_BACKOFF
+
+    @property
+    def node(self) -> str:
+        """The node we are connected to, for log lines; AMQP_URL's addresses while not connected."""
+        return self._connection.node if self._connection is not None else redact(self.url)
 
     @contextlib.contextmanager
     def publishing(self, in_hand: str) -> Iterator[BlockingChannel]:

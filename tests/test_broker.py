@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import re
 import signal
 import time
 import urllib.parse
@@ -89,6 +90,12 @@ def live_address(amqp_url: str) -> str:
     return urllib.parse.urlsplit(amqp_url).netloc.rpartition("@")[2]
 
 
+def live_node(amqp_url: str) -> str:
+    """``amqp_url`` as the scripts' log lines name the node they are on: no password."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    return f"amqp://guest@{live_address(amqp_url)}{parts.path}"
+
+
 # Every script that connects, with the arguments that make it connect at once.
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "pc/producer.py": (),
@@ -148,6 +155,9 @@ def test_pc_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
     # A bare host:port takes the credentials and virtual host of the first URL.
     consumer = spawn("pc/consumer.py", url=f"{dead},{live_address(amqp_url)}")
     consumer.wait_for(r"received 'over there'")
+    # Its log names the node it is on, not every address it was given.
+    (ready,) = [line for line in consumer.stderr_lines if "waiting for messages" in line]
+    assert ready.endswith(f"waiting for messages on 'pc' at {live_node(amqp_url)}; Ctrl-C to stop"), ready
 
 
 def test_send_many_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
@@ -173,7 +183,7 @@ def test_an_empty_address_is_one_line(spawn: Spawn, url: str) -> None:
 
 def test_distop_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
     server = spawn("distop/callee.py", f"{dead_address()},{amqp_url}", url=None)
-    server.wait_for("serving")
+    server.wait_for(rf"serving .* on 'distop.chunks' at {re.escape(live_node(amqp_url))}; Ctrl-C to stop$")
     vhost = urllib.parse.urlsplit(amqp_url).path
     dead = f"amqp://guest:guest@{dead_address()}{vhost}"
     client = run_to_end(
@@ -187,8 +197,10 @@ def test_pikachat_skips_a_dead_address(spawn: Spawn, amqp_url: str) -> None:
     vhost = urllib.parse.urlsplit(amqp_url).path
     dead = f"amqp://guest:guest@{dead_address()}{vhost}"
     receiver = spawn("pikachat/receive.py", f"{dead},{live_address(amqp_url)}", url=None)
-    receiver.wait_for("listening on exchange", stream="stderr")
+    node = re.escape(live_node(amqp_url))
+    receiver.wait_for(rf"listening on exchange 'pikachat' at {node}$", stream="stderr")
     sender = spawn("pikachat/send.py", "--name", "ash", url=f"{dead},{amqp_url}", stdin=True)
+    sender.wait_for(rf"sending to exchange 'pikachat' at {node} as ash;", stream="stderr")
     sender.send("through the second node")
     receiver.wait_for(r"ash: through the second node$")
     sender.close_stdin()

@@ -490,6 +490,8 @@ def test_jobs_in_flight_survive_a_broker_restart(
             server.wait_for("lost the broker")
         for job in [*jobs, late]:
             assert op.get_result(job, timeout=60) == data
+    for server in servers:  # each says where it serves again
+        server.wait_for(r"serving again on 'distop.chunks' at amqp://guest@127\.0\.0\.1:\d+/")
 
 
 # --- The server keeps serving whatever the broker or an op does ------------------------------------
