@@ -21,7 +21,8 @@ How a job travels:
 Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
 call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
 pika callbacks, the first few each called when the broker answers the one before, then _on_confirm,
-_on_returned and _on_reply whenever the broker sends one: read them top to bottom. It uses a
+_on_returned and _on_reply whenever the broker sends one: read them top to bottom (its docstring maps
+them, then says what goes wrong and which method deals with it). It uses a
 SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
 replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
 why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
