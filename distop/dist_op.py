@@ -84,6 +84,9 @@ LOGGER = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 1000  # chunks published but not yet confirmed by the broker, at most
 CONNECT_TIMEOUT = 60.0
+# A channel closed by the broker with these codes is not started over: ACCESS_REFUSED (the user's
+# permissions) and PRECONDITION_FAILED (e.g. a message over the broker's max_message_size) do not pass.
+NOT_RETRIED = {403, 406}
 
 
 class _ClientLink:
@@ -112,6 +115,10 @@ class _ClientLink:
                                                the same way, on a new reply queue
         the connection lost                    _on_closed: reconnect; after a minute, the jobs fail
         a declaration refused (406)            _on_channel_closed: call() raises BrokerError
+        a bind or publish refused (403), a     _on_channel_closed: the pending jobs fail with the
+        chunk too large (406)                  broker's words (BrokerError)
+        nacks, again and again (a queue full)  _on_nack: start over each time; a get_result() that times
+                                               out says the broker refuses the chunks (why_late)
         our chunk dead-lettered                _on_reply: PoisonChunkError for its job
         a malformed, forged or late reply      _on_reply: dropped, logged; the job's TimeoutError names
                                                the malformed one
@@ -131,6 +138,7 @@ class _ClientLink:
         self._unconfirmed: dict[int, tuple[str, int]] = {}  # delivery tag -> (job id, start), until confirmed
         self._next_tag = 1  # the delivery tag of the next chunk published on this channel
         self.blocked = False  # by the broker, short of memory or disk (_on_blocked)
+        self.refusing = False  # the broker nacked chunks, and has acked none since (_on_nack)
         self.io = IOThread(url, self, jobs)  # the thread that runs pika's loop; calls connect()
 
     def connect(self, node: pika.ConnectionParameters) -> None:
@@ -230,6 +238,7 @@ class _ClientLink:
         for tag in tags:  # an ack: the broker has them safe
             self._unconfirmed.pop(tag, None)
         self.io.confirmed()  # for what goes wrong: the next start over comes after the shortest pause
+        self.refusing = False
         self._publish()  # room in the window for more
 
     def _on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
@@ -263,6 +272,7 @@ class _ClientLink:
         # The broker refused them (a queue at its length limit, an internal error). Any version: publish
         # them again; on a healthy broker, the same channel would do.
         # RabbitMQ 3.10: we start over on a new connection, as after a lost connection (IOThread.start_over).
+        self.refusing = True  # until an ack: get_result()'s TimeoutError says so (why_late)
         self.io.start_over(f"the broker refused {count} chunk(s)")
 
     def _on_returned(self, _ch: Channel, _m: Basic.Return, _props: BasicProperties, _body: bytes) -> None:
@@ -293,6 +303,10 @@ class _ClientLink:
         if not self._reply_queue:
             # A declaration refused, e.g. the work queue exists with other arguments: retrying won't help.
             self.io.give_up(BrokerError(refused(reason)))
+        elif reason.reply_code in NOT_RETRIED:
+            # Refused later, as nothing will mend by itself: a bind or publish this user may not make, a
+            # chunk over the broker's max_message_size. The pending jobs fail with the broker's words.
+            self.io.give_up(BrokerError(f"the broker refused: {reason}"))
         else:
             # Later, our replies were consumed on it: start over on a new connection.
             self.io.start_over(f"the broker closed the channel ({reason})")
@@ -313,6 +327,8 @@ class _ClientLink:
         """The likely reason why a job is late, for get_result()'s TimeoutError."""
         if self.blocked:
             return "the broker has blocked publishing: memory or disk alarm"
+        if self.refusing:
+            return "the broker refuses the chunks (a nack: a queue at its length limit?)"
         return f"is a server serving {op_name!r}?"
 
 

@@ -14,8 +14,9 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from distop.ops import (
     DEAD_LETTER_QUEUE,
     DELIVERY_LIMIT,
     WORK_QUEUE,
+    WORK_QUEUE_ARGUMENTS,
     BrokerError,
     DistOp,
     DistOpError,
@@ -680,6 +682,67 @@ def test_a_job_whose_reply_was_malformed_times_out_saying_so(amqp_url: str, vhos
     message = str(caught.value)
     assert f"job {job}: 0 of 1 partial results within 0.5 s" in message
     assert f"the reply for chunk {job}:0 was malformed and dropped" in message, message
+    assert "is a server serving" not in message
+
+
+@pytest.fixture
+def user_on(vhost: str) -> Iterator[Callable[[str, str, str], str]]:
+    """``user_on(configure, write, read)``: the URL of a new user with those permissions on our vhost."""
+    made: list[str] = []
+
+    def make(configure: str, write: str, read: str) -> str:
+        name = f"distop-test-{uuid.uuid4().hex[:8]}"
+        rabbitmqctl("add_user", name, "s3cret")
+        made.append(name)
+        rabbitmqctl("set_permissions", "-p", vhost, name, configure, write, read)
+        return f"amqp://{name}:s3cret@127.0.0.1:5672/{vhost}"
+
+    yield make
+    for name in made:
+        rabbitmqctl("delete_user", name)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "^$",  # not even to its own reply queue: queue_bind is refused
+        r"^amq\.gen-.*$",  # to its reply queue, not to the default exchange: each basic_publish is refused
+    ],
+)
+def test_a_client_the_broker_refuses_says_why_at_once(
+    spawn: Spawn, user_on: Callable[[str, str, str], str], write: str
+) -> None:
+    start_server(spawn)  # the queues exist, declared by another user (else declaring them is refused)
+    url = user_on(".*", write, ".*")
+    started = time.monotonic()
+    client = run_to_end(spawn, "distop/client.py", "--op", "plusone", "--timeout", "20", "-q", url=url)
+    assert client.popen.returncode == 1, client.output
+    assert time.monotonic() - started < 10, client.output  # refused: retrying cannot help
+    assert len(client.stderr_lines) == 1, client.stderr
+    assert "403" in client.stderr_lines[0] and "ACCESS_REFUSED" in client.stderr_lines[0], client.stderr
+    assert "s3cret" not in client.output
+
+
+def test_a_job_the_broker_keeps_refusing_times_out_saying_so(amqp_url: str, vhost: str) -> None:
+    # A queue at its length limit refuses what it cannot take (a nack); the client publishes it again.
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "headers", durable=True)
+        channel.queue_declare(WORK_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+    policy = '{"max-length": 1, "overflow": "reject-publish"}'
+    rabbitmqctl("set_policy", "-p", vhost, "full", f"^{WORK_QUEUE}$", policy, "--apply-to", "queues")
+    queues = ("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "policy")
+    wait_until(lambda: "full" in rabbitmqctl(*queues), 10, "the policy on the work queue")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        for _ in range(2):  # fill it (a quorum queue enforces its length limit a little late)
+            connection.channel().basic_publish("", WORK_QUEUE, b"{}")
+    wait_until(lambda: queue_depth(vhost, WORK_QUEUE) >= 1, 10, "the work queue full")
+    with ListOp([1, 2, 3], group_size=3, rabbit_host=amqp_url) as op:
+        job = op.call()
+        with pytest.raises(TimeoutError) as caught:
+            op.get_result(job, timeout=3)
+    message = str(caught.value)
+    assert "the broker refuses the chunks (a nack: a queue at its length limit?)" in message, message
     assert "is a server serving" not in message
 
 
