@@ -88,7 +88,6 @@ class Publisher:
         self.channel: Channel  # this connection's, once open
         # For what goes wrong (below):
         self.failure: BrokerError | None = None  # set: stop, and run() raises it
-        self.blocked = False  # by a memory or disk alarm
         self.nodes = Nodes(url, BLOCKED_FOR)  # AMQP_URL's addresses (a cluster's nodes), in turn
         self.recovery = Recovery(url, self.nodes)  # how long to wait before starting over; when to give up
 
@@ -128,7 +127,6 @@ class Publisher:
 
     def on_open(self, connection: pika.SelectConnection) -> None:
         self.recovery.connected()  # for what goes wrong: a later loss is a new outage, with its own budget
-        self.blocked = False
         connection.channel(on_open_callback=self.on_channel)
 
     def on_channel(self, channel: Channel) -> None:
@@ -232,7 +230,6 @@ class Publisher:
     def on_blocked(self, connection: pika.SelectConnection, frame: Method) -> None:
         # A memory or disk alarm: the broker stops reading from us until it recovers, and pika
         # closes the connection after blocked_connection_timeout (on_closed).
-        self.blocked = True
         LOGGER.warning(
             "the broker has blocked this connection: %s (memory or disk alarm); waiting up to %g s",
             frame.method.reason,
@@ -240,8 +237,13 @@ class Publisher:
         )
 
     def on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
-        self.blocked = False
         LOGGER.info("the broker has unblocked this connection")
+
+    def on_silence(self, why: str) -> None:
+        # RabbitMQ 3.10 may stop answering a publisher whose quorum queue was deleted (pc/watchdog.py):
+        # close, and run() reconnects; its passive declare then finds pc gone, or publishes again.
+        LOGGER.warning("%s; reconnecting to check on queue %r", why, QUEUE)
+        self.connection.close()  # then on_closed
 
     def stop(self, error: BrokerError) -> None:
         """Stop: close the connection, and run() raises ``error`` (the first failure wins)."""

@@ -5,8 +5,9 @@
 Why a SelectConnection: send_one.py's BlockingConnection waits for each confirm, one network round trip per
 message. Here up to WINDOW messages are in flight at once, and the broker's confirms arrive as callbacks.
 Guarantee: exit status 0 means the broker confirmed every message (in ``pc``, on disk). Limits: nothing is
-retried. A nack, a return, a refused declaration, a lost connection or 60 s blocked by a memory or disk alarm
-ends it in one line and exit status 1, and the messages not yet confirmed may or may not be in the queue.
+retried. A nack, a return, a refused declaration, a lost connection, 60 s blocked by a memory or disk
+alarm, or 10 s without a confirm (RabbitMQ 3.10 may fall silent when pc is deleted) ends it in one line
+and exit status 1, and the messages not yet confirmed may or may not be in the queue.
 pc/producer.py is this story plus publishing those again, on a new connection or channel, until all are
 confirmed.
 """
@@ -23,6 +24,7 @@ from pika.frame import Method
 from pika.spec import Basic
 
 from pc.broker import BrokerError, explain, parameters, resolve
+from pc.watchdog import Watchdog
 from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, QUEUE_ARGUMENTS
 
 PERSISTENT = pika.BasicProperties(content_type="text/plain", delivery_mode=pika.DeliveryMode.Persistent)
@@ -60,6 +62,7 @@ class SendMany:
             return
         self.connection = connection
         connection.add_on_close_callback(self.on_closed)
+        Watchdog(connection, self)  # RabbitMQ 3.10: so that no wait lasts for ever (pc/watchdog.py)
         connection.channel(on_open_callback=self.on_channel)
 
     def on_channel(self, channel: Channel) -> None:
@@ -96,6 +99,13 @@ class SendMany:
             if self.confirmed == len(self.bodies):
                 self.stop("")  # all confirmed: done
             self.publish()
+
+    @property
+    def in_flight(self) -> int:  # for the Watchdog
+        return len(self.unconfirmed)
+
+    def on_silence(self, why: str) -> None:  # the Watchdog: no confirm for a while (was pc deleted?)
+        self.stop(f"{why} (was queue {QUEUE!r} deleted?)")
 
     def on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         # The broker closes a channel on a command it refuses, such as a declaration with other arguments.

@@ -1,4 +1,4 @@
-"""Two timeouts for pc/producer.py, so that no wait lasts for ever: not part of the lesson.
+"""Two timeouts for pc's publishers (producer.py, send_many.py), so that no wait lasts for ever.
 
 RabbitMQ promises a confirm (or a return) for every message published in
 confirm mode, and an answer to a connection.close. RabbitMQ 3.10, the version
@@ -10,11 +10,13 @@ announce with connection.blocked), so that our close sits unread. Without
 these timeouts the producer would wait as long as the broker does, for a
 minute or for ever. With them:
 
-- messages in flight and no confirm for CONFIRMS_DUE seconds: close the
-  connection; Publisher.run then reconnects, and its passive declare finds the
-  queue gone (one line, exit 1), or publishes the unconfirmed messages again;
+- messages in flight and no confirm for CONFIRMS_DUE seconds: the publisher's
+  ``on_silence``. producer.py closes the connection; Publisher.run then
+  reconnects, and its passive declare finds the queue gone (one line, exit 1),
+  or publishes the unconfirmed messages again. send_many.py stops: one line,
+  exit 1;
 - our close not answered within CLOSE_DUE seconds: drop the connection (stop
-  its ioloop), and Publisher.run goes on as after any closed connection.
+  its ioloop), and the publisher goes on as after any closed connection.
 
 A client on a broker that keeps both promises never reaches either timeout.
 """
@@ -26,8 +28,7 @@ import time
 from typing import Protocol
 
 import pika
-
-from pc.workqueue import QUEUE
+from pika.frame import Method
 
 LOGGER = logging.getLogger("pc.producer")
 
@@ -40,13 +41,15 @@ TICK = 1.0  # how often the watchdog looks
 
 
 class Watched(Protocol):
-    """What the watchdog reads of the publisher."""
+    """What the watchdog reads of the publisher, and what it calls."""
 
     confirmed: int  # how many messages the broker has confirmed so far
-    blocked: bool  # by a memory or disk alarm: pika's blocked_connection_timeout applies instead
 
     @property
     def in_flight(self) -> int: ...
+
+    def on_silence(self, why: str) -> None:
+        """Messages in flight and no confirm for CONFIRMS_DUE seconds: ``why`` says so."""
 
 
 class Watchdog:
@@ -58,7 +61,18 @@ class Watchdog:
         self._confirmed = publisher.confirmed
         self._since = time.monotonic()  # of the last confirm, or of our close
         self._closing = False
+        # Blocked by a memory or disk alarm, no confirm comes either: pika's blocked_connection_timeout
+        # applies instead.
+        self._blocked = False
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         connection.ioloop.call_later(TICK, self._look)
+
+    def _on_blocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self._blocked = True
+
+    def _on_unblocked(self, _connection: pika.SelectConnection, _frame: Method) -> None:
+        self._blocked = False
 
     def _look(self) -> None:
         connection, publisher = self._connection, self._publisher
@@ -70,12 +84,12 @@ class Watchdog:
                 self._closing, self._since = True, now
             elif now - self._since >= CLOSE_DUE:
                 LOGGER.debug("no answer to our close for %g s: dropping the connection", CLOSE_DUE)
-                connection.ioloop.stop()  # back to Publisher.run
+                connection.ioloop.stop()  # back to the publisher's run()
                 return
         elif connection.is_open:
-            if publisher.confirmed != self._confirmed or publisher.in_flight == 0 or publisher.blocked:
+            if publisher.confirmed != self._confirmed or publisher.in_flight == 0 or self._blocked:
                 self._confirmed, self._since = publisher.confirmed, now
             elif now - self._since >= CONFIRMS_DUE:
-                LOGGER.warning("no confirm for %g s; reconnecting to check on queue %r", CONFIRMS_DUE, QUEUE)
-                connection.close()  # then Publisher.on_closed; the next look watches the close
+                self._since = now  # once per silence
+                publisher.on_silence(f"no confirm for {CONFIRMS_DUE:g} s")  # closes: the next look watches
         connection.ioloop.call_later(TICK, self._look)

@@ -12,6 +12,7 @@ from tests.conftest import (
     assert_one_line_error,
     free_port,
     messages_ready,
+    rabbitmqctl,
     run_to_end,
     wait_until,
 )
@@ -71,3 +72,15 @@ def test_ctrl_c_says_how_many_were_confirmed(spawn: Spawn, amqp_url: str) -> Non
     # Those it counts as confirmed are in the queue; more may be (queued, their confirms on the way).
     assert 0 < int(last.group(1)) <= (messages_ready(amqp_url, "pc") or 0) < 300000
     assert "Traceback" not in sender.output
+
+
+def test_a_queue_deleted_under_it_is_one_line_and_exit_1(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    sender = spawn("pc/send_many.py", "300000", "doomed")
+    wait_until(lambda: (messages_ready(amqp_url, "pc") or 0) >= 1000, 30, "send_many to be publishing")
+    rabbitmqctl("delete_queue", "-p", vhost, "pc")
+    # RabbitMQ 3.10 returns what it can no longer route, or closes the connection, or stops answering on it:
+    # then no confirm comes for 10 s (pc/watchdog.py), and an unanswered close is dropped 10 s later.
+    assert sender.wait(45) == 1, sender.output
+    assert len(sender.stderr_lines) == 1, sender.stderr
+    assert sender.stderr_lines[0].startswith("send_many: ") and "Traceback" not in sender.output
+    assert re.search(r"\(\d+ of 300000 confirmed\)$", sender.stderr_lines[0]), sender.stderr
