@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import time
 import uuid
 
 import pika
@@ -51,16 +52,18 @@ def call(op: str, numbers: list[float], timeout: float) -> object:
         # consume(): basic_consume as a generator, which also yields (None, None, None) after
         # inactivity_timeout seconds of silence: waiting for one reply with a deadline, without a callback.
         # auto_ack: a reply's only destination is this process's memory.
-        for _method, props, reply in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=timeout):
-            if props is None:  # nothing arrived for `timeout` seconds
-                raise TimeoutError(
-                    f"no reply within {timeout:g} s: is a server running (python distop/callee.py)?"
-                )
-            if props.correlation_id == correlation_id:  # anything else does not answer our chunk
+        deadline = time.monotonic() + timeout
+        for _method, props, reply in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=0.5):
+            if props is not None and props.correlation_id == correlation_id:  # else not an answer to us
                 answer = decode_reply(reply)  # {"result": ...} or {"error": ...}
                 if isinstance(answer, RemoteError):
                     raise answer
                 return answer.result
+            # Checked at each message or half second of silence: other messages must not keep us waiting.
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no reply within {timeout:g} s: is a server running (python distop/callee.py)?"
+                )
     raise BrokerError("the broker cancelled our consumer: was our reply queue deleted?")
 
 

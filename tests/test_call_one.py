@@ -212,6 +212,26 @@ def test_call_one_without_a_server_gives_up_in_one_line(spawn: Spawn, amqp_url: 
     assert messages_ready(amqp_url, WORK_QUEUE) == 1  # the chunk waits for a server, persistent
 
 
+def test_call_one_keeps_its_timeout_while_other_messages_arrive(
+    spawn: Spawn, amqp_url: str, vhost: str
+) -> None:
+    started = time.monotonic()
+    client = spawn("distop/call_one.py", "--timeout", "3", "plusone", "1")  # no server
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    queues = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
+    (reply_queue,) = [name for name in queues.split() if name.startswith("amq.gen-")]
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        while client.popen.poll() is None and time.monotonic() - started < 20:
+            # A reply to some other chunk, twice a second: not ours, so it must not keep us waiting.
+            other = pika.BasicProperties(correlation_id="x:0")
+            channel.basic_publish("", reply_queue, b'{"result": 1}', other)
+            connection.sleep(0.5)
+    client.wait(15)
+    assert_fails_in_one_line(client, NO_SERVER.replace("1 s", "3 s"))
+    assert time.monotonic() - started < 10, client.output
+
+
 def test_serve_one_says_in_one_line_that_the_broker_closed_its_connection(spawn: Spawn, vhost: str) -> None:
     server = start(spawn, "distop/serve_one.py")
     rabbitmqctl("close_all_connections", "-p", vhost, "test: going away")
