@@ -36,6 +36,7 @@ HOST = r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"  # host, host:port, [ipv6]
 # A comma that starts the next address (or an empty one, refused): not one in ssl_options, nor in a
 # password (an "@" follows it before any "/").
 NEXT_ADDRESS = re.compile(rf",(?=amqps?://|(?:{HOST})?(?:,|$))(?![^/]*@)")
+BROKER_SAID = re.compile(r"\(530\) [\"'](.+)[\"']")  # "(530) 'NOT_ALLOWED - vhost v not found'"
 REASONS = [  # why a connection failed: the first that matches
     (amqp.ProbableAuthenticationError, "login refused: check the user name and password"),
     (amqp.ProbableAccessDeniedError, "access refused: does the virtual host exist, may this user use it?"),
@@ -177,6 +178,10 @@ def _reason(error: BaseException) -> str:
             break
     if isinstance(error, ssl.SSLError):
         return f"TLS failed: {getattr(error, 'reason', None) or error}"
+    # The broker's own words, when it closed the connection as it opened: a virtual host that does not
+    # exist, a user it refuses, a connection limit reached.
+    if isinstance(error, amqp.ProbableAccessDeniedError) and (said := BROKER_SAID.search(str(error))):
+        return f"access refused: {said[1]}"
     reasons = [reason for kind, reason in REASONS if isinstance(error, kind)]
     if not reasons and "refused" in str(error).lower():
         reasons = ["connection refused"]

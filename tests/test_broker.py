@@ -216,6 +216,20 @@ def test_check_broker_skips_a_dead_address(spawn: Spawn, amqp_url: str, package:
     assert proc.stdout.startswith("broker answers at amqp://guest@127.0.0.1:")
 
 
+@pytest.mark.parametrize("script", ["pc/consumer.py", "pikachat/receive.py", "distop/callee.py"])
+def test_a_refused_connection_says_what_the_broker_said(
+    spawn: Spawn, amqp_url: str, vhost: str, script: str
+) -> None:
+    rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+    proc = run_to_end(spawn, script, url=amqp_url)
+    assert proc.popen.returncode == 1, proc.output
+    assert len(proc.stderr_lines) == 1, proc.stderr
+    assert proc.stderr_lines[0].endswith(
+        f"access refused: NOT_ALLOWED - access to vhost '{vhost}' refused for user 'guest': "
+        "connection limit (0) is reached"
+    ), proc.stderr
+
+
 def test_a_producer_that_loses_its_node_goes_on_with_the_next(
     spawn: Spawn, broker_node: BrokerNode, node_vhost: str
 ) -> None:

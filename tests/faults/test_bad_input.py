@@ -89,7 +89,12 @@ BAD_BROKERS: list[tuple[str, str, str, str]] = [
     ),
     ("unknown host", f"amqp://guest:{SECRET}@no-such-host.invalid:5672/%2F", "unknown host", "no-such-host"),
     ("wrong password", f"amqp://guest:{SECRET}@127.0.0.1:5672/%2F", "login refused", "127.0.0.1"),
-    ("unknown vhost", "amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "access refused", "127.0.0.1"),
+    (
+        "unknown vhost",
+        "amqp://guest:guest@127.0.0.1:5672/no-such-vhost",
+        "access refused: NOT_ALLOWED - vhost no-such-vhost not found",
+        "127.0.0.1",
+    ),
     ("not amqp", f"http://guest:{SECRET}@127.0.0.1:5672/", "must start with amqp://", "127.0.0.1"),
     ("bad query", f"amqp://guest:{SECRET}@127.0.0.1:5672/?heartbeat=soon", "invalid broker URL", "127.0.0.1"),
     ("bad port", f"amqp://guest:{SECRET}@127.0.0.1:99999/", "invalid broker URL", "127.0.0.1:99999"),
