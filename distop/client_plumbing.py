@@ -338,7 +338,14 @@ class Job:
         while not self.done:
             if progress is not None and len(self.partials) != reported:
                 reported = len(self.partials)
-                progress(reported, len(self.requests))
+                # Not holding cond: progress may call the DistOp back (close(), cancel()), and close() waits
+                # for the I/O thread, which needs cond to file what arrives.
+                cond.release()
+                try:
+                    progress(reported, len(self.requests))
+                finally:
+                    cond.acquire()
+                continue  # the job may have changed meanwhile: look again before waiting
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(

@@ -666,6 +666,16 @@ def test_hostile_replies_are_dropped_and_nothing_is_published_again(
         assert op.get_result(job, timeout=15) == [1, 2, 3, 4]
 
 
+def test_close_from_a_progress_callback_ends_the_wait_at_once(spawn: Spawn, amqp_url: str) -> None:
+    start_server(spawn)
+    with ListOp(list(range(8)), group_size=4, rabbit_host=amqp_url) as op:
+        job = op.call()
+        started = time.monotonic()
+        with pytest.raises(DistOpError, match="closed"):
+            op.get_result(job, timeout=30, progress=lambda done, total: op.close() if done else None)
+        assert time.monotonic() - started < 5  # close() from the waiting thread: nothing to wait for
+
+
 def test_a_job_whose_reply_was_malformed_times_out_saying_so(amqp_url: str, vhost: str) -> None:
     with ListOp([1, 2], rabbit_host=amqp_url) as op:
         job = op.call()
