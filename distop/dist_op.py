@@ -18,16 +18,16 @@ How a job travels:
     get_result()  <--gather()--  our reply queue  <--one reply per chunk, same correlation_id--  servers
     a chunk that kills its servers:  distop.chunks --dead-letter--> distop.dead --our binding--> reply queue
 
-Read distop/call_one.py first: the same RPC for one chunk, top to bottom. _ClientLink, below, is
-call_one.py with many chunks in flight, their confirms and replies arriving in any order. Its methods are
-pika callbacks, the first few each called when the broker answers the one before, then _on_confirm,
-_on_returned and _on_reply whenever the broker sends one: read them top to bottom (its docstring maps
-them, then says what goes wrong and which method deals with it). It uses a
-SelectConnection on a thread of its own, not a BlockingConnection, so that call() returns at once while
-replies keep arriving. DistOp, the class you subclass, follows it. What it adds to call_one.py, and
-why: many chunks in flight, confirms pipelined (speed); call() returning at once, with an I/O thread
-(the interface); dead chunks brought back by a headers binding, a PoisonChunkError rather than a
-timeout (failures); starting over after a nack, a return, a lost connection or a lost reply queue (failures).
+Read distop/call_one.py first: the same RPC for one chunk, top to bottom; then distop/call_many.py, many
+chunks in flight on a SelectConnection, their dead ones brought back by a headers binding, nothing retried.
+_ClientLink, below, is call_many.py on a thread of its own, so that call() returns at once while replies
+keep arriving. Its methods are pika callbacks, the first few each called when the broker answers the one
+before, then _on_confirm, _on_returned and _on_reply whenever the broker sends one: read them top to bottom
+(its docstring maps them, then says what goes wrong and which method deals with it). DistOp, the class you
+subclass, follows it. What they add to call_many.py, and why: call() returning at once, with an I/O thread
+(the interface); many jobs side by side, up to PUBLISH_WINDOW chunks unconfirmed (speed); starting over
+after a nack, a return, a lost connection or a lost reply queue, publishing again every chunk not yet
+answered (failures).
 
 Guarantee: every chunk is published persistent, with a publisher confirm, and published again until its
 result is in: after a nack, a lost connection, a return, or the loss of our reply queue. get_result()

@@ -110,6 +110,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "pc/send_many.py": ("1",),
     "pikachat/say_one.py": (),
     "distop/call_one.py": ("plusone", "1"),
+    "distop/call_many.py": ("plusone", "1"),
     **{f"-m {package}.broker": () for package in PACKAGES},
 }
 # The scripts that take the broker as their argument.
@@ -253,12 +254,15 @@ def test_a_producer_that_loses_its_node_goes_on_with_the_next(
         rabbitmqctl("delete_vhost", node_vhost)
 
 
+# What the short publishers that count add to a line saying why they gave up.
+COUNTED = {"send_many": " (0 of 5 confirmed)", "call_many": " (0 of 1 chunks answered)"}
 # The short publishers, with the arguments that make each publish at once.
 SHORT_PUBLISHERS: dict[str, tuple[str, ...]] = {
     "pc/send_one.py": ("held",),
     "pc/send_many.py": ("5", "held"),
     "pikachat/say_one.py": ("held",),
     "distop/call_one.py": ("plusone", "1"),
+    "distop/call_many.py": ("plusone", "1"),
 }
 
 
@@ -274,7 +278,7 @@ def test_a_blocked_short_publisher_gives_up_in_one_line(
         assert time.monotonic() - started >= 2
     name = Path(script).stem
     line = f"{name}: the broker blocked the connection (memory or disk alarm); gave up"
-    assert proc.stderr_lines == [line + (" (0 of 5 confirmed)" if name == "send_many" else "")]
+    assert proc.stderr_lines == [line + COUNTED.get(name, "")]
 
 
 def test_blocked_for_applies_where_the_url_sets_no_timeout() -> None:
@@ -294,7 +298,7 @@ def test_ctrl_c_ends_a_blocked_short_publisher_at_once(
         proc.signal(signal.SIGINT)
         assert proc.wait(5) == 1, proc.output
     name = Path(script).stem
-    confirmed = " (0 of 5 confirmed)" if name == "send_many" else ""
+    confirmed = " (0 of 5 confirmed)" if name == "send_many" else ""  # call_many: no count when interrupted
     assert proc.stderr_lines == [f"{name}: interrupted{confirmed}"]
 
 
@@ -304,6 +308,10 @@ REFUSED: dict[str, tuple[str, str]] = {
     "pc/send_many.py": ("pc", "send_many: the broker refused 1 message(s) (0 of 5 confirmed)"),
     "pikachat/say_one.py": ("chat.full", "say_one: the broker refused the line (a nack)"),
     "distop/call_one.py": ("distop.chunks", "call_one: the broker refused the chunk (a nack)"),
+    "distop/call_many.py": (
+        "distop.chunks",
+        "call_many: the broker refused a chunk (a nack) (0 of 1 chunks answered)",
+    ),
 }
 
 

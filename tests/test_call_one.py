@@ -276,3 +276,49 @@ def test_call_one_refuses_an_op_name_client_py_refuses(
     assert proc.stderr_lines[0].startswith("usage: ")
     assert proc.stderr_lines[-1] == f"call_one.py: error: argument op: {error}"
     assert messages_ready(amqp_url, WORK_QUEUE) is None  # refused before it connected: nothing was sent
+
+
+# --- call_many.py: many chunks in flight, gathered by correlation id ---------------------------------
+
+
+def test_call_many_runs_as_the_page_shows_against_both_servers(spawn: Spawn) -> None:
+    start(spawn, "distop/serve_one.py")
+    start(spawn, "distop/callee.py")
+    caller = run_doc(spawn, doc_command("python distop/call_many.py plusone 1 2 3 4 5 6 --chunks 3"))
+    assert caller.wait() == 0, caller.output
+    assert caller.stdout_lines == ["[2, 3, 4, 5, 6, 7]"]
+    assert_shows("distop/call_many.py", caller.stdout_lines)
+
+
+def test_call_many_without_a_server_gives_up_in_one_line(spawn: Spawn, amqp_url: str) -> None:
+    started = time.monotonic()
+    caller = run_to_end(spawn, "distop/call_many.py", "plusone", "1", "2", "3", "--timeout", "1")
+    assert_fails_in_one_line(caller, "call_many: not every reply within 1 s (0 of 3 chunks answered)")
+    assert time.monotonic() - started < 15
+    assert messages_ready(amqp_url, WORK_QUEUE) == 3  # the chunks wait for a server, persistent
+
+
+def test_call_many_says_which_op_raised(spawn: Spawn) -> None:
+    start(spawn, "distop/callee.py")
+    caller = run_to_end(spawn, "distop/call_many.py", "boom", "1", "2", "--chunks", "2")
+    assert caller.popen.returncode == 1, caller.output
+    assert len(caller.stderr_lines) == 1, caller.stderr
+    line = caller.stderr_lines[0]
+    assert line.startswith("call_many: UnknownOpError on "), line
+    assert line.endswith("no op 'boom' here; this server offers: nop, plusone, pow (0 of 2 chunks answered)")
+
+
+def test_call_many_gets_its_dead_chunk_back_through_its_binding(spawn: Spawn, amqp_url: str) -> None:
+    caller = spawn("distop/call_many.py", "plusone", "1", "2", "--chunks", "1", "--timeout", "15")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        method, _props, _body = channel.basic_get(WORK_QUEUE)
+        assert method is not None
+        # A server rejects it (as malformed, say): the work queue dead-letters it to the headers exchange
+        # distop.dead, whose binding on the caller's client id brings it to the caller's reply queue.
+        channel.basic_reject(method.delivery_tag, requeue=False)
+    assert caller.wait() == 1, caller.output
+    assert len(caller.stderr_lines) == 1, caller.stderr
+    assert "the chunk at index 0" in caller.stderr_lines[0] and "rejected" in caller.stderr_lines[0]
+    assert caller.stderr_lines[0].endswith("(0 of 1 chunks answered)")
