@@ -3,9 +3,10 @@
     python distop/caller.py [RABBIT_HOST]
 
 Pairs with distop/callee.py (start servers before or after: chunks wait in the durable work queue).
-Guarantee: every chunk is processed, and a server's error comes back as an exception here. run() below says,
-at each step, what goes over the wire; DistOp (distop/dist_op.py) makes the pika calls, as distop/call_one.py
-makes them for one chunk, at its simplest. The command line is at the end.
+Guarantee: each job's result is every chunk's reply, gathered in order; otherwise one exception says why (a
+server's op raised, a chunk was dead-lettered, the broker was lost for a minute, the timeout). run() below
+says, at each step, what goes over the wire; DistOp (distop/dist_op.py) makes the pika calls, as
+distop/call_one.py makes them for one chunk, at its simplest. The command line is at the end.
 """
 
 from __future__ import annotations
