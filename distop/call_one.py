@@ -28,6 +28,7 @@ from distop.protocol import JSON, WORK_QUEUE, WORK_QUEUE_ARGUMENTS, decode_reply
 
 def call(op: str, numbers: list[float], timeout: float) -> object:
     """The server's result for ``op`` on ``numbers``; RemoteError if its op raised, TimeoutError."""
+    # connect(), in broker.py: pika.BlockingConnection(pika.URLParameters(url)), first node up.
     # blocked_for: a broker short of memory or disk stops reading from publishers; give up after 60 s.
     with connect(resolve(), blocked_for=60) as connection:  # AMQP_URL, else localhost
         channel = connection.channel()

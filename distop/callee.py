@@ -41,6 +41,8 @@ class SampleExecutor(OpExecutor):
         return [x**esp for x in chunk]
 
     # Each op gets the chunk's items, a list, and returns the partial result: anything JSON can hold.
+    # An op may run twice for one chunk (at-least-once: its server died before the ack, or the client
+    # published it again after a lost connection): make it safe to repeat, as these are.
     def plusone(self, chunk: list[float]) -> list[float]:
         return [x + 1 for x in chunk]
 

@@ -42,6 +42,7 @@ class UnknownOpError(Exception):
 
 def serve() -> None:
     """Serve chunks until Ctrl-C (KeyboardInterrupt); BrokerError if the broker cancels our consumer."""
+    # connect(), in broker.py: pika.BlockingConnection(pika.URLParameters(url)), first node up.
     connection = connect(resolve())  # AMQP_URL, else localhost
     channel = connection.channel()
     # Where the work queue sends a chunk it gives up on, declared first: a headers exchange, and a queue

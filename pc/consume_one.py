@@ -15,6 +15,7 @@ from pc.workqueue import DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS, QUEUE, 
 
 def main() -> int:
     try:
+        # connect(), in broker.py: pika.BlockingConnection(pika.URLParameters(url)), first node up.
         connection = connect(resolve())  # BlockingConnection: each call waits for its answer
         channel = connection.channel()
         # Where pc puts a message that has failed too often; declared first, so it is there.

@@ -26,6 +26,7 @@ def main() -> int:
         print("send_one: the message text is not UTF-8", file=sys.stderr)
         return 2
     try:
+        # connect(), in broker.py: pika.BlockingConnection(pika.URLParameters(url)), first node up.
         # blocked_for: a broker short of memory or disk stops reading from publishers; give up after 60 s.
         with connect(resolve(), blocked_for=60) as connection:  # BlockingConnection: calls wait for answers
             channel = connection.channel()
