@@ -64,6 +64,10 @@ class UnknownOpError(Exception):
     """Raised on the server, and sent back, when a chunk names an op it does not have."""
 
 
+class ResultTooLargeError(Exception):
+    """Sent back when the broker refused a chunk's reply as larger than its max_message_size."""
+
+
 @dataclass
 class Chunk:
     """A chunk a server has received: where from, and the request in it."""
@@ -131,6 +135,8 @@ class OpExecutor:
         self._announced = False
         self._consuming = False  # in start_consuming(); if not, nor a chunk in hand, a signal ends run()
         self._down_since: float | None = None  # not consuming since then (run); None while consuming
+        self._last_reply: tuple[str, int] | None = None  # (chunk id, size) of the last reply published
+        self._too_large: dict[str, str] = {}  # chunk id -> why its reply was refused (_serve), at most 100
 
     # The RabbitMQ story, in the order it happens ------------------------------
 
@@ -182,6 +188,10 @@ class OpExecutor:
         chunk = Chunk(
             channel, method.delivery_tag, method.consumer_tag, bool(method.redelivered), props, request
         )
+        if (too_large := self._too_large.pop(props.correlation_id, None)) is not None:
+            # Back after the broker refused its reply as too large (_serve): the op would only make it again.
+            self._reply_and_ack(chunk, self._error_reply(ResultTooLargeError(too_large)))
+            return
         # The op runs on a worker thread (_run_op), so that this thread keeps answering the broker's
         # heartbeats however long it takes; then _reply_and_ack runs back on this thread.
         self._run_off_io_thread(connection, chunk)
@@ -220,6 +230,7 @@ class OpExecutor:
         if channel is None or not channel.is_open:
             return  # the connection was lost during the op: the chunk is back in the queue, for any server
         props = BasicProperties(content_type=JSON, correlation_id=chunk.props.correlation_id)
+        self._last_reply = (chunk.props.correlation_id, len(body))  # for a refusal of its size (_serve)
         # To the client's reply queue (reply_to) by the default exchange, quoting the correlation_id.
         # Our choice: no confirm, not persistent: if the reply is lost with the client's connection, the
         # client publishes the chunk again.
@@ -391,10 +402,22 @@ class OpExecutor:
                 # The broker closed our channel (an op past its consumer_timeout): the chunk in hand went
                 # back to the queue; say why in one line (_channel_closed_reason), serve on a new channel.
                 LOGGER.warning("%s; serving on a new channel", _channel_closed_reason(exc))
+                self._note_too_large(exc)
                 connection.process_data_events(time_limit=1.0)  # no busy loop if it happens again
         self._wait_for_chunk_in_hand(connection)
         connection.close()  # anything still unacked goes back to the queue
         LOGGER.info("stopped")
+
+    def _note_too_large(self, exc: pika.exceptions.ChannelClosedByBroker) -> None:
+        """The broker refused our last reply as too large: its chunk, back in the queue, gets that error."""
+        if exc.reply_code != 406 or "message size" not in exc.reply_text or self._last_reply is None:
+            return
+        chunk_id, size = self._last_reply
+        self._too_large[chunk_id] = (
+            f"the result is {size:,} bytes, more than the broker takes: {exc.reply_text}"
+        )
+        while len(self._too_large) > 100:  # chunk ids come from the network: keep a few
+            self._too_large.pop(next(iter(self._too_large)))
 
     def _tick(self, connection: pika.BlockingConnection) -> None:
         """Every half second, on the connection's thread: stop consuming once asked to stop."""
@@ -433,5 +456,10 @@ def _channel_closed_reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:
             "the broker closed the channel: a chunk's op ran past its consumer_timeout, so the chunk went "
             "back to the queue (raise consumer_timeout in rabbitmq.conf, or per queue with the "
             "x-consumer-timeout argument on RabbitMQ 3.12+)"
+        )
+    if exc.reply_code == 406 and "message size" in exc.reply_text:
+        return (
+            f"the broker refused a reply larger than its max_message_size ({exc.reply_text}); its chunk, "
+            "back in the queue, will be answered with a ResultTooLargeError"
         )
     return f"the broker closed the channel ({exc.reply_code} {exc.reply_text})"

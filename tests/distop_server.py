@@ -16,6 +16,9 @@ class MisbehavingExecutor(SampleExecutor, PipelinedOpExecutor):
     def fail(self, chunk: list[Any]) -> None:
         raise ValueError(f"cannot handle {chunk[0]!r}")
 
+    def big(self, chunk: list[Any], size: int) -> str:
+        return "x" * size
+
     def sleep(self, chunk: list[Any], seconds: float, log: str = "") -> list[Any]:
         """Sleep, noting each run in ``log`` (to count how often a chunk ran)."""
         if log:

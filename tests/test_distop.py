@@ -502,13 +502,16 @@ def test_jobs_in_flight_survive_a_broker_restart(
 # (channel_tick_interval), so a 2 s timeout fires 2 to 62 s after the delivery.
 # The node below ticks every second: the channel closes about 3 s after it.
 CONSUMER_TIMEOUT_MS = 2000
+MAX_MESSAGE_SIZE = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def short_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerNode]:
-    """A private node whose consumer_timeout is 2 s, checked every second."""
+    """A private node whose consumer_timeout is 2 s, checked every second, and which takes messages of 1 MiB
+    at most."""
     base = tmp_path_factory.mktemp("short-timeout-node")
-    node = BrokerNode(base, config=f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n")
+    config = f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\nmax_message_size = {MAX_MESSAGE_SIZE}\n"
+    node = BrokerNode(base, config=config)
     (base / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
     node.env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(base / "advanced.config")
     node.start()
@@ -1013,3 +1016,20 @@ def test_threads_that_call_at_once_share_one_connection(spawn: Spawn, amqp_url: 
             [x**e for x in range(10)] for e in range(8)
         ]
     wait_until(lambda: not links[0].is_alive(), 10, "the client's I/O thread to end with close()")
+
+
+def test_a_result_over_the_brokers_max_message_size_is_an_error_not_a_poison_chunk(
+    spawn: Spawn, short_timeout_node: BrokerNode, tmp_path: Path
+) -> None:
+    url = short_timeout_node.url(make_vhost(short_timeout_node))
+    server = start_server(spawn, url=url)
+    with op_class("big")([1], rabbit_host=url) as op:
+        op.call(size=2 * MAX_MESSAGE_SIZE)
+        with pytest.raises(RemoteError, match="more than the broker takes") as caught:
+            op.get_result(timeout=30)
+    assert caught.value.exc_type == "ResultTooLargeError"
+    assert server.count("larger than its max_message_size") == 1, server.output
+    # It keeps serving.
+    with ListOp([1, 2], rabbit_host=url) as op:
+        op.call()
+        assert op.get_result(timeout=30) == [1, 2]
