@@ -120,8 +120,15 @@ class CallMany:
 
     def on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         # Gather: the correlation_id says which chunk a reply answers; anything else is not ours.
-        job_id, _, start = (props.correlation_id or "").partition(":")
-        if job_id != self.job_id or not start.isdigit() or int(start) not in self.requests:
+        correlation_id = (
+            props.correlation_id if isinstance(props.correlation_id, str) else ""
+        )  # bytes if not UTF-8
+        job_id, _, start = correlation_id.partition(":")
+        if (
+            job_id != self.job_id
+            or not (start.isascii() and start.isdigit())
+            or int(start) not in self.requests
+        ):
             return
         headers = props.headers if isinstance(props.headers, dict) else {}
         if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:

@@ -322,3 +322,22 @@ def test_call_many_gets_its_dead_chunk_back_through_its_binding(spawn: Spawn, am
     assert len(caller.stderr_lines) == 1, caller.stderr
     assert "the chunk at index 0" in caller.stderr_lines[0] and "rejected" in caller.stderr_lines[0]
     assert caller.stderr_lines[0].endswith("(0 of 1 chunks answered)")
+
+
+def test_call_many_ignores_what_does_not_answer_its_chunks(spawn: Spawn, amqp_url: str, vhost: str) -> None:
+    caller = spawn("distop/call_many.py", "plusone", "1", "--chunks", "1", "--timeout", "15")
+    wait_until(lambda: messages_ready(amqp_url, WORK_QUEUE) == 1, 15, "the chunk in the queue")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        _method, props, _body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+        job = props.correlation_id.partition(":")[0]
+        good = b'{"result": [2]}'
+        for correlation_id in [b"\xff:0", f"{job}:\u00b2", f"{job}:7", "other:0", "", None]:
+            forged = pika.BasicProperties(correlation_id=correlation_id)
+            channel.basic_publish("", props.reply_to, good, forged)
+        channel.basic_publish(
+            "", props.reply_to, good, pika.BasicProperties(correlation_id=props.correlation_id)
+        )
+    assert caller.wait() == 0, caller.output
+    assert caller.stdout_lines == ["[2]"]
+    assert "Traceback" not in caller.output
