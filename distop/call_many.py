@@ -120,30 +120,26 @@ class CallMany:
 
     def on_reply(self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         # Gather: the correlation_id says which chunk a reply answers; anything else is not ours.
-        correlation_id = (
-            props.correlation_id if isinstance(props.correlation_id, str) else ""
-        )  # bytes if not UTF-8
+        # "JOB_ID:START"; bytes, not str, if the one a peer sent is not UTF-8.
+        correlation_id = props.correlation_id if isinstance(props.correlation_id, str) else ""
         job_id, _, start = correlation_id.partition(":")
-        if (
-            job_id != self.job_id
-            or not (start.isascii() and start.isdigit())
-            or int(start) not in self.requests
-        ):
+        index = int(start) if start.isascii() and start.isdigit() else -1
+        if job_id != self.job_id or index not in self.requests:
             return
         headers = props.headers if isinstance(props.headers, dict) else {}
         if method.exchange == DEAD_LETTER_EXCHANGE and "x-death" in headers:
             # Not a reply: our chunk itself, dead-lettered (past the delivery limit, or rejected by a server).
-            self.stop(str(dead_letter_error(self.job_id, int(start), headers)))
+            self.stop(str(dead_letter_error(self.job_id, index, headers)))
             return
         try:
             answer = decode_reply(body)  # {"result": ...} or {"error": ...}
         except (ValueError, RecursionError) as exc:  # json: RecursionError on deep nesting
-            self.stop(f"a malformed reply for chunk {int(start)}: {printable(str(exc))[:200]}")
+            self.stop(f"a malformed reply for chunk {index}: {printable(str(exc))[:200]}")
             return
         if isinstance(answer, RemoteError):
             self.stop(str(answer))
             return
-        self.partials[int(start)] = answer.result
+        self.partials[index] = answer.result
         if len(self.partials) == len(self.requests):
             self.stop("")  # every chunk answered: done
 
