@@ -30,7 +30,7 @@ from pika.spec import Basic, BasicProperties
 from distop import codec
 from distop.broker import BrokerError, explain, parameters, resolve
 from distop.call_one import number
-from distop.cli import op_name, positive_float
+from distop.cli import op_name, positive, positive_float
 from distop.errors import RemoteError, printable
 from distop.protocol import (
     CLIENT_HEADER,
@@ -177,11 +177,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("op", type=op_name, help="the op the servers run on each number: plusone, pow, nop")
     parser.add_argument("numbers", nargs="+", type=number, help="the data: numbers")
-    parser.add_argument("--chunks", type=int, default=3, help="how many chunks (default: 3)")
+    parser.add_argument("--chunks", type=positive, default=3, help="how many chunks (default: 3)")
     parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait (default: 30)")
     args = parser.parse_args()
-    if not 1 <= args.chunks <= 1000:
-        parser.error("--chunks must be 1 to 1,000")
     caller: CallMany | None = None
     try:
         caller = CallMany(resolve(), args.op, args.numbers, args.chunks, args.timeout)
